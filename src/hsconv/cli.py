@@ -1,0 +1,145 @@
+"""``hsconv <stage>``: every pipeline stage as a command, so each runs and is tested without Snakemake.
+
+Rules in ``workflow/rules`` call these commands; run ``hsconv <stage> --help`` for a stage's arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _json(text: str):
+    return json.loads(text)
+
+
+def _label(text: str) -> tuple[str, str]:
+    name, _, label = text.partition("=")
+    return name, label or name
+
+
+NULLS = ("", "none", "None", "null")
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text in NULLS else int(text)
+
+
+def _optional_str(text: str) -> str | None:
+    return None if text in NULLS else text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hsconv", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+
+    stage = stages.add_parser("prepare-model", help="resolve a model source into a model directory")
+    stage.add_argument("--name", required=True, help="the model's name in the config")
+    stage.add_argument("--source", required=True, type=_json, help="the model's source, as JSON")
+    stage.add_argument("--out", required=True, help="model directory to write")
+
+    stage = stages.add_parser("prepare-texts", help="read, subset and write an evaluation data set as Parquet")
+    stage.add_argument("--name", required=True)
+    stage.add_argument("--kind", required=True, choices=("lambada", "wikitext", "jsonl"))
+    stage.add_argument("--path", type=_optional_str, default=None, help="local file, used when it exists")
+    stage.add_argument("--hub-id", type=_optional_str, default=None, help="hub data set used when the local file does not exist")
+    stage.add_argument("--subset-size", type=_optional_int, default=None, help="documents to keep (none: all)")
+    stage.add_argument("--subset-mode", default="first", choices=("first", "sample"))
+    stage.add_argument("--subset-seed", type=int, default=0)
+    stage.add_argument("--out", required=True)
+
+    stage = stages.add_parser("dump-hidden-states", help="per-token, per-layer movement from one forward pass")
+    stage.add_argument("--model-dir", required=True)
+    stage.add_argument("--texts", required=True, help="Parquet written by prepare-texts")
+    stage.add_argument("--out", required=True)
+    stage.add_argument("--variant", default="base")
+    stage.add_argument("--dataset", default=None)
+    stage.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    stage.add_argument("--device", default="cpu")
+    stage.add_argument("--max-tokens", type=_optional_int, default=None,
+                       help="longest sequence per forward pass (none: the model's context length)")
+    stage.add_argument("--overflow", default="error", choices=("error", "truncate", "split"),
+                       help="what to do with a document longer than --max-tokens")
+    stage.add_argument("--batch-size", type=int, default=8)
+    stage.add_argument("--keep-special-tokens", action="store_true",
+                       help="measure special tokens (BOS) too; by default they are left out of every statistic")
+
+    stage = stages.add_parser("compute-convergence", help="D_l per layer and S_model from the per-token table")
+    stage.add_argument("--hidden", required=True)
+    stage.add_argument("--layers-out", required=True)
+    stage.add_argument("--scores-out", required=True)
+    stage.add_argument("--model", required=True)
+    stage.add_argument("--variant", required=True)
+    stage.add_argument("--dataset", required=True)
+    stage.add_argument("--quantiles", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    stage.add_argument("--bootstrap-samples", type=int, default=1000)
+    stage.add_argument("--confidence", type=float, default=0.95)
+    stage.add_argument("--seed", type=int, default=0)
+
+    stage = stages.add_parser("gather-tables", help="concatenate per-model tables into Parquet, CSV and Markdown")
+    stage.add_argument("--inputs", nargs="+", required=True)
+    stage.add_argument("--out-stem", required=True, help="output path without suffix")
+    stage.add_argument("--config-hash", required=True)
+    stage.add_argument("--columns", nargs="*", default=None, help="keep and order these columns")
+
+    stage = stages.add_parser("plot-fig3", help="Fig. 3: D_l per layer, one panel per model")
+    stage.add_argument("--table", required=True, help="the gathered layer-movement table (Parquet)")
+    stage.add_argument("--pdf", required=True)
+    stage.add_argument("--png", required=True)
+    stage.add_argument("--model", dest="models", type=_label, nargs="+", required=True, help="NAME=LABEL, in order")
+    stage.add_argument("--dataset", required=True)
+    stage.add_argument("--final-norm", default="hf", choices=("hf", "pre_norm"))
+    stage.add_argument("--title", default="Fig. 3")
+    return parser
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.stage == "prepare-model":
+        from hsconv.models import prepare_model
+
+        prepare_model(args.name, args.source, args.out)
+    elif args.stage == "prepare-texts":
+        from hsconv.texts import prepare_texts
+
+        prepare_texts(args.name, args.kind, args.out, path=args.path, hub_id=args.hub_id,
+                      subset_size=args.subset_size, subset_mode=args.subset_mode, subset_seed=args.subset_seed)
+    elif args.stage == "dump-hidden-states":
+        from hsconv.hidden_states import dump_hidden_states
+
+        dump_hidden_states(args.model_dir, args.texts, args.out, variant=args.variant, dataset=args.dataset,
+                           dtype=args.dtype, device=args.device, max_tokens=args.max_tokens, overflow=args.overflow,
+                           batch_size=args.batch_size, exclude_special_tokens=not args.keep_special_tokens)
+    elif args.stage == "compute-convergence":
+        from hsconv.metrics import compute_convergence
+
+        compute_convergence(args.hidden, args.layers_out, args.scores_out, args.model, args.variant, args.dataset,
+                            quantiles=tuple(args.quantiles), bootstrap_samples=args.bootstrap_samples,
+                            confidence=args.confidence, seed=args.seed)
+    elif args.stage == "gather-tables":
+        from hsconv.metrics import gather_tables
+
+        gather_tables(args.inputs, args.out_stem, args.config_hash, args.columns)
+    elif args.stage == "plot-fig3":
+        from hsconv.figures.fig3 import plot_fig3
+
+        plot_fig3(args.table, args.pdf, args.png, dict(args.models), args.dataset, args.final_norm, args.title)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except (ValueError, OSError, FloatingPointError) as error:
+        # Expected failures (bad input, missing files) get one line naming the culprit, not a traceback.
+        logging.getLogger("hsconv").error("%s: %s", args.stage, error)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

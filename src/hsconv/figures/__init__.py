@@ -1,0 +1,1 @@
+"""Figures: each reads tables the pipeline wrote and never recomputes a metric."""

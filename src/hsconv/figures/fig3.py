@@ -1,0 +1,45 @@
+"""Fig. 3: movement D_l of the hidden state at each layer, one panel per model, base vs distilled."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from hsconv.figures.style import apply_style, model_colour, save_figure, variant_style
+
+DATASET_LABELS = {"lambada": "LAMBADA", "wikitext": "WikiText-2"}
+CONVENTION_LABELS = {"hf": "last state after the final norm", "pre_norm": "last state before the final norm"}
+
+
+def plot_fig3(layer_table: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
+              models: dict[str, str], dataset: str, final_norm: str, title: str = "Fig. 3") -> None:
+    """``models`` maps each model name to its label, in panel order."""
+    table = pd.read_parquet(layer_table)
+    table = table[(table["dataset"] == dataset) & (table["final_norm"] == final_norm)]
+    missing = [name for name in models if name not in set(table["model"])]
+    if missing:
+        raise ValueError(f"{layer_table} has no rows for model(s) {missing} on {dataset!r} ({final_norm})")
+    apply_style()
+    figure, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False, sharey=False)
+    for index, ((name, label), axis) in enumerate(zip(models.items(), axes[0])):
+        for variant, rows in table[table["model"] == name].groupby("variant", sort=True):
+            rows = rows.sort_values("layer")
+            style = variant_style(variant)
+            axis.plot(rows["layer"], rows["movement_mean"], color=model_colour(index), label=variant,
+                      markersize=3.5, linewidth=1.5, **style)
+            axis.fill_between(rows["layer"], rows["ci_low"], rows["ci_high"], color=model_colour(index), alpha=0.2,
+                              linewidth=0)
+        tokens, documents = int(rows["n_tokens"].iloc[0]), int(rows["n_documents"].iloc[0])
+        axis.set_title(f"({chr(97 + index)}) {label}\n{tokens:,} tokens, {documents:,} documents", fontsize=10)
+        axis.set_xlabel("layer $l$")
+        axis.set_ylabel(r"$D_l = (1 - \cos(h_{l-1}, h_l))\,/\,2$")
+        axis.legend(title="variant", fontsize=8, title_fontsize=8)
+    level = table["ci_level"].iloc[0]
+    figure.suptitle(f"{title}: hidden-state movement per layer on {DATASET_LABELS.get(dataset, dataset)}\n"
+                    f"({CONVENTION_LABELS.get(final_norm, final_norm)}; mean over tokens, band: {level:.0%} "
+                    f"bootstrap interval over documents)",
+                    fontsize=10)
+    figure.tight_layout()
+    save_figure(figure, pdf_out, png_out)

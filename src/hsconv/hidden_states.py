@@ -1,0 +1,185 @@
+"""Per-layer hidden states from one forward pass, reduced to per-token movement between adjacent layers.
+
+Keeping every layer's full hidden states would cost tokens × (L+1) × d floats (180 GB for LAMBADA on a 3B model),
+so this stage keeps what the metrics need: for every real token and layer l = 1..L the movement
+D_l = 1 − (1 + cos(h_{l−1}, h_l)) / 2, computed in float64, under both conventions for the last state
+(``hf``: final norm applied, as ``output_hidden_states`` returns it; ``pre_norm``: the raw residual stream).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hsconv.io import write_parquet
+from hsconv.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+FINAL_NORM_CONVENTIONS = ("hf", "pre_norm")
+OVERFLOW_POLICIES = ("error", "truncate", "split")
+
+
+class ContextLengthError(ValueError):
+    """A document longer than allowed under ``overflow: error``."""
+
+
+@dataclass
+class Segment:
+    document: int
+    segment: int
+    token_ids: list[int]
+
+
+def final_norm_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The final normalisation applied before the LM head (``norm`` in Llama/Qwen2, ``ln_f`` in GPT-style)."""
+    decoder = model.get_decoder()
+    for name in ("norm", "final_layernorm", "ln_f"):
+        if isinstance(getattr(decoder, name, None), torch.nn.Module):
+            return getattr(decoder, name)
+    raise ValueError(f"cannot find the final norm of {type(model).__name__}")
+
+
+def segment_documents(tokenizer, documents: list[int], texts: list[str], max_tokens: int,
+                      overflow: str) -> tuple[list[Segment], dict]:
+    """Tokenise documents; a document longer than ``max_tokens`` is refused, truncated or split, as set."""
+    if overflow not in OVERFLOW_POLICIES:
+        raise ValueError(f"overflow {overflow!r} is not one of {', '.join(OVERFLOW_POLICIES)}")
+    segments: list[Segment] = []
+    stats = {"documents_over_max_tokens": 0, "tokens_dropped_by_truncation": 0}
+    for document, ids in zip(documents, tokenizer(texts, add_special_tokens=True)["input_ids"]):
+        if len(ids) > max_tokens:
+            stats["documents_over_max_tokens"] += 1
+            if overflow == "error":
+                raise ContextLengthError(
+                    f"document {document} has {len(ids)} tokens, more than max_tokens={max_tokens}; set "
+                    f"hidden_states.overflow to 'truncate' or 'split', or lower the data set's size")
+            if overflow == "truncate":
+                stats["tokens_dropped_by_truncation"] += len(ids) - max_tokens
+                ids = ids[:max_tokens]
+        pieces = [ids[start:start + max_tokens] for start in range(0, len(ids), max_tokens)]
+        segments.extend(Segment(document, index, piece) for index, piece in enumerate(pieces) if piece)
+    return segments, stats
+
+
+@torch.no_grad()
+def layer_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """All L+1 hidden states from one forward pass of the decoder (no LM head, so no vocabulary-sized logits).
+
+    Returns ``states`` (h_0..h_{L−1}, then h_L with the final norm applied, as HF returns it) and ``pre_norm_last``
+    (h_L before the final norm), captured by a hook on the final norm's input.
+    """
+    captured = {}
+    hook = final_norm_module(model).register_forward_hook(
+        lambda module, inputs, output: captured.update(pre_norm=inputs[0], normed=output))
+    try:
+        outputs = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                      output_hidden_states=True, use_cache=False)
+    finally:
+        hook.remove()
+    states = list(outputs.hidden_states)
+    # Whatever the transformers version put last, define `hf` as "final norm applied" explicitly.
+    states[-1] = captured["normed"]
+    return {"states": states, "pre_norm_last": captured["pre_norm"]}
+
+
+def movement(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """D = 1 − (1 + cos)/2 between two states along the last axis, in float64."""
+    cosine = torch.nn.functional.cosine_similarity(previous.double(), current.double(), dim=-1, eps=1e-12)
+    return (1.0 - cosine) / 2.0
+
+
+def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], max_tokens: int | None = None,
+                   overflow: str = "error", batch_size: int = 8, exclude_special_tokens: bool = True,
+                   device: str = "cpu") -> tuple[pd.DataFrame, dict]:
+    """Per-token, per-layer movement for every document: one row per (document, segment, position, layer)."""
+    tokenizer, model = loaded.tokenizer, loaded.model
+    limit = loaded.context_length
+    if max_tokens is None:
+        max_tokens = limit
+    if max_tokens > limit:
+        raise ContextLengthError(f"max_tokens={max_tokens} exceeds the context length of model "
+                                 f"{loaded.name!r} ({limit} tokens)")
+    segments, stats = segment_documents(tokenizer, documents, texts, max_tokens, overflow)
+    special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)) if exclude_special_tokens else [],
+                               dtype=torch.long)
+    num_layers = loaded.num_layers
+    pad_id = tokenizer.pad_token_id
+    # Longest first, so that each batch pads little and a memory problem shows in the first batch.
+    order = sorted(range(len(segments)), key=lambda i: -len(segments[i].token_ids))
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    pieces = []
+    started, tokens_done = time.perf_counter(), 0
+    for number, batch in enumerate(batches, start=1):
+        width = max(len(segments[i].token_ids) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, index in enumerate(batch):
+            ids = segments[index].token_ids
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            attention_mask[row, :len(ids)] = 1
+        result = layer_states(model, input_ids.to(device), attention_mask.to(device))
+        states = result["states"]
+        hf = torch.stack([movement(states[l - 1], states[l]) for l in range(1, num_layers + 1)], dim=-1).cpu()
+        pre_norm = hf.clone()
+        pre_norm[..., -1] = movement(states[-2], result["pre_norm_last"]).cpu()
+        keep = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
+        rows, positions = keep.nonzero(as_tuple=True)
+        count = len(rows)
+        batch_documents = torch.tensor([segments[i].document for i in batch])[rows]
+        batch_segments = torch.tensor([segments[i].segment for i in batch])[rows]
+        layers = np.arange(1, num_layers + 1, dtype=np.int16)
+        pieces.append(pd.DataFrame({
+            "document": np.repeat(batch_documents.numpy().astype(np.int32), num_layers),
+            "segment": np.repeat(batch_segments.numpy().astype(np.int32), num_layers),
+            "position": np.repeat(positions.numpy().astype(np.int32), num_layers),
+            "token_id": np.repeat(input_ids[rows, positions].numpy().astype(np.int32), num_layers),
+            "layer": np.tile(layers, count),
+            "movement_hf": hf[rows, positions].reshape(-1).numpy(),
+            "movement_pre_norm": pre_norm[rows, positions].reshape(-1).numpy(),
+        }))
+        if not torch.isfinite(hf[rows, positions]).all() or not torch.isfinite(pre_norm[rows, positions]).all():
+            raise FloatingPointError(f"non-finite hidden state in batch {number} of model {loaded.name!r}; "
+                                     f"try dtype float32 or bfloat16")
+        tokens_done += int(attention_mask.sum())
+        elapsed = time.perf_counter() - started
+        log.info("batch %d/%d: %d tokens, %.0f tokens/s", number, len(batches), tokens_done, tokens_done / elapsed)
+    if not pieces:
+        raise ValueError("no documents to measure")
+    frame = pd.concat(pieces, ignore_index=True)
+    frame = frame.sort_values(["document", "segment", "position", "layer"], kind="stable", ignore_index=True)
+    stats.update(segments=len(segments), tokens_measured=int(len(frame) // max(num_layers, 1)),
+                 num_layers=num_layers, max_tokens=max_tokens, overflow=overflow, batch_size=batch_size,
+                 exclude_special_tokens=exclude_special_tokens, final_norm_conventions=list(FINAL_NORM_CONVENTIONS))
+    return frame, stats
+
+
+def dump_hidden_states(model_dir: str, texts_path: str, out: str | os.PathLike, variant: str = "base",
+                       dataset: str | None = None, dtype: str = "float32", device: str = "cpu",
+                       max_tokens: int | None = None, overflow: str = "error", batch_size: int = 8,
+                       exclude_special_tokens: bool = True) -> pd.DataFrame:
+    """Stage entry point: load the model once, measure every document of ``texts_path``, write Parquet."""
+    from hsconv.models import load_model
+
+    texts = pd.read_parquet(texts_path)
+    if texts.empty:
+        raise ValueError(f"{texts_path} holds no documents")
+    loaded = load_model(model_dir, dtype=dtype, device=device)
+    torch.set_grad_enabled(False)
+    frame, stats = token_movement(loaded, texts["document"].tolist(), texts["text"].tolist(), max_tokens=max_tokens,
+                                  overflow=overflow, batch_size=batch_size,
+                                  exclude_special_tokens=exclude_special_tokens, device=device)
+    stats.update(model=loaded.name, variant=variant, dataset=dataset, dtype=dtype, device=device,
+                 model_source=loaded.manifest.get("source"))
+    write_parquet(frame, out, {"hidden_states": stats})
+    log.info("%s/%s on %s: %d tokens, %d layers -> %s", loaded.name, variant, dataset,
+             stats["tokens_measured"], stats["num_layers"], out)
+    return frame
+
+

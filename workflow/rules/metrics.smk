@@ -1,0 +1,68 @@
+METRICS = config["metrics"]
+
+
+rule compute_convergence:
+    """D_l per layer (mean, quantiles, bootstrap interval) and S_model for one model, variant and data set."""
+    input:
+        "results/hidden/{model}/{variant}/{dataset}.parquet",
+    output:
+        layers="results/metrics/{model}/{variant}/{dataset}/layer_movement.parquet",
+        scores="results/metrics/{model}/{variant}/{dataset}/convergence.parquet",
+    params:
+        quantiles=" ".join(map(str, METRICS["quantiles"])),
+        samples=METRICS["bootstrap_samples"],
+        confidence=METRICS["confidence"],
+        seed=METRICS["seed"],
+        code=code_fingerprint("hsconv.metrics"),
+    log:
+        "results/logs/compute_convergence/{model}/{variant}/{dataset}.log",
+    threads: 1
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "hsconv compute-convergence --hidden {input} --layers-out {output.layers} --scores-out {output.scores}"
+        " --model {wildcards.model} --variant {wildcards.variant} --dataset {wildcards.dataset}"
+        " --quantiles {params.quantiles} --bootstrap-samples {params.samples} --confidence {params.confidence}"
+        " --seed {params.seed} > {log} 2>&1"
+
+
+rule tabulate_layer_movement:
+    """All models' per-layer D in one tidy table (Parquet for figures, CSV/Markdown for people)."""
+    input:
+        measured_combinations("results/metrics/{model}/{variant}/{dataset}/layer_movement.parquet"),
+    output:
+        parquet="results/tables/layer_movement.parquet",
+        csv="results/tables/layer_movement.csv",
+        md="results/tables/layer_movement.md",
+    params:
+        stem="results/tables/layer_movement",
+        config_hash=CONFIG_HASH,
+        code=code_fingerprint("hsconv.metrics"),
+    log:
+        "results/logs/tabulate_layer_movement.log",
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "hsconv gather-tables --inputs {input} --out-stem {params.stem} --config-hash {params.config_hash}"
+        " > {log} 2>&1"
+
+
+rule tabulate_convergence:
+    """S_model, last-layer D and its ratio to the layer before, per model, variant, data set and convention."""
+    input:
+        measured_combinations("results/metrics/{model}/{variant}/{dataset}/convergence.parquet"),
+    output:
+        parquet="results/tables/convergence.parquet",
+        csv="results/tables/convergence.csv",
+        md="results/tables/convergence.md",
+    params:
+        stem="results/tables/convergence",
+        config_hash=CONFIG_HASH,
+        code=code_fingerprint("hsconv.metrics"),
+    log:
+        "results/logs/tabulate_convergence.log",
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "hsconv gather-tables --inputs {input} --out-stem {params.stem} --config-hash {params.config_hash}"
+        " > {log} 2>&1"
