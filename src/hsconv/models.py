@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,8 +158,12 @@ def _snapshot(name: str, source: dict) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    # Read the environment now rather than when huggingface_hub was imported, so that HF_HUB_OFFLINE and
+    # HF_HUB_CACHE set by a caller take effect.
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
-        return Path(snapshot_download(repo_id=source["id"], revision=source.get("revision"), allow_patterns=patterns))
+        return Path(snapshot_download(repo_id=source["id"], revision=source.get("revision"), allow_patterns=patterns,
+                                      local_files_only=offline, cache_dir=os.environ.get("HF_HUB_CACHE")))
     except Exception as error:  # offline, gated or unknown: one message that says what to do
         raise ModelSourceError(
             f"model {name!r}: cannot get {source['id']!r} (revision {source.get('revision') or 'default'}) from the "
@@ -222,4 +227,10 @@ def build_tiny_model(spec: dict):
     config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec["architecture"]]
     torch.manual_seed(spec["seed"])
     model = AutoModelForCausalLM.from_config(config_class(**common), dtype=torch.float32)
+    # Fresh norms have unit weights, which makes the final norm a pure rescaling that leaves every cosine unchanged;
+    # random gains make the `hf` and `pre_norm` conventions differ, as they do in trained models.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.uniform_(0.5, 1.5)
     return model, tokenizer

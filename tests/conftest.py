@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+TINY_SOURCE = {"kind": "tiny", "architecture": "llama", "hidden_size": 32, "intermediate_size": 64, "num_layers": 3,
+               "num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 128, "tie_word_embeddings": True,
+               "seed": 0}
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def shared_file(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"shared data file {path} not present")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from hsconv.models import prepare_model
+
+    return prepare_model("tiny", TINY_SOURCE, tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir):
+    from hsconv.models import load_model
+
+    return load_model(tiny_model_dir)

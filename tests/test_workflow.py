@@ -1,0 +1,151 @@
+"""The Snakemake workflow end to end on the test preset, in a temporary directory, and its config checks."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, SHARED_DATA
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
+
+
+def write_config(directory: Path, edit=None) -> Path:
+    """The test preset, with data paths made absolute so that it runs from any directory."""
+    config = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
+    for dataset in config["datasets"].values():
+        dataset["path"] = str((REPO / dataset["path"]).resolve())
+    if edit:
+        edit(config)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def snakemake(directory: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # --configfile takes several values, so it comes last: targets before it would be read as config files.
+    return subprocess.run([*SNAKEMAKE, *args, "--directory", str(directory), "--configfile",
+                           str(directory / "config.yaml")], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
+    """Rule names in the 'Job stats' table of a dry run (empty when nothing is to be done)."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return set()
+    table = text.split("Job stats:")[1].split("total")[0]
+    return {match.group(1) for match in re.finditer(r"^(\w+)\s+\d+\s*$", table, re.MULTILINE)} - {"job"}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    if not (SHARED_DATA / "lambada_test.jsonl").is_file():
+        pytest.skip("shared data not present")
+    directory = tmp_path_factory.mktemp("workflow")
+    write_config(directory)
+    result = snakemake(directory)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return directory
+
+
+@pytest.mark.slow
+def test_full_run_writes_figures_and_tables(finished_run):
+    results = finished_run / "results"
+    for name in ("figures/fig3.pdf", "figures/fig3.png", "tables/convergence.csv", "tables/convergence.md",
+                 "tables/layer_movement.csv"):
+        assert (results / name).stat().st_size > 0, name
+    assert (results / "figures/fig3.pdf").read_bytes().startswith(b"%PDF")
+    convergence = pd.read_csv(results / "tables/convergence.csv")
+    assert set(convergence["model"]) == {"tiny-llama", "tiny-qwen2"}
+    assert set(convergence["final_norm"]) == {"hf", "pre_norm"}
+    assert convergence["s_model"].between(0, 1).all()
+    layers = pd.read_parquet(results / "tables/layer_movement.parquet")
+    # the table's last-layer D is the figure's and the convergence table's number
+    last = layers[layers.layer == layers.groupby("model").layer.transform("max")]
+    merged = last.merge(convergence, on=["model", "variant", "dataset", "final_norm"])
+    assert (merged["movement_mean"] - merged["last_layer_movement"]).abs().max() < 1e-12
+    assert list((results / "logs").rglob("*.log")), "every stage writes a log under results/logs"
+
+
+@pytest.mark.slow
+def test_second_dry_run_plans_nothing(finished_run):
+    result = snakemake(finished_run, "-n")
+    assert result.returncode == 0 and planned_jobs(result) == set(), result.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_editing_plotting_code_reruns_only_the_figure(finished_run, tmp_path):
+    # A copy of the package with one comment added to the figure's code, put first on the path.
+    source = tmp_path / "src"
+    shutil.copytree(REPO / "src" / "hsconv", source / "hsconv")
+    with open(source / "hsconv" / "figures" / "fig3.py", "a") as handle:
+        handle.write("\n# an edit\n")
+    result = snakemake(finished_run, "-n", env={"PYTHONPATH": str(source)})
+    assert planned_jobs(result) == {"plot_fig3", "all"}, result.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_changing_the_text_subset_reruns_measurement_not_models(finished_run, tmp_path):
+    shutil.copy(finished_run / "config.yaml", tmp_path / "saved.yaml")
+    write_config(finished_run, lambda c: c["datasets"]["lambada"]["subset"].update(size=10))
+    try:
+        planned = planned_jobs(snakemake(finished_run, "-n"))
+    finally:
+        shutil.copy(tmp_path / "saved.yaml", finished_run / "config.yaml")
+    assert "prepare_model" not in planned
+    assert {"prepare_texts", "dump_hidden_states", "compute_convergence", "plot_fig3"} <= planned
+
+
+def _edit(path: list, value):
+    def edit(config):
+        target = config
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_edit(["hidden_states", "batchsize"], 4), "Additional properties are not allowed ('batchsize' was unexpected)"),
+    (_edit(["models", "tiny-llama", "source"], {"kind": "ftp"}), "'ftp' is not one of"),
+    (_edit(["models", "tiny-llama", "source"], {"kind": "gguf", "path": "/nowhere/m.gguf"}),
+     "models.tiny-llama.source: model 'tiny-llama': GGUF file not found: /nowhere/m.gguf"),
+    (_edit(["figures", "fig3", "models"], ["tiny-llama", "llama-9b"]), "figures.fig3.models: unknown model"),
+    (_edit(["hidden_states", "batch_size"], 0), "0 is less than the minimum of 1"),
+    (_edit(["hidden_states", "datasets"], []), "should be non-empty"),
+])
+def test_bad_config_is_refused_before_any_job(tmp_path, edit, message):
+    write_config(tmp_path, edit)
+    result = snakemake(tmp_path, "-n")
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout, (result.stderr + result.stdout)[-3000:]
+    assert not (tmp_path / "results").exists()
+
+
+def test_stage_failure_leaves_no_output(tmp_path):
+    """A text longer than the context under `overflow: error` fails the stage with the reason in its log."""
+    if not (SHARED_DATA / "wiki.test.raw").is_file():
+        pytest.skip("shared data not present")
+
+    def long_texts(config):
+        config["hidden_states"].update(overflow="error", max_tokens=64, datasets=["wikitext"])
+        config["figures"]["fig3"]["dataset"] = "wikitext"
+        config["models"] = {"tiny-llama": config["models"]["tiny-llama"]}
+        config["figures"]["fig3"]["models"] = ["tiny-llama"]
+
+    write_config(tmp_path, long_texts)
+    result = snakemake(tmp_path, "results/hidden/tiny-llama/base/wikitext.parquet")
+    assert result.returncode != 0
+    log = (tmp_path / "results/logs/dump_hidden_states/tiny-llama/base/wikitext.log").read_text()
+    assert "more than max_tokens=64" in log and "overflow" in log
+    assert not (tmp_path / "results/hidden/tiny-llama/base/wikitext.parquet").exists()
+    assert not list((tmp_path / "results/hidden").rglob("*.tmp"))
