@@ -21,8 +21,8 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snake
 def write_config(directory: Path, edit=None) -> Path:
     """The test preset, with data paths made absolute so that it runs from any directory."""
     config = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
-    for dataset in config["datasets"].values():
-        dataset["path"] = str((REPO / dataset["path"]).resolve())
+    for source in [*config["datasets"].values(), config["corpus"]["source"]]:
+        source["path"] = str((REPO / source["path"]).resolve())
     if edit:
         edit(config)
     path = directory / "config.yaml"
@@ -74,6 +74,10 @@ def test_full_run_writes_figures_and_tables(finished_run):
     merged = last.merge(convergence, on=["model", "variant", "dataset", "final_norm"])
     assert (merged["movement_mean"] - merged["last_layer_movement"]).abs().max() < 1e-12
     assert list((results / "logs").rglob("*.log")), "every stage writes a log under results/logs"
+    # both tiny models share one tokenizer, so one packed corpus, exactly the budget in whole sequences
+    assert [p.name for p in (results / "data/tokens").iterdir()] == ["tiny-llama.parquet"]
+    packed = pd.read_parquet(results / "data/tokens/tiny-llama.parquet")
+    assert packed["n_tokens"].sum() == 20000 // 128 * 128
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _json(text: str):
@@ -51,6 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--subset-seed", type=int, default=0)
     stage.add_argument("--out", required=True)
 
+    stage = stages.add_parser("sample-corpus", help="draw training documents into Parquet shards with a manifest")
+    stage.add_argument("--source", required=True, type=_json, help="the corpus source, as JSON")
+    stage.add_argument("--out", required=True, help="directory to write")
+    stage.add_argument("--documents", type=_optional_int, default=None, help="documents to draw (none: all)")
+    stage.add_argument("--seed", type=int, default=0)
+    stage.add_argument("--min-int-score", type=_optional_int, default=None,
+                       help="keep documents whose int_score is at least this (where the source has it)")
+    stage.add_argument("--shuffle-buffer", type=int, default=10000)
+    stage.add_argument("--shard-documents", type=int, default=10000)
+
+    stage = stages.add_parser("pack-tokens", help="tokenise sampled documents and pack fixed-length sequences")
+    stage.add_argument("--corpus", required=True, help="directory written by sample-corpus")
+    stage.add_argument("--model-dir", required=True, help="a model directory whose tokenizer is used")
+    stage.add_argument("--out", required=True)
+    stage.add_argument("--sequence-length", type=int, required=True)
+    stage.add_argument("--token-budget", type=int, required=True)
+    stage.add_argument("--boundary", default="cut", choices=("cut", "document"))
+
     stage = stages.add_parser("dump-hidden-states", help="per-token, per-layer movement from one forward pass")
     stage.add_argument("--model-dir", required=True)
     stage.add_argument("--texts", required=True, help="Parquet written by prepare-texts")
@@ -81,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage = stages.add_parser("gather-tables", help="concatenate per-model tables into Parquet, CSV and Markdown")
     stage.add_argument("--inputs", nargs="+", required=True)
-    stage.add_argument("--out-stem", required=True, help="output path without suffix")
+    stage.add_argument("--out", required=True, help="the Parquet table; .csv and .md are written beside it")
     stage.add_argument("--config-hash", required=True)
     stage.add_argument("--columns", nargs="*", default=None, help="keep and order these columns")
 
@@ -106,6 +125,16 @@ def run(args: argparse.Namespace) -> None:
 
         prepare_texts(args.name, args.kind, args.out, path=args.path, hub_id=args.hub_id,
                       subset_size=args.subset_size, subset_mode=args.subset_mode, subset_seed=args.subset_seed)
+    elif args.stage == "sample-corpus":
+        from hsconv.corpus import sample_corpus
+
+        sample_corpus(args.source, args.out, documents=args.documents, seed=args.seed,
+                      min_int_score=args.min_int_score, shuffle_buffer=args.shuffle_buffer,
+                      shard_documents=args.shard_documents)
+    elif args.stage == "pack-tokens":
+        from hsconv.corpus import pack_tokens
+
+        pack_tokens(args.corpus, args.model_dir, args.out, args.sequence_length, args.token_budget, args.boundary)
     elif args.stage == "dump-hidden-states":
         from hsconv.hidden_states import dump_hidden_states
 
@@ -121,7 +150,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "gather-tables":
         from hsconv.metrics import gather_tables
 
-        gather_tables(args.inputs, args.out_stem, args.config_hash, args.columns)
+        gather_tables(args.inputs, Path(args.out).with_suffix(""), args.config_hash, args.columns)
     elif args.stage == "plot-fig3":
         from hsconv.figures.fig3 import plot_fig3
 

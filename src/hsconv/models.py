@@ -135,23 +135,39 @@ def prepare_model(name: str, source: dict, out_dir: str | Path) -> Path:
 
 def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load the model and tokenizer that :func:`prepare_model` (or the trainer) wrote to ``model_dir``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     manifest_path = model_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"name": model_dir.name}
-    weights = Path(manifest.get("weights") or model_dir)
-    _check_local_dir(weights)
+    weights = _weights_dir(model_dir)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=DTYPES[dtype]).to(device).eval()
+    return LoadedModel(model=model, tokenizer=load_tokenizer(model_dir), name=manifest.get("name", model_dir.name),
+                       manifest=manifest)
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The tokenizer of a model directory, right-padded, with EOS as the pad token where it has none."""
+    from transformers import AutoTokenizer
+
+    weights = _weights_dir(Path(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(weights)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelSourceError(f"tokenizer of {weights} has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
-    return LoadedModel(model=model, tokenizer=tokenizer, name=manifest.get("name", model_dir.name), manifest=manifest)
+    return tokenizer
+
+
+def _weights_dir(model_dir: Path) -> Path:
+    manifest_path = model_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    weights = Path(manifest.get("weights") or model_dir)
+    _check_local_dir(weights)
+    return weights
 
 
 def _snapshot(name: str, source: dict) -> Path:

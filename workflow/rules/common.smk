@@ -16,12 +16,17 @@ MODELS = list(config["models"])
 VARIANTS = config["variants"]
 MEASURED_DATASETS = config["hidden_states"]["datasets"]
 CONFIG_HASH = stable_hash(config)
+# Models that share a tokenizer share one packed corpus, tokenised with the first such model's tokenizer.
+TOKENIZERS = {}
+for _name, _model in config["models"].items():
+    TOKENIZERS.setdefault(_model.get("tokenizer", _name), _name)
 
 
 wildcard_constraints:
     model="|".join(MODELS),
     variant="|".join(VARIANTS),
     dataset="|".join(config["datasets"]),
+    tokenizer="|".join(TOKENIZERS),
 
 
 def model_source_json(wildcards):
@@ -58,6 +63,10 @@ def cli_optional(value):
     return "none" if value is None else value
 
 
+def tokenizer_model_dir(wildcards):
+    return f"results/models/{TOKENIZERS[wildcards.tokenizer]}/base"
+
+
 def variant_model_dir(wildcards):
     return f"results/models/{wildcards.model}/{wildcards.variant}"
 
@@ -73,4 +82,5 @@ def all_targets():
         "results/tables/convergence.csv",
         "results/tables/convergence.md",
         "results/tables/layer_movement.csv",
+        *expand("results/data/tokens/{tokenizer}.parquet", tokenizer=TOKENIZERS),
     ]

@@ -19,3 +19,57 @@ rule prepare_texts:
         "hsconv prepare-texts --name {wildcards.dataset} --kind {params.kind} --path '{params.path}'"
         " --hub-id '{params.hub_id}' --subset-size {params.size} --subset-mode {params.mode}"
         " --subset-seed {params.seed} --out {output} > {log} 2>&1"
+
+
+CORPUS = config["corpus"]
+PACKING = config["packing"]
+
+
+rule sample_corpus:
+    """Training documents drawn with a seed (streamed from the hub or read from local files), as Parquet shards."""
+    output:
+        directory("results/data/corpus"),
+    params:
+        source=json.dumps(CORPUS["source"], sort_keys=True),
+        documents=cli_optional(CORPUS["documents"]),
+        seed=CORPUS["seed"],
+        min_int_score=cli_optional(CORPUS["min_int_score"]),
+        shuffle_buffer=CORPUS["shuffle_buffer"],
+        shard_documents=CORPUS["shard_documents"],
+        code=code_fingerprint("hsconv.corpus"),
+    log:
+        "results/logs/sample_corpus.log",
+    benchmark:
+        "results/benchmarks/sample_corpus.tsv"
+    threads: 1
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "hsconv sample-corpus --source '{params.source}' --out {output} --documents {params.documents}"
+        " --seed {params.seed} --min-int-score {params.min_int_score} --shuffle-buffer {params.shuffle_buffer}"
+        " --shard-documents {params.shard_documents} > {log} 2>&1"
+
+
+rule pack_tokens:
+    """The corpus tokenised once per tokenizer and packed into fixed-length sequences with EOS between documents."""
+    input:
+        corpus="results/data/corpus",
+        model=tokenizer_model_dir,
+    output:
+        "results/data/tokens/{tokenizer}.parquet",
+    params:
+        sequence_length=PACKING["sequence_length"],
+        token_budget=PACKING["token_budget"],
+        boundary=PACKING["boundary"],
+        code=code_fingerprint("hsconv.corpus"),
+    log:
+        "results/logs/pack_tokens/{tokenizer}.log",
+    benchmark:
+        "results/benchmarks/pack_tokens/{tokenizer}.tsv"
+    threads: 1
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "hsconv pack-tokens --corpus {input.corpus} --model-dir {input.model} --out {output}"
+        " --sequence-length {params.sequence_length} --token-budget {params.token_budget}"
+        " --boundary {params.boundary} > {log} 2>&1"

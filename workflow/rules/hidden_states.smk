@@ -20,7 +20,7 @@ rule dump_hidden_states:
         "results/logs/dump_hidden_states/{model}/{variant}/{dataset}.log",
     benchmark:
         "results/benchmarks/dump_hidden_states/{model}/{variant}/{dataset}.tsv"
-    threads: workflow.cores
+    threads: 8  # scaled down to --cores; a profile's set-threads overrides it
     resources:
         mem_mb=8000,
     conda:

@@ -35,7 +35,6 @@ rule tabulate_layer_movement:
         csv="results/tables/layer_movement.csv",
         md="results/tables/layer_movement.md",
     params:
-        stem="results/tables/layer_movement",
         config_hash=CONFIG_HASH,
         code=code_fingerprint("hsconv.metrics"),
     log:
@@ -43,7 +42,7 @@ rule tabulate_layer_movement:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "hsconv gather-tables --inputs {input} --out-stem {params.stem} --config-hash {params.config_hash}"
+        "hsconv gather-tables --inputs {input} --out {output.parquet} --config-hash {params.config_hash}"
         " > {log} 2>&1"
 
 
@@ -56,7 +55,6 @@ rule tabulate_convergence:
         csv="results/tables/convergence.csv",
         md="results/tables/convergence.md",
     params:
-        stem="results/tables/convergence",
         config_hash=CONFIG_HASH,
         code=code_fingerprint("hsconv.metrics"),
     log:
@@ -64,5 +62,5 @@ rule tabulate_convergence:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "hsconv gather-tables --inputs {input} --out-stem {params.stem} --config-hash {params.config_hash}"
+        "hsconv gather-tables --inputs {input} --out {output.parquet} --config-hash {params.config_hash}"
         " > {log} 2>&1"

@@ -1,0 +1,234 @@
+"""Training text: draw documents from FineWeb-Edu (streamed from the hub) or local files into Parquet shards,
+then tokenise and pack them into fixed-length sequences, per tokenizer.
+
+Both steps stream: memory is bounded by the shuffle buffer and one shard, never by the size of the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hsconv.io import atomic_path, write_parquet
+
+log = logging.getLogger(__name__)
+
+CORPUS_KINDS = ("hub", "jsonl", "text", "parquet")
+MANIFEST = "manifest.json"
+BOUNDARY_POLICIES = ("cut", "document")
+
+
+class CorpusError(ValueError):
+    """A corpus source or budget that cannot work; the message names it and what was available."""
+
+
+def iter_documents(source: dict) -> Iterator[dict]:
+    """Documents of a source as dicts with ``text`` (and ``int_score`` where the source has it), streamed."""
+    kind = source.get("kind")
+    if kind not in CORPUS_KINDS:
+        raise CorpusError(f"corpus source kind {kind!r} is not one of {', '.join(CORPUS_KINDS)}")
+    if kind == "hub":
+        yield from _iter_hub(source)
+        return
+    path = Path(source["path"])
+    if not path.is_file():
+        raise CorpusError(f"corpus file not found: {path}")
+    if kind == "jsonl":
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    record = json.loads(line)
+                    if "text" not in record:
+                        raise CorpusError(f"{path}:{number}: no 'text' field in {sorted(record)}")
+                    yield record
+    elif kind == "parquet":
+        reader = pq.ParquetFile(path)
+        if "text" not in reader.schema_arrow.names:
+            raise CorpusError(f"{path}: no 'text' column in {reader.schema_arrow.names}")
+        for batch in reader.iter_batches(batch_size=1024):
+            yield from batch.to_pylist()
+    elif kind == "text":
+        yield from _iter_text_chunks(path, source.get("chunk_chars", 4000))
+
+
+def _iter_text_chunks(path: Path, chunk_chars: int) -> Iterator[dict]:
+    """Plain text has no document boundaries: cut it into pieces of about ``chunk_chars`` at line ends."""
+    pending: list[str] = []
+    size = 0
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            pending.append(line)
+            size += len(line)
+            if size >= chunk_chars:
+                yield {"text": "".join(pending)}
+                pending, size = [], 0
+    if pending:
+        yield {"text": "".join(pending)}
+
+
+def _iter_hub(source: dict) -> Iterator[dict]:
+    try:
+        import datasets
+
+        kwargs = {"data_files": source["data_files"]} if source.get("data_files") else {}
+        stream = datasets.load_dataset(source["id"], source.get("config"), split=source.get("split", "train"),
+                                       streaming=True, **kwargs)
+        iterator = iter(stream)
+        first = next(iterator)
+    except StopIteration:
+        return
+    except Exception as error:
+        raise CorpusError(
+            f"corpus: cannot stream {source['id']!r} ({source.get('config')}) from the hub "
+            f"({type(error).__name__}: {error}); to run offline use a local copy, e.g. "
+            f"`corpus.source: {{kind: jsonl, path: ../shared/data/fineweb_edu_10BT_150docs.jsonl}}`") from None
+    yield first
+    yield from iterator
+
+
+def shuffled(documents: Iterable, buffer_size: int, seed: int) -> Iterator:
+    """A seeded streaming shuffle: keep ``buffer_size`` items and emit a random one as each new one arrives."""
+    rng = random.Random(seed)
+    buffer: list = []
+    for item in documents:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        index = rng.randrange(buffer_size)
+        yield buffer[index]
+        buffer[index] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sample_corpus(source: dict, out_dir: str | os.PathLike, documents: int | None = None, seed: int = 0,
+                  min_int_score: int | None = None, shuffle_buffer: int = 10000,
+                  shard_documents: int = 10000) -> dict:
+    """Draw ``documents`` documents (all, when None) into Parquet shards plus a manifest, written atomically."""
+    stream = ({**record, "source_index": index} for index, record in enumerate(iter_documents(source)))
+    if min_int_score is not None:
+        stream = (r for r in stream if r.get("int_score") is None or r["int_score"] >= min_int_score)
+    stream = (r for r in stream if str(r["text"]).strip())
+    chosen = itertools.islice(shuffled(stream, shuffle_buffer, seed), documents)
+    out_dir = Path(out_dir)
+    shards, total = [], 0
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        while True:
+            rows = list(itertools.islice(chosen, shard_documents))
+            if not rows:
+                break
+            frame = pd.DataFrame({"source_index": [r["source_index"] for r in rows],
+                                  "text": [r["text"] for r in rows]})
+            if any("int_score" in r for r in rows):
+                frame["int_score"] = [r.get("int_score") for r in rows]
+            name = f"shard-{len(shards):05d}.parquet"
+            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp / name)
+            shards.append({"file": name, "documents": len(rows), "sha256": _sha256(tmp / name)})
+            total += len(rows)
+        if total == 0:
+            raise CorpusError(f"corpus source {source} gave no documents (after the quality filter, if any)")
+        if documents is not None and total < documents:
+            raise CorpusError(f"corpus source {source} has only {total} documents; {documents} were requested")
+        manifest = {"source": source, "seed": seed, "min_int_score": min_int_score, "shuffle_buffer": shuffle_buffer,
+                    "documents": total, "shards": shards}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    log.info("sampled %d documents into %d shards in %s", total, len(shards), out_dir)
+    return manifest
+
+
+def read_corpus(corpus_dir: str | os.PathLike, verify: bool = True) -> Iterator[tuple[int, str]]:
+    """(source_index, text) of every sampled document, shard by shard, checking each shard's sha256."""
+    corpus_dir = Path(corpus_dir)
+    manifest = json.loads((corpus_dir / MANIFEST).read_text())
+    for shard in manifest["shards"]:
+        path = corpus_dir / shard["file"]
+        if verify and _sha256(path) != shard["sha256"]:
+            raise CorpusError(f"{path} does not match the sha256 in {corpus_dir / MANIFEST}: corrupted or edited")
+        table = pq.read_table(path, columns=["source_index", "text"])
+        yield from zip(table.column("source_index").to_pylist(), table.column("text").to_pylist())
+
+
+def pack_tokens(corpus_dir: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
+                sequence_length: int, token_budget: int, boundary: str = "cut", batch_documents: int = 256) -> dict:
+    """Tokenise documents, join them with EOS, and pack the stream into rows of ``sequence_length`` tokens.
+
+    The budget is rounded down to whole sequences. ``boundary: cut`` fills every row and cuts the last document;
+    ``boundary: document`` ends at the last whole document, padding the final row (its ``n_tokens`` says how much).
+    """
+    from hsconv.models import load_tokenizer
+
+    if boundary not in BOUNDARY_POLICIES:
+        raise CorpusError(f"boundary {boundary!r} is not one of {', '.join(BOUNDARY_POLICIES)}")
+    sequences = token_budget // sequence_length
+    if sequences < 1:
+        raise CorpusError(f"token_budget={token_budget} is less than one sequence of {sequence_length} tokens")
+    target = sequences * sequence_length
+    tokenizer = load_tokenizer(model_dir)
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise CorpusError(f"the tokenizer in {model_dir} has no EOS token to separate documents")
+    stream = np.empty(target, dtype=np.int32)
+    filled, used_documents, started = 0, 0, time.perf_counter()
+    last_document_cut = False
+    documents = read_corpus(corpus_dir)
+    exhausted = False
+    while filled < target:
+        batch = list(itertools.islice(documents, batch_documents))
+        if not batch:
+            exhausted = True
+            break
+        encoded = tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]
+        for ids in encoded:
+            ids = ids + [eos]
+            room = target - filled
+            if len(ids) > room:
+                if boundary == "cut":
+                    stream[filled:target] = ids[:room]
+                    filled, last_document_cut = target, True
+                    used_documents += 1
+                else:
+                    target = filled  # the next document does not fit whole: stop at this boundary
+                break
+            stream[filled:filled + len(ids)] = ids
+            filled += len(ids)
+            used_documents += 1
+    if exhausted and filled < target:
+        raise CorpusError(f"the corpus in {corpus_dir} gives only {filled:,} tokens ({used_documents} documents) "
+                          f"with this tokenizer; token_budget asks for {target:,}")
+    rows = -(-filled // sequence_length)
+    padded = np.full(rows * sequence_length, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+                     dtype=np.int32)
+    padded[:filled] = stream[:filled]
+    matrix = padded.reshape(rows, sequence_length)
+    n_tokens = np.minimum(sequence_length, np.maximum(0, filled - np.arange(rows) * sequence_length)).astype(np.int32)
+    frame = pd.DataFrame({"input_ids": list(matrix), "n_tokens": n_tokens})
+    elapsed = time.perf_counter() - started
+    stats = {"sequence_length": sequence_length, "token_budget": token_budget, "tokens": int(filled),
+             "sequences": int(rows), "boundary": boundary, "documents": used_documents,
+             "last_document_cut": last_document_cut, "eos_token_id": int(eos), "seconds": round(elapsed, 3),
+             "corpus": json.loads((Path(corpus_dir) / MANIFEST).read_text())["source"]}
+    write_parquet(frame, out, {"packing": stats})
+    log.info("packed %d tokens from %d documents into %d sequences of %d (%.0f tokens/s) -> %s", filled,
+             used_documents, rows, sequence_length, filled / max(elapsed, 1e-9), out)
+    return stats
