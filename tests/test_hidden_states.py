@@ -89,3 +89,13 @@ def test_max_tokens_beyond_context_is_refused(tiny_model):
 def test_text_longer_than_context_is_refused_by_default(tiny_model):
     with pytest.raises(ContextLengthError, match="more than max_tokens=128"):
         token_movement(tiny_model, [0], ["y" * 200])
+
+
+def test_non_finite_hidden_state_stops_the_stage(tiny_model):
+    import copy
+
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        broken.model.model.layers[1].mlp.down_proj.weight.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="non-finite hidden state in batch 1"):
+        token_movement(broken, [0], ["hello there"])

@@ -131,6 +131,9 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
         pre_norm[..., -1] = movement(states[-2], result["pre_norm_last"]).cpu()
         keep = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
         rows, positions = keep.nonzero(as_tuple=True)
+        if not (torch.isfinite(hf[rows, positions]).all() and torch.isfinite(pre_norm[rows, positions]).all()):
+            raise FloatingPointError(f"non-finite hidden state in batch {number} of model {loaded.name!r} "
+                                     f"(float16 overflow?); try dtype float32 or bfloat16")
         count = len(rows)
         batch_documents = torch.tensor([segments[i].document for i in batch])[rows]
         batch_segments = torch.tensor([segments[i].segment for i in batch])[rows]
@@ -144,9 +147,6 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
             "movement_hf": hf[rows, positions].reshape(-1).numpy(),
             "movement_pre_norm": pre_norm[rows, positions].reshape(-1).numpy(),
         }))
-        if not torch.isfinite(hf[rows, positions]).all() or not torch.isfinite(pre_norm[rows, positions]).all():
-            raise FloatingPointError(f"non-finite hidden state in batch {number} of model {loaded.name!r}; "
-                                     f"try dtype float32 or bfloat16")
         tokens_done += int(attention_mask.sum())
         elapsed = time.perf_counter() - started
         log.info("batch %d/%d: %d tokens, %.0f tokens/s", number, len(batches), tokens_done, tokens_done / elapsed)
@@ -181,5 +181,3 @@ def dump_hidden_states(model_dir: str, texts_path: str, out: str | os.PathLike, 
     log.info("%s/%s on %s: %d tokens, %d layers -> %s", loaded.name, variant, dataset,
              stats["tokens_measured"], stats["num_layers"], out)
     return frame
-
-

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from hsconv.hidden_states import FINAL_NORM_CONVENTIONS
-from hsconv.io import read_provenance, write_parquet
+from hsconv.io import read_provenance, write_parquet, write_table
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,6 @@ def compute_convergence(hidden_path: str, layers_out: str | os.PathLike, scores_
 def gather_tables(paths: list[str], out_stem: str | os.PathLike, config_hash: str, columns: list[str] | None = None,
                   ) -> pd.DataFrame:
     """Concatenate per-model tables into one result table (Parquet, CSV, Markdown) with the config hash."""
-    from hsconv.io import write_table
-
     frame = pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
     if columns:
         frame = frame[columns]
