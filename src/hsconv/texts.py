@@ -6,7 +6,6 @@ file when it exists (``../shared/data`` here) and a hub data set otherwise.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from hsconv.corpus import CorpusError, iter_documents
 from hsconv.io import write_parquet
 
 log = logging.getLogger(__name__)
@@ -48,19 +48,6 @@ def split_lambada(text: str) -> tuple[str, str]:
     return context, " " + last_word
 
 
-def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
-    texts = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if field not in record:
-                raise TextSourceError(f"{path}:{number}: no {field!r} field in {sorted(record)}")
-            texts.append(record[field])
-    return texts
-
-
 def read_texts(name: str, kind: str, path: str | None, hub_id: str | None = None) -> tuple[list[str], str]:
     """All documents of a data set and a description of where they came from (the local file first)."""
     if kind not in TEXT_KINDS:
@@ -71,9 +58,11 @@ def read_texts(name: str, kind: str, path: str | None, hub_id: str | None = None
             if kind == "wikitext":
                 texts = split_wikitext_articles(local.read_text(encoding="utf-8"))
             else:
-                texts = read_jsonl_texts(local)
+                texts = [record["text"] for record in iter_documents({"kind": "jsonl", "path": str(local)})]
         except UnicodeDecodeError as error:
             raise TextSourceError(f"data set {name!r}: {local} is not UTF-8 text ({error})") from None
+        except CorpusError as error:
+            raise TextSourceError(f"data set {name!r}: {error}") from None
         return texts, str(local.resolve())
     if kind == "jsonl" or not hub_id:
         raise TextSourceError(f"data set {name!r}: file not found: {path} (and no hub id to fall back on)")
