@@ -19,8 +19,8 @@ def _jsonl(path, texts):
 def test_same_seed_same_bytes_other_seed_other_documents(tmp_path):
     source = {"kind": "jsonl", "path": str(shared_file("fineweb_edu_10BT_150docs.jsonl"))}
     one = sample_corpus(source, tmp_path / "one", documents=40, seed=0, shuffle_buffer=50, shard_documents=16)
-    two = sample_corpus(source, tmp_path / "two", documents=40, seed=0, shuffle_buffer=50, shard_documents=16)
-    other = sample_corpus(source, tmp_path / "other", documents=40, seed=1, shuffle_buffer=50, shard_documents=16)
+    sample_corpus(source, tmp_path / "two", documents=40, seed=0, shuffle_buffer=50, shard_documents=16)
+    sample_corpus(source, tmp_path / "other", documents=40, seed=1, shuffle_buffer=50, shard_documents=16)
     assert [s["documents"] for s in one["shards"]] == [16, 16, 8]
     for shard in one["shards"]:
         assert (tmp_path / "one" / shard["file"]).read_bytes() == (tmp_path / "two" / shard["file"]).read_bytes()

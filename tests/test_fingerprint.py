@@ -2,7 +2,6 @@
 
 import shutil
 
-import pytest
 
 from conftest import REPO
 from hsconv import fingerprint

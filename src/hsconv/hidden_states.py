@@ -114,6 +114,7 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
     # Longest first, so that each batch pads little and a memory problem shows in the first batch.
     order = sorted(range(len(segments)), key=lambda i: -len(segments[i].token_ids))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    layers = np.arange(1, num_layers + 1, dtype=np.int16)
     pieces = []
     started, tokens_done = time.perf_counter(), 0
     for number, batch in enumerate(batches, start=1):
@@ -137,7 +138,6 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
         count = len(rows)
         batch_documents = torch.tensor([segments[i].document for i in batch])[rows]
         batch_segments = torch.tensor([segments[i].segment for i in batch])[rows]
-        layers = np.arange(1, num_layers + 1, dtype=np.int16)
         pieces.append(pd.DataFrame({
             "document": np.repeat(batch_documents.numpy().astype(np.int32), num_layers),
             "segment": np.repeat(batch_segments.numpy().astype(np.int32), num_layers),

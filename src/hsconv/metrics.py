@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hsconv.hidden_states import FINAL_NORM_CONVENTIONS
 from hsconv.io import read_provenance, write_parquet, write_table
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,9 @@ def summarise_movement(tokens: pd.DataFrame, quantiles=(0.1, 0.5, 0.9), bootstra
     """Per-layer D (mean, quantiles, bootstrap interval) and per-convention S_model with its interval."""
     layer_rows, score_rows = [], []
     tail = (1.0 - confidence) / 2.0
-    for convention in FINAL_NORM_CONVENTIONS:
+    # One `movement_<convention>` column per last-state convention the dump stage recorded.
+    conventions = [column.removeprefix("movement_") for column in tokens.columns if column.startswith("movement_")]
+    for convention in conventions:
         column = f"movement_{convention}"
         documents, counts, sums = per_document_sums(tokens, column)
         means = sums.sum(axis=0) / counts.sum()

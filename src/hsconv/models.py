@@ -138,14 +138,12 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    manifest_path = model_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"name": model_dir.name}
-    weights = _weights_dir(model_dir)
+    manifest = read_manifest(model_dir)
+    weights = _weights_dir(model_dir, manifest)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=DTYPES[dtype]).to(device).eval()
-    return LoadedModel(model=model, tokenizer=load_tokenizer(model_dir), name=manifest.get("name", model_dir.name),
-                       manifest=manifest)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(model_dir), name=manifest["name"], manifest=manifest)
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -162,9 +160,14 @@ def load_tokenizer(model_dir: str | Path):
     return tokenizer
 
 
-def _weights_dir(model_dir: Path) -> Path:
-    manifest_path = model_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+def read_manifest(model_dir: Path) -> dict:
+    """What :func:`prepare_model` recorded; a bare HF directory (e.g. the trainer's output) has none."""
+    path = model_dir / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {"name": model_dir.name, "weights": None}
+
+
+def _weights_dir(model_dir: Path, manifest: dict | None = None) -> Path:
+    manifest = manifest if manifest is not None else read_manifest(model_dir)
     weights = Path(manifest.get("weights") or model_dir)
     _check_local_dir(weights)
     return weights
