@@ -19,8 +19,10 @@ validate(config, "workflow/schemas/config.schema.yaml")
 include: "workflow/rules/common.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/distill.smk"
 include: "workflow/rules/hidden_states.smk"
 include: "workflow/rules/metrics.smk"
+include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/figures.smk"
 
 

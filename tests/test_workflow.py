@@ -66,6 +66,15 @@ def test_full_run_writes_figures_and_tables(finished_run):
     assert (results / "figures/fig3.pdf").read_bytes().startswith(b"%PDF")
     convergence = pd.read_csv(results / "tables/convergence.csv")
     assert set(convergence["model"]) == {"tiny-llama", "tiny-qwen2"}
+    assert set(convergence["variant"]) == {"base", "distilled"}
+    for model in ("tiny-llama", "tiny-qwen2"):
+        assert (results / f"models/{model}/distilled/model.safetensors").is_file()
+        assert len(pd.read_parquet(results / f"training/{model}/steps.parquet")) == 3
+        assert (results / f"figures/training/{model}.png").stat().st_size > 0
+        assert "ZeRO stage 2" in (results / f"logs/distill/{model}.log").read_text()
+    # base and distilled differ (the distilled model was really trained and really measured)
+    wide = convergence.pivot_table(index=["model", "dataset", "final_norm"], columns="variant", values="s_model")
+    assert (wide["base"] != wide["distilled"]).all()
     assert set(convergence["final_norm"]) == {"hf", "pre_norm"}
     assert convergence["s_model"].between(0, 1).all()
     layers = pd.read_parquet(results / "tables/layer_movement.parquet")
@@ -105,7 +114,7 @@ def test_changing_the_text_subset_reruns_measurement_not_models(finished_run, tm
         planned = planned_jobs(snakemake(finished_run, "-n"))
     finally:
         shutil.copy(tmp_path / "saved.yaml", finished_run / "config.yaml")
-    assert "prepare_model" not in planned
+    assert "prepare_model" not in planned and "distill" not in planned
     assert {"prepare_texts", "dump_hidden_states", "compute_convergence", "plot_fig3"} <= planned
 
 
@@ -126,6 +135,9 @@ def _edit(path: list, value):
     (_edit(["figures", "fig3", "models"], ["tiny-llama", "llama-9b"]), "figures.fig3.models: unknown model"),
     (_edit(["hidden_states", "batch_size"], 0), "0 is less than the minimum of 1"),
     (_edit(["hidden_states", "datasets"], []), "should be non-empty"),
+    (_edit(["distill", "batch_size"], 6), "distill.batch_size=6 is not a multiple of micro_batch_size × ranks = 4 × 1"),
+    (_edit(["distill", "batch_size"], 400), "packing.token_budget gives 156 sequences of 128 tokens, fewer than one"),
+    (_edit(["distill", "kl_direction"], "forward"), "'forward' is not one of ['student_target', 'target_student']"),
 ])
 def test_bad_config_is_refused_before_any_job(tmp_path, edit, message):
     write_config(tmp_path, edit)

@@ -86,6 +86,50 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--keep-special-tokens", action="store_true",
                        help="measure special tokens (BOS) too; by default they are left out of every statistic")
 
+    stage = stages.add_parser("distill", help="self-distil a model under DeepSpeed ZeRO (resumes from checkpoints)")
+    stage.add_argument("--model-dir", required=True, help="the pretrained model directory (student and target)")
+    stage.add_argument("--tokens", required=True, help="packed tokens (Parquet) from pack-tokens")
+    stage.add_argument("--out", required=True, help="model directory to write")
+    stage.add_argument("--log-out", required=True, help="per-step training log (Parquet)")
+    stage.add_argument("--layers-out", required=True, help="per-step, per-layer KL and hidden-state steps (Parquet)")
+    stage.add_argument("--checkpoints", required=True, help="DeepSpeed checkpoint directory (resumed from)")
+    stage.add_argument("--settings", type=_json, default={}, help="the config's distill section, as JSON")
+    stage.add_argument("--device", default="cpu")
+    stage.add_argument("--name", default=None, help="the model's name, for logs and messages")
+    stage.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+
+    stage = stages.add_parser("plot-training", help="loss curves of a distillation run")
+    stage.add_argument("--log", required=True)
+    stage.add_argument("--layers", required=True)
+    stage.add_argument("--pdf", required=True)
+    stage.add_argument("--png", required=True)
+    stage.add_argument("--title", required=True)
+
+    stage = stages.add_parser("evaluate-layers", help="per-layer LAMBADA/WikiText through lm-eval and the logit lens")
+    stage.add_argument("--model-dir", required=True)
+    stage.add_argument("--dataset", dest="datasets", nargs="+", required=True, metavar="NAME=KIND=PARQUET",
+                       help="evaluation texts written by prepare-texts; KIND is lambada or wikitext")
+    stage.add_argument("--limit", dest="limits", nargs="*", default=[], metavar="NAME=N",
+                       help="evaluate only the first N documents of a data set")
+    stage.add_argument("--out", required=True, help="tidy per-layer table (Parquet)")
+    stage.add_argument("--json-out", required=True, help="lm-eval's results for every exit (JSON)")
+    stage.add_argument("--model", required=True)
+    stage.add_argument("--variant", required=True)
+    stage.add_argument("--layers", type=int, nargs="*", default=None, help="exits to evaluate (default: all)")
+    stage.add_argument("--batch-size", type=int, default=8)
+    stage.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    stage.add_argument("--device", default="cpu")
+    stage.add_argument("--bootstrap-iters", type=int, default=1000)
+
+    stage = stages.add_parser("plot-per-layer", help="Figs. 5, 6, 9, 10: a per-layer lm-eval metric per model")
+    stage.add_argument("--table", required=True, help="the gathered per-layer evaluation table (Parquet)")
+    stage.add_argument("--pdf", required=True)
+    stage.add_argument("--png", required=True)
+    stage.add_argument("--model", dest="models", type=_label, nargs="+", required=True, help="NAME=LABEL, in order")
+    stage.add_argument("--task", required=True)
+    stage.add_argument("--metric", required=True)
+    stage.add_argument("--title", required=True)
+
     stage = stages.add_parser("compute-convergence", help="D_l per layer and S_model from the per-token table")
     stage.add_argument("--hidden", required=True)
     stage.add_argument("--layers-out", required=True)
@@ -141,6 +185,30 @@ def run(args: argparse.Namespace) -> None:
         dump_hidden_states(args.model_dir, args.texts, args.out, variant=args.variant, dataset=args.dataset,
                            dtype=args.dtype, device=args.device, max_tokens=args.max_tokens, overflow=args.overflow,
                            batch_size=args.batch_size, exclude_special_tokens=not args.keep_special_tokens)
+    elif args.stage == "distill":
+        from hsconv.distill.train import DistillSettings, distill
+
+        distill(args.model_dir, args.tokens, args.out, args.log_out, args.layers_out, args.checkpoints,
+                DistillSettings.from_dict(args.settings), device=args.device, name=args.name)
+    elif args.stage == "plot-training":
+        from hsconv.figures.training import plot_training
+
+        plot_training(args.log, args.layers, args.pdf, args.png, args.title)
+    elif args.stage == "evaluate-layers":
+        from hsconv.evaluation.per_layer import evaluate_per_layer
+
+        datasets = {}
+        for spec in args.datasets:
+            name, kind, path = spec.split("=", 2)
+            datasets[name] = (kind, path)
+        limits = {name: int(value) for name, value in (spec.split("=") for spec in args.limits)}
+        evaluate_per_layer(args.model_dir, datasets, args.out, args.json_out, args.model, args.variant,
+                           layers=args.layers or None, batch_size=args.batch_size, dtype=args.dtype,
+                           device=args.device, bootstrap_iters=args.bootstrap_iters, limits=limits)
+    elif args.stage == "plot-per-layer":
+        from hsconv.figures.per_layer import plot_per_layer
+
+        plot_per_layer(args.table, args.pdf, args.png, dict(args.models), args.task, args.metric, args.title)
     elif args.stage == "compute-convergence":
         from hsconv.metrics import compute_convergence
 

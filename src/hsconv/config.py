@@ -9,6 +9,10 @@ from __future__ import annotations
 from hsconv.models import ModelSourceError, check_source
 
 
+# Per-layer evaluation figures and the lm-eval metric each shows.
+PER_LAYER_FIGURES = {"fig5": "acc", "fig6": "word_perplexity", "fig9": "acc", "fig10": "word_perplexity"}
+
+
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key."""
 
@@ -27,6 +31,32 @@ def check_config(config: dict) -> None:
         except ModelSourceError as error:
             raise ConfigError(f"models.{name}.source: {error}") from None
     _require_known("data set", config["hidden_states"]["datasets"], config["datasets"], "hidden_states.datasets")
+    if "distilled" in config["variants"]:
+        _check_distill(config)
+    evaluation = config.get("evaluation", {})
+    _require_known("data set", evaluation.get("datasets", []), config["datasets"], "evaluation.datasets")
+    for name in evaluation.get("datasets", []):
+        if config["datasets"][name]["kind"] not in ("lambada", "wikitext"):
+            raise ConfigError(f"evaluation.datasets: {name!r} is of kind {config['datasets'][name]['kind']!r}; "
+                              f"per-layer lm-eval evaluation supports lambada and wikitext")
+    _require_known("data set", evaluation.get("limits", {}), evaluation.get("datasets", []), "evaluation.limits")
+    for figure in PER_LAYER_FIGURES:
+        if figure in config["figures"]:
+            spec = config["figures"][figure]
+            _require_known("model", spec["models"], config["models"], f"figures.{figure}.models")
+            _require_known("data set", [spec["dataset"]], evaluation.get("datasets", []), f"figures.{figure}.dataset")
     fig3 = config["figures"]["fig3"]
     _require_known("model", fig3["models"], config["models"], "figures.fig3.models")
     _require_known("data set", [fig3["dataset"]], config["hidden_states"]["datasets"], "figures.fig3.dataset")
+
+
+def _check_distill(config: dict) -> None:
+    distill, packing = config["distill"], config["packing"]
+    ranks = max(1, distill["resources"]["gpus"]) * distill["resources"]["nodes"]
+    if distill["batch_size"] % (distill["micro_batch_size"] * ranks):
+        raise ConfigError(f"distill.batch_size={distill['batch_size']} is not a multiple of micro_batch_size × ranks "
+                          f"= {distill['micro_batch_size']} × {ranks}")
+    sequences = packing["token_budget"] // packing["sequence_length"]
+    if sequences < distill["batch_size"]:
+        raise ConfigError(f"packing.token_budget gives {sequences} sequences of {packing['sequence_length']} tokens, "
+                          f"fewer than one batch (distill.batch_size={distill['batch_size']})")

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 FINAL_NORM_CONVENTIONS = ("hf", "pre_norm")
 OVERFLOW_POLICIES = ("error", "truncate", "split")
+# Attribute of the decoder that holds the norm applied before the LM head, by architecture family.
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
 
 class ContextLengthError(ValueError):
@@ -40,10 +42,12 @@ class Segment:
 def final_norm_module(model: torch.nn.Module) -> torch.nn.Module:
     """The final normalisation applied before the LM head (``norm`` in Llama/Qwen2, ``ln_f`` in GPT-style)."""
     decoder = model.get_decoder()
-    for name in ("norm", "final_layernorm", "ln_f"):
+    for name in FINAL_NORM_NAMES:
         if isinstance(getattr(decoder, name, None), torch.nn.Module):
             return getattr(decoder, name)
-    raise ValueError(f"cannot find the final norm of {type(model).__name__}")
+    raise ValueError(f"cannot find the final norm of {type(model).__name__} (looked for "
+                     f"{', '.join(FINAL_NORM_NAMES)} on {type(decoder).__name__}); supported layouts: Llama, Qwen2, "
+                     f"Mistral (norm), GPT-2 (ln_f), GPT-NeoX (final_layer_norm), Phi (final_layernorm)")
 
 
 def segment_documents(tokenizer, documents: list[int], texts: list[str], max_tokens: int,
@@ -70,10 +74,15 @@ def segment_documents(tokenizer, documents: list[int], texts: list[str], max_tok
 
 @torch.no_grad()
 def layer_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """:func:`decoder_states` without autograd, for measurement."""
+    return decoder_states(model, input_ids, attention_mask)
+
+
+def decoder_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
     """All L+1 hidden states from one forward pass of the decoder (no LM head, so no vocabulary-sized logits).
 
     Returns ``states`` (h_0..h_{L−1}, then h_L with the final norm applied, as HF returns it) and ``pre_norm_last``
-    (h_L before the final norm), captured by a hook on the final norm's input.
+    (h_L before the final norm), captured by a hook on the final norm's input. Differentiable (the trainer's path).
     """
     captured = {}
     hook = final_norm_module(model).register_forward_hook(

@@ -139,7 +139,7 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu
 
     model_dir = Path(model_dir)
     manifest = read_manifest(model_dir)
-    weights = _weights_dir(model_dir, manifest)
+    weights = weights_dir(model_dir, manifest)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=DTYPES[dtype]).to(device).eval()
@@ -150,7 +150,7 @@ def load_tokenizer(model_dir: str | Path):
     """The tokenizer of a model directory, right-padded, with EOS as the pad token where it has none."""
     from transformers import AutoTokenizer
 
-    weights = _weights_dir(Path(model_dir))
+    weights = weights_dir(Path(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(weights)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -166,7 +166,7 @@ def read_manifest(model_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"name": model_dir.name, "weights": None}
 
 
-def _weights_dir(model_dir: Path, manifest: dict | None = None) -> Path:
+def weights_dir(model_dir: Path, manifest: dict | None = None) -> Path:
     manifest = manifest if manifest is not None else read_manifest(model_dir)
     weights = Path(manifest.get("weights") or model_dir)
     _check_local_dir(weights)

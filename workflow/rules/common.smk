@@ -3,7 +3,7 @@ import json
 
 from snakemake.exceptions import WorkflowError
 
-from hsconv.config import ConfigError, check_config
+from hsconv.config import PER_LAYER_FIGURES, ConfigError, check_config
 from hsconv.fingerprint import code_fingerprint
 from hsconv.io import stable_hash
 
@@ -71,6 +71,31 @@ def variant_model_dir(wildcards):
     return f"results/models/{wildcards.model}/{wildcards.variant}"
 
 
+def model_tokens(wildcards):
+    """The packed corpus of the model's tokenizer group."""
+    tokenizer = config["models"][wildcards.model].get("tokenizer", wildcards.model)
+    return f"results/data/tokens/{tokenizer}.parquet"
+
+
+def distill_settings_json():
+    """The trainer's settings: the distill section less what only the workflow uses (launcher, resources)."""
+    settings = {key: value for key, value in config["distill"].items() if key not in ("launcher", "resources")}
+    return json.dumps(settings, sort_keys=True)
+
+
+def distill_launcher():
+    """One process on CPU or one GPU; torchrun (or deepspeed's launcher) for several GPUs or nodes."""
+    launcher, resources = config["distill"]["launcher"], config["distill"]["resources"]
+    gpus, nodes = resources["gpus"], resources["nodes"]
+    if launcher == "auto":
+        launcher = "torchrun" if gpus * nodes > 1 else "none"
+    if launcher == "torchrun":
+        return f"torchrun --nnodes {nodes} --nproc_per_node {max(gpus, 1)} -m hsconv.cli"
+    if launcher == "deepspeed":
+        return f"deepspeed --num_nodes {nodes} --num_gpus {max(gpus, 1)} --module hsconv.cli"
+    return "hsconv"
+
+
 def measured_combinations(pattern):
     return expand(pattern, model=MODELS, variant=VARIANTS, dataset=MEASURED_DATASETS)
 
@@ -83,4 +108,10 @@ def all_targets():
         "results/tables/convergence.md",
         "results/tables/layer_movement.csv",
         *expand("results/data/tokens/{tokenizer}.parquet", tokenizer=TOKENIZERS),
+        *(expand("results/figures/training/{model}.{ext}", model=MODELS, ext=("pdf", "png"))
+          if "distilled" in VARIANTS else []),
+        *(["results/tables/per_layer_evaluation.csv", "results/tables/per_layer_evaluation.md"]
+          if config["evaluation"]["datasets"] else []),
+        *expand("results/figures/{figure}.{ext}", figure=[f for f in PER_LAYER_FIGURES if f in config["figures"]],
+                ext=("pdf", "png")),
     ]

@@ -1,0 +1,210 @@
+"""The self-distillation loss ζ = ζ1 + α ζ2 (paper eqs. 3–6), computed without all layers' vocabulary logits.
+
+ζ1 = Σ_{l=0..L} w_l KL_l, the logit-lens distribution of every layer against the frozen model's output;
+ζ2 = Σ_{l=1..L} w_l ‖h_l − h_{l−1}‖² / ‖h_{l−1}‖², the step between adjacent hidden states; w = softmax(k·l).
+Both per-token quantities are averaged over the real (unpadded) tokens.
+
+The naive ζ1 materialises (L+1) × tokens × vocabulary logits plus their softmax and gradients: 24 GB for SmolLM2 at
+B=4, T=256. :class:`FusedLogitLensKL` instead walks over chunks of tokens and, inside a chunk, over layers; for
+each (chunk, layer) it forms the logits, the KL and its gradient with respect to the logits in closed form, and
+immediately turns that into the gradients of the normalised hidden state and of the head weight. Only one chunk's
+logits exist at a time, so the loss's peak memory depends on the chunk size, not on L; the head is multiplied
+three times per (chunk, layer), as autograd would, with no recomputation.
+
+:func:`reference_loss` is the plain autograd version (every logit materialised), kept as the reference the tests
+and the benchmark compare against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KL_DIRECTIONS = ("student_target", "target_student")
+MOVEMENT_CONVENTIONS = ("hf", "pre_norm")
+
+
+def layer_weights(num_layers: int, k: float, dtype=torch.float64) -> torch.Tensor:
+    """w_l = exp(k·l) / Σ_{i=0..L} exp(k·i) for l = 0..L (eq. 6); a softmax, so stable for large k."""
+    return torch.softmax(k * torch.arange(num_layers + 1, dtype=torch.float64), dim=0).to(dtype)
+
+
+@dataclass
+class LossTerms:
+    """ζ and its parts; ``kl`` (L+1 values) and ``step`` (L values, layer 1..L) are detached, for logging."""
+
+    total: torch.Tensor
+    zeta1: torch.Tensor
+    zeta2: torch.Tensor
+    kl: torch.Tensor
+    step: torch.Tensor
+    tokens: int
+
+
+def _kl_and_logit_grad(student_logits: torch.Tensor, target: dict, direction: str):
+    """Per-token KL and its gradient with respect to the student's logits, both in closed form.
+
+    target_student = KL(q_target ‖ q_l) = Σ p (log p − log q):  ∂/∂z = q − p.
+    student_target = KL(q_l ‖ q_target) = Σ q (log q − log p):  ∂/∂z = q ⊙ (log q − log p − KL).
+    ``target`` holds the chunk's log p (and p, Σ p log p for target_student), shared by all layers. The logits are
+    consumed: a chunk's vocabulary-sized buffers are reused in place, as they dominate the loss's time and memory.
+    """
+    logq = torch.log_softmax(student_logits, dim=-1)
+    del student_logits
+    if direction == "target_student":
+        kl = target["neg_entropy"] - _rowwise_dot(target["p"], logq)
+        return kl, logq.exp_().sub_(target["p"])
+    q = logq.exp()
+    log_ratio = logq.sub_(target["logp"])
+    kl = _rowwise_dot(q, log_ratio)
+    return kl, log_ratio.sub_(kl.unsqueeze(-1)).mul_(q)
+
+
+def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Σ_v a[t, v] b[t, v] without a vocabulary-sized temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+def _target_chunk(logits: torch.Tensor, direction: str) -> dict:
+    logp = torch.log_softmax(logits, dim=-1)
+    if direction == "target_student":
+        p = logp.exp()
+        return {"p": p, "neg_entropy": _rowwise_dot(p, logp)}
+    return {"logp": logp}
+
+
+class FusedLogitLensKL(torch.autograd.Function):
+    """Σ_l w_l · mean_t KL_l(t) over layers and tokens, with gradients computed in the forward, chunk by chunk.
+
+    Inputs: ``normed`` (L+1, N, d): every layer's state after the final norm (the tokens already masked);
+    ``head_weight`` (V, d) and ``head_bias`` (V or None); ``target_hidden`` (N, d) and ``target_weight``/``bias``:
+    the frozen model's last normalised state and head, from which q_target is formed one chunk at a time.
+    Returns ζ1 and the per-layer mean KL (not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, normed, head_weight, head_bias, target_hidden, target_weight, target_bias, weights,
+                direction, chunk_tokens):
+        layers, tokens, _ = normed.shape
+        # Logits and softmax in float32 at least (bf16 logits lose the small probabilities KL depends on).
+        compute = torch.promote_types(normed.dtype, torch.float32)
+        need_weight_grad = ctx.needs_input_grad[1]
+        need_bias_grad = head_bias is not None and ctx.needs_input_grad[2]
+        grad_normed = torch.zeros_like(normed) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(head_weight.shape, dtype=compute, device=head_weight.device) \
+            if need_weight_grad else None
+        grad_bias = torch.zeros(head_bias.shape, dtype=compute, device=head_bias.device) if need_bias_grad else None
+        kl_sums = torch.zeros(layers, dtype=torch.float64, device=normed.device)
+        scale = weights.to(compute) / tokens
+        for start in range(0, tokens, chunk_tokens):
+            stop = min(start + chunk_tokens, tokens)
+            target = _target_chunk(F.linear(target_hidden[start:stop], target_weight, target_bias).to(compute),
+                                   direction)
+            for layer in range(layers):
+                x = normed[layer, start:stop]
+                kl, grad_logits = _kl_and_logit_grad(F.linear(x, head_weight, head_bias).to(compute), target,
+                                                     direction)
+                kl_sums[layer] += kl.sum().double()
+                grad_logits = grad_logits.mul_(scale[layer]).to(head_weight.dtype)
+                if grad_normed is not None:
+                    grad_normed[layer, start:stop] = grad_logits @ head_weight
+                if grad_weight is not None:
+                    grad_weight.addmm_(grad_logits.t().to(compute), x.to(compute))
+                if grad_bias is not None:
+                    grad_bias += grad_logits.sum(0).to(compute)
+                del grad_logits
+        kl_means = kl_sums / tokens
+        ctx.save_for_backward(grad_normed, grad_weight, grad_bias)
+        ctx.weight_dtype = head_weight.dtype
+        ctx.has = (grad_normed is not None, grad_weight is not None, grad_bias is not None)
+        ctx.mark_non_differentiable(kl_means)
+        zeta1 = (weights.double() * kl_means).sum().to(compute)
+        return zeta1, kl_means
+
+    @staticmethod
+    def backward(ctx, grad_zeta1, _grad_kl):
+        grad_normed, grad_weight, grad_bias = ctx.saved_tensors
+        has_normed, has_weight, has_bias = ctx.has
+        g = grad_zeta1
+        return (grad_normed * g.to(grad_normed.dtype) if has_normed else None,
+                (grad_weight * g).to(ctx.weight_dtype) if has_weight else None,
+                (grad_bias * g).to(ctx.weight_dtype) if has_bias else None,
+                None, None, None, None, None, None)
+
+
+def relative_steps(states: list[torch.Tensor]) -> torch.Tensor:
+    """mean_t ‖h_l − h_{l−1}‖² / ‖h_{l−1}‖² for l = 1..L over the (already masked) tokens; differentiable."""
+    steps = []
+    compute = torch.promote_types(states[0].dtype, torch.float32)
+    for previous, current in zip(states[:-1], states[1:]):
+        previous, current = previous.to(compute), current.to(compute)
+        ratio = (current - previous).pow(2).sum(-1) / previous.pow(2).sum(-1).clamp_min(1e-12)
+        steps.append(ratio.mean())
+    return torch.stack(steps)
+
+
+def check_settings(direction: str, movement_convention: str) -> None:
+    if direction not in KL_DIRECTIONS:
+        raise ValueError(f"kl_direction {direction!r} is not one of {', '.join(KL_DIRECTIONS)}")
+    if movement_convention not in MOVEMENT_CONVENTIONS:
+        raise ValueError(f"movement_convention {movement_convention!r} is not one of "
+                         f"{', '.join(MOVEMENT_CONVENTIONS)}")
+
+
+def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Module,
+                           head: torch.nn.Linear, target_hidden: torch.Tensor, target_head: torch.nn.Linear,
+                           mask: torch.Tensor, alpha: float, k: float, direction: str = "student_target",
+                           movement_convention: str = "hf", chunk_tokens: int = 256) -> LossTerms:
+    """ζ for one batch.
+
+    ``pre_norm_states``: h_0..h_L of the student, all before the final norm (B, T, d each); ``target_hidden``:
+    the frozen model's last state after its final norm (B, T, d); ``mask`` (B, T): the real tokens.
+    ``movement_convention`` chooses h_L in ζ2: after the final norm (``hf``, as ``output_hidden_states`` gives it)
+    or before it. q_L is always LMHead(FinalNorm(pre-norm h_L)): the final norm is never applied twice.
+    """
+    check_settings(direction, movement_convention)
+    num_layers = len(pre_norm_states) - 1
+    weights = layer_weights(num_layers, k, dtype=torch.float64).to(target_hidden.device)
+    mask = mask.bool()
+    tokens = int(mask.sum())
+    if tokens == 0:
+        raise ValueError("the batch has no real tokens (every position is padding)")
+    normed = torch.stack([final_norm(state[mask]) for state in pre_norm_states])
+    zeta1, kl = FusedLogitLensKL.apply(normed, head.weight, head.bias, target_hidden[mask].detach(),
+                                       target_head.weight.detach(),
+                                       None if target_head.bias is None else target_head.bias.detach(),
+                                       weights, direction, chunk_tokens)
+    last = normed[-1] if movement_convention == "hf" else pre_norm_states[-1][mask]
+    step = relative_steps([state[mask] for state in pre_norm_states[:-1]] + [last])
+    zeta2 = (weights[1:].to(step.dtype) * step).sum()
+    total = zeta1 + alpha * zeta2
+    return LossTerms(total=total, zeta1=zeta1, zeta2=zeta2, kl=kl.detach(), step=step.detach(), tokens=tokens)
+
+
+def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Module, head: torch.nn.Linear,
+                   target_hidden: torch.Tensor, target_head: torch.nn.Linear, mask: torch.Tensor, alpha: float,
+                   k: float, direction: str = "student_target", movement_convention: str = "hf") -> LossTerms:
+    """ζ the plain way: every layer's logits materialised at once, gradients by autograd. For tests and the
+    benchmark's naive baseline; run it in float64 for an independent check of :func:`self_distillation_loss`."""
+    check_settings(direction, movement_convention)
+    num_layers = len(pre_norm_states) - 1
+    mask = mask.bool()
+    weights = layer_weights(num_layers, k, dtype=pre_norm_states[0].dtype).to(mask.device)
+    normed = [final_norm(state) for state in pre_norm_states]
+    logq = torch.log_softmax(torch.stack([head(state) for state in normed]), dim=-1)  # (L+1, B, T, V)
+    logp = torch.log_softmax(target_head(target_hidden), dim=-1).unsqueeze(0)
+    if direction == "target_student":
+        per_token = (logp.exp() * (logp - logq)).sum(-1)
+    else:
+        per_token = (logq.exp() * (logq - logp)).sum(-1)
+    kl = per_token[:, mask].mean(-1)
+    zeta1 = (weights * kl).sum()
+    states = list(pre_norm_states)
+    if movement_convention == "hf":
+        states[-1] = normed[-1]
+    step = relative_steps([state[mask] for state in states])
+    zeta2 = (weights[1:] * step.to(weights.dtype)).sum()
+    return LossTerms(total=zeta1 + alpha * zeta2, zeta1=zeta1, zeta2=zeta2, kl=kl.detach(), step=step.detach(),
+                     tokens=int(mask.sum()))

@@ -1,0 +1,76 @@
+"""The module DeepSpeed trains: the student plus a frozen target, mapping a batch of token ids to ζ.
+
+The target (the frozen pretrained model) is held outside the module's registered children, so DeepSpeed neither
+optimises, casts nor partitions it; it runs without autograd and only its last normalised state is kept, from
+which the loss forms q_target one chunk of tokens at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hsconv.distill.loss import LossTerms, check_settings, reference_loss, self_distillation_loss
+from hsconv.hidden_states import decoder_states, final_norm_module
+
+LOSS_IMPLEMENTATIONS = ("fused", "reference")
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    alpha: float = 1.0
+    k: float = 0.25
+    kl_direction: str = "student_target"
+    movement_convention: str = "hf"
+    chunk_tokens: int = 256
+    implementation: str = "fused"
+
+    def __post_init__(self):
+        check_settings(self.kl_direction, self.movement_convention)
+        if self.implementation not in LOSS_IMPLEMENTATIONS:
+            raise ValueError(f"loss implementation {self.implementation!r} is not one of "
+                             f"{', '.join(LOSS_IMPLEMENTATIONS)}")
+        if self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
+
+
+class SelfDistillation(torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, target: torch.nn.Module, settings: LossSettings):
+        super().__init__()
+        self.student = student
+        target.eval().requires_grad_(False)
+        # A plain attribute holder keeps the target out of .parameters(), .to(), state_dict() and ZeRO.
+        self._target = (target,)
+        self.settings = settings
+        self.final_norm = final_norm_module(student)
+        self.head = student.get_output_embeddings()
+        if self.head is None:
+            raise ValueError(f"{type(student).__name__} has no output embeddings (LM head) to read layers through")
+
+    @property
+    def target(self) -> torch.nn.Module:
+        return self._target[0]
+
+    def register_for_zero3(self) -> None:
+        """Under ZeRO-3 a parameter is gathered only while its own module runs; the loss reads the final norm and
+        head outside their forward, so tie them to this module's forward instead."""
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for module in (self.final_norm, self.head):
+            for parameter in module.parameters():
+                register_external_parameter(self, parameter)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LossTerms:
+        states = decoder_states(self.student, input_ids, attention_mask)
+        pre_norm = states["states"][:-1] + [states["pre_norm_last"]]
+        with torch.no_grad():
+            target_hidden = decoder_states(self.target, input_ids, attention_mask)["states"][-1]
+        settings = self.settings
+        common = dict(mask=attention_mask, alpha=settings.alpha, k=settings.k, direction=settings.kl_direction,
+                      movement_convention=settings.movement_convention)
+        target_head = self.target.get_output_embeddings()
+        if settings.implementation == "reference":
+            return reference_loss(pre_norm, self.final_norm, self.head, target_hidden, target_head, **common)
+        return self_distillation_loss(pre_norm, self.final_norm, self.head, target_hidden, target_head,
+                                      chunk_tokens=settings.chunk_tokens, **common)

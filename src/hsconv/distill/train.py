@@ -1,0 +1,341 @@
+"""Self-distillation of one model under DeepSpeed ZeRO, with checkpoints that a killed run resumes from.
+
+``distill(...)`` is the whole stage: read the packed tokens, train the student against its frozen pretrained self,
+save the result as an ordinary HF model directory, and write the training log. Run it as ``hsconv distill`` in one
+process (CPU, one GPU) or under ``torchrun``/``deepspeed`` for several GPUs or nodes: the launcher sets RANK and
+WORLD_SIZE, and every rank runs the same code on its slice of each batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hsconv.distill.loss import layer_weights
+from hsconv.distill.objective import LossSettings, SelfDistillation
+from hsconv.io import atomic_path, stable_hash, write_parquet
+from hsconv.models import MANIFEST, context_length, load_model, read_manifest
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "float32", "bfloat16")
+# Testing hook: SIGKILL this process right after the given optimizer step (and its checkpoint, if one is due),
+# to prove that a run killed at any point resumes to the same result.
+KILL_AFTER_STEP_ENV = "HSCONV_KILL_AFTER_STEP"
+
+
+class TrainingError(ValueError):
+    """Settings or data that cannot train; the message names the setting or file."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    batch_size: int = 128  # sequences per optimizer step, over all ranks and micro-batches (the paper: 128)
+    micro_batch_size: int = 4  # sequences per forward pass on one rank
+    epochs: int = 1
+    max_steps: int | None = None  # stop early (the schedule still spans all epochs' steps)
+    learning_rate: float = 1e-4
+    min_lr_ratio: float = 0.0  # the cosine decays to learning_rate × this
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    seed: int = 0
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    precision: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 50  # optimizer steps
+    keep_checkpoints: int = 2
+    deterministic: bool = True
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise TrainingError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise TrainingError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for name in ("batch_size", "micro_batch_size", "epochs", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    loss: LossSettings = field(default_factory=LossSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> "DistillSettings":
+        """From the config's ``distill`` section (keys of both dataclasses, flat; unknown keys are errors)."""
+        loss_keys = LossSettings.__dataclass_fields__.keys()
+        train_keys = TrainSettings.__dataclass_fields__.keys()
+        unknown = set(settings) - set(loss_keys) - set(train_keys)
+        if unknown:
+            raise TrainingError(f"unknown distillation setting(s): {', '.join(sorted(unknown))}")
+        train = {key: settings[key] for key in train_keys if key in settings}
+        if "adam_betas" in train:
+            train["adam_betas"] = tuple(train["adam_betas"])
+        return cls(loss=LossSettings(**{key: settings[key] for key in loss_keys if key in settings}),
+                   train=TrainSettings(**train))
+
+    def to_dict(self) -> dict:
+        return {**asdict(self.loss), **asdict(self.train)}
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warm-up, then cosine decay from 1 to ``min_ratio`` at ``total_steps`` (step counts from 0)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _init_distributed(device_type: str) -> tuple[int, int, int]:
+    """One process gets a single-rank process group; torchrun/deepspeed launchers have set the environment."""
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), verbose=False)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _deepspeed_config(settings: TrainSettings, accumulation: int, bf16: bool) -> dict:
+    zero = {"stage": settings.zero_stage}
+    if settings.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config = {
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": settings.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,  # hsconv logs progress itself
+        "wall_clock_breakdown": False,
+    }
+    if settings.offload_optimizer:
+        # ZeRO-Offload wants DeepSpeed's CPU Adam, which DeepSpeed builds from this section.
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": settings.learning_rate,
+                                                           "betas": list(settings.adam_betas),
+                                                           "weight_decay": settings.weight_decay}}
+    return config
+
+
+def read_sequences(tokens_path: str | os.PathLike, max_length: int, model_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token matrix and real-token counts from the packed Parquet; refuses an empty file or too-long sequences."""
+    table = pd.read_parquet(tokens_path)
+    if table.empty:
+        raise TrainingError(f"{tokens_path} holds no sequences")
+    ids = np.stack(table["input_ids"].to_numpy()).astype(np.int64)
+    if ids.shape[1] > max_length:
+        raise TrainingError(f"sequences in {tokens_path} have {ids.shape[1]} tokens, more than the context length "
+                            f"of model {model_name!r} ({max_length}); lower packing.sequence_length")
+    return ids, table["n_tokens"].to_numpy().astype(np.int64)
+
+
+def _first_non_finite(terms) -> str | None:
+    # Per-layer terms first: the shallowest non-finite one is where the problem starts.
+    named = [(f"KL at layer {layer}", value) for layer, value in enumerate(terms.kl)]
+    named += [(f"hidden-state step at layer {layer}", value) for layer, value in enumerate(terms.step, start=1)]
+    named += [("ζ1 (weighted KL)", terms.zeta1), ("ζ2 (weighted hidden-state steps)", terms.zeta2)]
+    for name, value in named:
+        if not torch.isfinite(value).all():
+            return f"{name} = {value.item()}"
+    return None
+
+
+class _Checkpoints:
+    """DeepSpeed checkpoints under ``root``, one tag per optimizer step; only the newest few are kept."""
+
+    def __init__(self, root: Path, keep: int):
+        self.root, self.keep = root, keep
+
+    def latest(self) -> str | None:
+        path = self.root / "latest"
+        return path.read_text().strip() if path.is_file() else None
+
+    def save(self, engine, step: int, client_state: dict, rank: int) -> None:
+        tag = f"step{step:07d}"
+        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state)
+        if rank == 0:
+            tags = sorted(path.name for path in self.root.glob("step*") if path.is_dir())
+            for old in tags[:-self.keep]:
+                shutil.rmtree(self.root / old, ignore_errors=True)
+
+
+def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_dir: str | os.PathLike,
+            log_out: str | os.PathLike, layers_out: str | os.PathLike, checkpoint_dir: str | os.PathLike,
+            settings: DistillSettings, device: str = "cpu", name: str | None = None) -> dict:
+    """Train, save the distilled model to ``out_dir`` and the per-step and per-layer logs; returns a summary."""
+    train, loss_settings = settings.train, settings.loss
+    # Everything that can be wrong with the settings or data is checked before any process group exists.
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    accumulation, remainder = divmod(train.batch_size, world * train.micro_batch_size)
+    if remainder or accumulation == 0:
+        raise TrainingError(f"batch_size={train.batch_size} is not a multiple of micro_batch_size × ranks = "
+                            f"{train.micro_batch_size} × {world}")
+    base = load_model(model_dir, dtype="float32", device="cpu")
+    name = name or base.name
+    ids, n_tokens = read_sequences(tokens_path, context_length(base.model.config), name)
+    steps_per_epoch = len(ids) // train.batch_size
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{tokens_path} has {len(ids)} sequences, fewer than one batch of {train.batch_size}; "
+                            f"raise packing.token_budget or lower distill.batch_size")
+    total_steps = steps_per_epoch * train.epochs
+    last_step = min(total_steps, train.max_steps or total_steps)
+
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    rank, world, local_rank = _init_distributed(device_type)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    bf16 = train.precision == "bfloat16" or (train.precision == "auto" and device_type == "cuda")
+    if device_type == "cpu" and bf16:
+        log.warning("bfloat16 on CPU is slow; precision auto would choose float32")
+    torch_device = torch.device(get_accelerator().device_name(local_rank)) if device_type == "cuda" else \
+        torch.device("cpu")
+    if train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(train.seed)
+
+    student = base.model
+    if train.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    target = load_model(model_dir, dtype="bfloat16" if bf16 else "float32", device=str(torch_device)).model
+    module = SelfDistillation(student, target, loss_settings)
+
+    ds_config = _deepspeed_config(train, accumulation, bf16)
+    optimizer = None
+    if not train.offload_optimizer:
+        optimizer = torch.optim.AdamW(student.parameters(), lr=train.learning_rate, betas=train.adam_betas,
+                                      weight_decay=train.weight_decay)
+    # Given as a callable, DeepSpeed builds the schedule on its own optimizer, steps it at each accumulation
+    # boundary and keeps its state in the checkpoints.
+    def schedule(wrapped_optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            wrapped_optimizer, lambda index: lr_factor(index, train.warmup_steps, total_steps, train.min_lr_ratio))
+
+    engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
+                                                   lr_scheduler=schedule,
+                                                   model_parameters=None if optimizer else student.parameters())
+    if train.zero_stage == 3:
+        module.register_for_zero3()  # needs the partitioned parameters that initialize() made
+
+    settings_record = {"distill": settings.to_dict(), "world_size": world, "tokens": str(tokens_path),
+                       "sequences": int(len(ids)), "sequence_length": int(ids.shape[1])}
+    fingerprint = stable_hash(settings_record)
+    checkpoints = _Checkpoints(Path(checkpoint_dir) / fingerprint, train.keep_checkpoints)
+    step, step_rows, layer_rows = 0, [], []
+    if checkpoints.latest():
+        _, client = engine.load_checkpoint(str(checkpoints.root))
+        step, step_rows, layer_rows = client["step"], client["step_rows"], client["layer_rows"]
+        log.info("resumed from checkpoint %s (step %d of %d)", checkpoints.latest(), step, last_step)
+    else:
+        log.info("no checkpoint in %s; starting from the pretrained model", checkpoints.root)
+
+    num_layers = student.config.num_hidden_layers
+    weights = layer_weights(num_layers, loss_settings.k).tolist()
+    log.info("distilling %s: %d sequences × %d tokens, %d steps of %d sequences (%d per forward × %d accumulation "
+             "× %d ranks), %s, ZeRO stage %d", name, len(ids), ids.shape[1], last_step, train.batch_size,
+             train.micro_batch_size, accumulation, world, "bf16" if bf16 else "float32", train.zero_stage)
+    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
+    tokens_seen = step_rows[-1]["tokens"] if step_rows else 0
+    started_run = time.perf_counter()
+    while step < last_step:
+        epoch, index_in_epoch = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([train.seed, epoch]).permutation(len(ids))
+        batch = order[index_in_epoch * train.batch_size:(index_in_epoch + 1) * train.batch_size]
+        mine = batch[rank * accumulation * train.micro_batch_size:(rank + 1) * accumulation * train.micro_batch_size]
+        started, lr = time.perf_counter(), scheduler.get_last_lr()[0]
+        sums = torch.zeros(3 + (num_layers + 1) + num_layers + 1, dtype=torch.float64)
+        for micro in range(accumulation):
+            rows = mine[micro * train.micro_batch_size:(micro + 1) * train.micro_batch_size]
+            input_ids = torch.from_numpy(ids[rows]).to(engine.device)
+            mask = (torch.arange(ids.shape[1])[None, :] < torch.from_numpy(n_tokens[rows])[:, None]).long()
+            terms = engine(input_ids, mask.to(engine.device))
+            problem = _first_non_finite(terms)
+            if problem:
+                raise FloatingPointError(f"model {name!r}, step {step + 1}, micro-batch {micro + 1}: non-finite loss "
+                                         f"term {problem} (lower the learning rate, or use float32)")
+            engine.backward(terms.total)
+            engine.step()
+            sums += torch.cat([torch.stack([terms.total.detach(), terms.zeta1.detach(), terms.zeta2.detach()]).double()
+                               .cpu(), terms.kl.double().cpu(), terms.step.double().cpu(),
+                               torch.tensor([terms.tokens], dtype=torch.float64)])
+        if world > 1:
+            reduced = sums.to(engine.device)
+            torch.distributed.all_reduce(reduced)
+            sums = reduced.cpu()
+        step += 1
+        elapsed = time.perf_counter() - started
+        count = accumulation * world
+        tokens = int(sums[-1].item())
+        tokens_seen += tokens
+        mean = (sums[:-1] / count).tolist()
+        grad_norm = engine.get_global_grad_norm()
+        step_rows.append({"step": step, "epoch": epoch, "tokens": tokens_seen, "lr": lr, "zeta": mean[0],
+                          "zeta1": mean[1], "zeta2": mean[2],
+                          "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                          "seconds": elapsed, "tokens_per_second": tokens / elapsed})
+        kl, steps = mean[3:3 + num_layers + 1], mean[3 + num_layers + 1:]
+        for layer in range(num_layers + 1):
+            layer_rows.append({"step": step, "layer": layer, "weight": weights[layer], "kl": kl[layer],
+                               "hidden_step": steps[layer - 1] if layer else float("nan")})
+        remaining = (last_step - step) * (time.perf_counter() - started_run) / max(1, len(step_rows))
+        log.info("step %d/%d  ζ=%.5f ζ1=%.5f ζ2=%.5f  lr=%.2e  |g|=%.3f  %.1f tokens/s  ~%.0f s left", step,
+                 last_step, mean[0], mean[1], mean[2], lr, step_rows[-1]["grad_norm"], tokens / elapsed, remaining)
+        if step % train.checkpoint_every == 0 or step == last_step:
+            checkpoints.save(engine, step, {"step": step, "step_rows": step_rows, "layer_rows": layer_rows,
+                                            "settings": settings_record}, rank)
+        if kill_after and step == kill_after:
+            log.warning("%s=%d: killing this process", KILL_AFTER_STEP_ENV, kill_after)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    if rank == 0:
+        _save_model(engine, base, model_dir, out_dir, name, settings_record, train.zero_stage)
+        provenance = {"model": name, "settings": settings_record}
+        write_parquet(pd.DataFrame(step_rows), log_out, {"distill": provenance})
+        write_parquet(pd.DataFrame(layer_rows), layers_out, {"distill": provenance})
+    if world > 1:
+        torch.distributed.barrier()
+    summary = {"model": name, "steps": step, "tokens": tokens_seen,
+               "final_zeta": step_rows[-1]["zeta"] if step_rows else None}
+    log.info("distilled %s: %s", name, json.dumps(summary))
+    return summary
+
+
+def _save_model(engine, base, model_dir, out_dir, name: str, settings_record: dict, zero_stage: int) -> None:
+    """The student as an ordinary HF directory (safetensors, config, tokenizer) that later stages load as usual."""
+    student = engine.module.student
+    with atomic_path(out_dir) as tmp:
+        if zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
+                student.save_pretrained(tmp, safe_serialization=True)
+        else:
+            student.save_pretrained(tmp, safe_serialization=True)
+        base.tokenizer.save_pretrained(tmp)
+        manifest = {"name": name, "variant": "distilled", "base": read_manifest(Path(model_dir)), "weights": None,
+                    "training": settings_record}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -1,0 +1,111 @@
+"""An lm-evaluation-harness model that scores requests at any exit layer through the logit lens.
+
+``LogitLensLM`` is lm-eval's own ``HFLM`` with one method replaced: ``_loglikelihood_tokens``, the kernel that turns
+(context tokens, continuation tokens) into (log-likelihood, is-greedy). Tokenisation, context windows, rolling
+log-likelihood for perplexity tasks and metric aggregation stay lm-eval's. The kernel runs one forward pass per
+batch, keeps every layer's hidden state at the scored positions only, and for each exit l = 0..L computes
+log p(continuation) from LMHead(FinalNorm(h_l)) (the last exit uses the pre-norm h_L, so the final norm is applied
+once, exactly as the model does). The results for all exits are memoised, so evaluating L+1 exits costs one forward
+pass plus the heads at the scored positions; ``exit_layer`` chooses which exit the harness sees.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils_hf import pad_and_concat
+
+from hsconv.hidden_states import decoder_states, final_norm_module
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "hsconv-logit-lens"
+
+
+class ExitLayerError(ValueError):
+    """An exit layer outside 0..L."""
+
+
+@register_model(MODEL_NAME)
+class LogitLensLM(HFLM):
+    def __init__(self, pretrained, exit_layer: int | None = None, head_chunk_tokens: int = 1024, **kwargs):
+        super().__init__(pretrained=pretrained, **kwargs)
+        if self.backend != "causal":
+            raise ValueError(f"the logit lens needs a decoder-only model; {type(self.model).__name__} is "
+                             f"{self.backend}")
+        self.final_norm = final_norm_module(self.model)
+        self.head = self.model.get_output_embeddings()
+        self.num_layers = self.model.config.num_hidden_layers
+        self.head_chunk_tokens = head_chunk_tokens
+        self._memo: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self.forward_passes = 0
+        self.exit_layer = self.num_layers if exit_layer is None else exit_layer
+
+    @property
+    def exit_layer(self) -> int:
+        return self._exit_layer
+
+    @exit_layer.setter
+    def exit_layer(self, layer: int) -> None:
+        if not 0 <= int(layer) <= self.num_layers:
+            raise ExitLayerError(f"exit layer {layer} is out of range: {type(self.model).__name__} has exits "
+                                 f"0..{self.num_layers} (0 = embeddings, {self.num_layers} = the model's output)")
+        self._exit_layer = int(layer)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+        keys = [(tuple(context), tuple(continuation)) for _, context, continuation in requests]
+        missing = list(dict.fromkeys(key for key in keys if key not in self._memo))
+        if missing:
+            batch_size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 1)
+            self._score_all_exits(missing, batch_size)
+        return [(float(self._memo[key][0][self._exit_layer]), bool(self._memo[key][1][self._exit_layer]))
+                for key in keys]
+
+    @torch.no_grad()
+    def _score_all_exits(self, keys: list[tuple], batch_size: int) -> None:
+        # Longest first, as lm-eval does: batches pad little and memory problems show at once.
+        order = sorted(range(len(keys)), key=lambda i: -(len(keys[i][0]) + len(keys[i][1])))
+        for start in range(0, len(order), batch_size):
+            batch = [keys[i] for i in order[start:start + batch_size]]
+            inputs, spans = [], []
+            for context, continuation in batch:
+                if not context or not continuation:
+                    raise ValueError("lm-eval passed an empty context or continuation")
+                # Exactly HFLM's window: the last max_length + 1 tokens, minus the final one.
+                window = (context + continuation)[-(self.max_length + 1):][:-1]
+                inputs.append(torch.tensor(window, dtype=torch.long, device=self.device))
+                spans.append((len(window) - len(continuation), len(window)))
+            padded = pad_and_concat(max(len(x) for x in inputs), inputs, padding_side="right")
+            # HFLM calls the model without an attention mask (right padding never reaches earlier positions).
+            result = decoder_states(self.model, padded, None)
+            self.forward_passes += 1
+            pre_norm = result["states"][:-1] + [result["pre_norm_last"]]
+            rows = torch.cat([torch.full((stop - begin,), row, dtype=torch.long) for row, (begin, stop)
+                              in enumerate(spans)])
+            positions = torch.cat([torch.arange(begin, stop) for begin, stop in spans])
+            targets = torch.cat([torch.tensor(continuation, dtype=torch.long) for _, continuation in batch])
+            logprob, greedy = self._score_positions(pre_norm, rows, positions, targets.to(self.device))
+            offsets = np.cumsum([0] + [stop - begin for begin, stop in spans])
+            for index, key in enumerate(batch):
+                piece = slice(offsets[index], offsets[index + 1])
+                self._memo[key] = (logprob[:, piece].sum(axis=1), greedy[:, piece].all(axis=1))
+
+    def _score_positions(self, states, rows, positions, targets) -> tuple[np.ndarray, np.ndarray]:
+        """log p(target) and whether it is the argmax, at every exit, for the scored positions only."""
+        count = len(targets)
+        logprob = np.empty((self.num_layers + 1, count), dtype=np.float64)
+        greedy = np.empty((self.num_layers + 1, count), dtype=bool)
+        for layer, state in enumerate(states):
+            selected = state[rows.to(state.device), positions.to(state.device)]
+            for start in range(0, count, self.head_chunk_tokens):
+                chunk = slice(start, start + self.head_chunk_tokens)
+                logits = self.head(self.final_norm(selected[chunk]))[:, :self.vocab_size]
+                logits = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
+                logprob[layer, chunk] = logits.gather(1, targets[chunk, None]).squeeze(1).double().cpu().numpy()
+                greedy[layer, chunk] = (logits.argmax(dim=-1) == targets[chunk]).cpu().numpy()
+        return logprob, greedy

@@ -1,0 +1,132 @@
+"""Per-layer LAMBADA accuracy and WikiText perplexity through lm-evaluation-harness and the logit lens.
+
+The tasks are lm-eval's stock ``lambada_openai`` and ``wikitext`` configs (prompts, targets, metrics, the WikiText
+detokeniser and word/byte counts), read from lm-eval's own YAML with only the data source swapped for the texts the
+data stage wrote. Every exit is evaluated with :class:`~hsconv.evaluation.lens_model.LogitLensLM`, whose memo makes
+all exits cost one forward pass per request batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from hsconv.io import atomic_path, write_parquet
+
+log = logging.getLogger(__name__)
+
+# Our data set kind -> (lm-eval's task, the document field its prompts read)
+STOCK_TASKS = {"lambada": ("lambada_openai", "text"), "wikitext": ("wikitext", "page")}
+METRICS = ("acc", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+class EvaluationDataError(ValueError):
+    """Evaluation texts that are missing or unusable; the message names the file."""
+
+
+def write_task_data(texts_path: str | os.PathLike, kind: str, out: Path, limit: int | None = None) -> Path:
+    """The data stage's texts (the first ``limit`` documents) as the jsonl that the stock task reads (``text`` for
+    LAMBADA, ``page`` for WikiText)."""
+    if kind not in STOCK_TASKS:
+        raise EvaluationDataError(f"no lm-eval task for data set kind {kind!r}; supported: {', '.join(STOCK_TASKS)}")
+    texts_path = Path(texts_path)
+    if not texts_path.is_file():
+        raise EvaluationDataError(f"evaluation texts {texts_path} do not exist (run the data stage first)")
+    texts = pd.read_parquet(texts_path)
+    if texts.empty:
+        raise EvaluationDataError(f"evaluation texts {texts_path} hold no documents")
+    field = STOCK_TASKS[kind][1]
+    pd.DataFrame({field: texts["text"].head(limit)}).to_json(out, orient="records", lines=True, force_ascii=False)
+    return out
+
+
+def stock_task_config(kind: str, data_file: Path, task_manager) -> dict:
+    """lm-eval's own config of the task, reading ``data_file`` instead of the hub."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    name = STOCK_TASKS[kind][0]
+    entry = task_manager._entry(name)
+    if entry is None or entry.yaml_path is None:
+        raise EvaluationDataError(f"this lm-eval ({task_manager.__class__.__module__}) has no task {name!r}")
+    config = load_yaml(entry.yaml_path)
+    config.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {"test": str(data_file)}},
+                  training_split=None, validation_split=None, test_split="test", fewshot_split=None)
+    return config
+
+
+def tidy_results(results: dict, layer: int, task_names: dict[str, str]) -> list[dict]:
+    """One row per (task, metric) from lm-eval's results dict, with the standard error where lm-eval has one."""
+    rows = []
+    for kind, task in task_names.items():
+        values = results["results"][task]
+        samples = results.get("n-samples", {}).get(task, {}).get("effective")
+        for metric in METRICS:
+            key = f"{metric},none"
+            if key not in values:
+                continue
+            stderr = values.get(f"{metric}_stderr,none")
+            rows.append({"task": kind, "lm_eval_task": task, "layer": layer, "metric": metric,
+                         "value": float(values[key]),
+                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else float("nan"),
+                         "n_samples": samples})
+    return rows
+
+
+def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[str, str]], out: str | os.PathLike,
+                       json_out: str | os.PathLike, model: str, variant: str, layers: list[int] | None = None,
+                       batch_size: int = 8, dtype: str = "float32", device: str = "cpu",
+                       bootstrap_iters: int = 1000, limits: dict[str, int] | None = None) -> pd.DataFrame:
+    """Evaluate every exit (or ``layers``) on ``datasets`` ({name: (kind, texts parquet)}), each cut to its first
+    ``limits[name]`` documents where given; write a tidy table and lm-eval's result JSON."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from hsconv.evaluation.lens_model import LogitLensLM
+    from hsconv.models import weights_dir
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="hsconv-lm-eval-") as tmp:
+        task_manager = TaskManager()
+        configs, task_names = [], {}
+        for name, (kind, texts_path) in datasets.items():
+            data_file = write_task_data(texts_path, kind, Path(tmp) / f"{name}.jsonl", (limits or {}).get(name))
+            config = stock_task_config(kind, data_file, task_manager)
+            task_names[name] = config["task"]
+            configs.append(config)
+        lm = LogitLensLM(pretrained=str(weights_dir(Path(model_dir))), dtype=dtype, device=device,
+                         batch_size=batch_size)
+        task_dict = task_manager.load(configs)
+        exits = list(range(lm.num_layers + 1)) if layers is None else layers
+        for layer in exits:  # validate all before the first forward pass
+            lm.exit_layer = layer
+        rows, raw = [], {}
+        for layer in exits:
+            lm.exit_layer = layer
+            results = lm_eval.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=bootstrap_iters,
+                                                 log_samples=False, verbosity="WARNING")
+            rows.extend(tidy_results(results, layer, task_names))
+            raw[layer] = {key: results[key] for key in ("results", "n-samples", "versions", "configs")
+                          if key in results}
+            log.info("exit %d/%d: %s (%d forward passes so far)", layer, lm.num_layers,
+                     ", ".join(f"{r['task']} {r['metric']}={r['value']:.4g}" for r in rows[-len(METRICS) * 2:]
+                               if r["layer"] == layer), lm.forward_passes)
+    table = pd.DataFrame(rows)
+    table.insert(0, "variant", variant)
+    table.insert(0, "model", model)
+    provenance = {"model": model, "variant": variant, "model_dir": str(model_dir), "batch_size": batch_size,
+                  "limits": limits or {},
+                  "dtype": dtype, "device": device, "forward_passes": lm.forward_passes,
+                  "seconds": round(time.perf_counter() - started, 1), "exits": exits,
+                  "datasets": {name: {"kind": kind, "texts": str(path)} for name, (kind, path) in datasets.items()}}
+    write_parquet(table, out, {"lm_eval": provenance})
+    with atomic_path(json_out) as tmp_json:
+        tmp_json.write_text(json.dumps({"provenance": provenance, "per_exit": raw}, indent=1, default=str))
+    log.info("%s/%s: %d exits in %.0f s with %d forward passes -> %s", model, variant, len(exits),
+             provenance["seconds"], lm.forward_passes, out)
+    return table

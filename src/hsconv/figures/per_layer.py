@@ -1,0 +1,54 @@
+"""Figs. 5, 6, 9, 10: an lm-eval metric at every exit layer (logit lens), one panel per model, base vs distilled."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib.pyplot as plt
+import pandas as pd
+
+from hsconv.figures.style import apply_style, model_colour, save_figure, variant_style
+
+METRIC_LABELS = {
+    "acc": ("accuracy", False),
+    "perplexity": ("perplexity of the target word (log scale)", True),
+    "word_perplexity": ("word perplexity (log scale)", True),
+    "byte_perplexity": ("byte perplexity (log scale)", True),
+    "bits_per_byte": ("bits per byte", False),
+}
+TASK_LABELS = {"lambada": "LAMBADA", "wikitext": "WikiText-2"}
+
+
+def plot_per_layer(table_path: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
+                   models: dict[str, str], task: str, metric: str, title: str) -> None:
+    table = pd.read_parquet(table_path)
+    table = table[(table["task"] == task) & (table["metric"] == metric)]
+    missing = [name for name in models if name not in set(table["model"])]
+    if missing:
+        raise ValueError(f"{table_path} has no {task} {metric} rows for model(s) {missing}")
+    label, log_scale = METRIC_LABELS.get(metric, (metric, False))
+    apply_style()
+    figure, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)
+    for index, ((name, model_label), axis) in enumerate(zip(models.items(), axes[0])):
+        for variant, rows in table[table["model"] == name].groupby("variant", sort=True):
+            rows = rows.sort_values("layer")
+            axis.plot(rows["layer"], rows["value"], color=model_colour(index), label=variant, markersize=3.5,
+                      linewidth=1.5, **variant_style(variant))
+            if rows["stderr"].notna().any():
+                axis.fill_between(rows["layer"], rows["value"] - 1.96 * rows["stderr"],
+                                  rows["value"] + 1.96 * rows["stderr"], color=model_colour(index), alpha=0.2,
+                                  linewidth=0)
+        samples = int(rows["n_samples"].iloc[0]) if rows["n_samples"].notna().any() else None
+        axis.set_title(f"({chr(97 + index)}) {model_label}" + (f"\n{samples:,} documents" if samples else ""),
+                       fontsize=10)
+        axis.set_xlabel("exit layer $l$ (0 = embeddings)")
+        axis.set_ylabel(label)
+        if log_scale:
+            axis.set_yscale("log")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.legend(title="variant", fontsize=8, title_fontsize=8)
+    band = " (band: ±1.96 standard errors)" if table["stderr"].notna().any() else ""
+    figure.suptitle(f"{title}: {TASK_LABELS.get(task, task)} {label.split(' (')[0]} at every layer through the "
+                    f"logit lens{band}", fontsize=10)
+    figure.tight_layout()
+    save_figure(figure, pdf_out, png_out)

@@ -1,0 +1,117 @@
+"""The memory-efficient self-distillation loss against a plain float64 implementation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from hsconv.distill.loss import layer_weights, reference_loss, self_distillation_loss
+from hsconv.hidden_states import decoder_states, final_norm_module
+from hsconv.models import build_tiny_model
+
+SPEC = {"architecture": "llama", "hidden_size": 32, "intermediate_size": 64, "num_layers": 3, "num_heads": 4,
+        "num_kv_heads": 2, "max_position_embeddings": 64, "seed": 0}
+
+
+def make_pair(tied: bool, architecture: str = "llama"):
+    """A student and a frozen target that differs from it (as after a few training steps)."""
+    student, _ = build_tiny_model({**SPEC, "architecture": architecture, "tie_word_embeddings": tied})
+    student = student.double()
+    target = copy.deepcopy(student).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return student, target
+
+
+def batch():
+    torch.manual_seed(2)
+    input_ids = torch.randint(0, 256, (2, 11))
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, 7:] = 0  # a padded row
+    return input_ids, mask
+
+
+def loss_and_grads(loss_fn, student, target, **settings):
+    input_ids, mask = batch()
+    student.zero_grad()
+    result = decoder_states(student, input_ids, mask)
+    pre_norm = result["states"][:-1] + [result["pre_norm_last"]]
+    with torch.no_grad():
+        target_hidden = decoder_states(target, input_ids, mask)["states"][-1]
+    terms = loss_fn(pre_norm, final_norm_module(student), student.get_output_embeddings(), target_hidden,
+                    target.get_output_embeddings(), mask, **settings)
+    terms.total.backward()
+    grads = {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
+    return terms, grads
+
+
+@pytest.mark.parametrize("direction", ["student_target", "target_student"])
+@pytest.mark.parametrize("convention", ["hf", "pre_norm"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_loss_equals_float64_reference(direction, convention, tied):
+    student, target = make_pair(tied)
+    settings = dict(alpha=0.7, k=0.25, direction=direction, movement_convention=convention)
+    expected, expected_grads = loss_and_grads(reference_loss, student, target, **settings)
+    # Chunks of 4 tokens: the 18 real tokens span several chunks, the last one partial.
+    fused, fused_grads = loss_and_grads(self_distillation_loss, student, target, chunk_tokens=4, **settings)
+    for name in ("total", "zeta1", "zeta2", "kl", "step"):
+        torch.testing.assert_close(getattr(fused, name).double(), getattr(expected, name).double(), rtol=1e-5,
+                                   atol=1e-12, msg=name)
+    assert fused.tokens == expected.tokens == 18
+    assert expected_grads.keys() == fused_grads.keys()
+    assert ("lm_head.weight" in fused_grads) is (not tied)  # a tied head's gradient lands on the embedding
+    for name, gradient in expected_grads.items():
+        torch.testing.assert_close(fused_grads[name], gradient, rtol=1e-5, atol=1e-10, msg=name)
+    assert expected.zeta1 > 0 and expected.zeta2 > 0
+
+
+def test_float32_fused_loss_close_to_float64():
+    student, target = make_pair(tied=True)
+    expected, expected_grads = loss_and_grads(reference_loss, student, target, alpha=1.0, k=0.25)
+    fused, fused_grads = loss_and_grads(self_distillation_loss, student.float(), target.float(), alpha=1.0, k=0.25,
+                                        chunk_tokens=5)
+    assert abs(fused.total.item() - expected.total.item()) <= 1e-4 * expected.total.item()
+    for name, gradient in expected_grads.items():
+        error = (fused_grads[name].double() - gradient).norm() / gradient.norm()
+        assert error < 1e-4, name
+
+
+def test_large_k_reduces_to_last_layer_kl():
+    """α = 0 and k → ∞: all weight on layer L, so ζ = KL(q_L, q_target) of the model's own output."""
+    weights = layer_weights(5, k=200.0)
+    assert weights[-1] == pytest.approx(1.0) and weights[:-1].sum() < 1e-80
+    student, target = make_pair(tied=True)
+    terms, _ = loss_and_grads(self_distillation_loss, student, target, alpha=0.0, k=200.0, chunk_tokens=8)
+    input_ids, mask = batch()
+    with torch.no_grad():
+        logq = torch.log_softmax(student(input_ids, attention_mask=mask).logits, -1)
+        logp = torch.log_softmax(target(input_ids, attention_mask=mask).logits, -1)
+    last_layer_kl = (logq.exp() * (logq - logp)).sum(-1)[mask.bool()].mean()
+    torch.testing.assert_close(terms.total.detach(), last_layer_kl, rtol=1e-9, atol=1e-12)
+
+
+def test_weights_sum_to_one_and_grow_with_depth():
+    weights = layer_weights(30, k=0.25)
+    assert weights.sum().item() == pytest.approx(1.0)
+    assert torch.all(weights[1:] > weights[:-1])
+    # geometric series: w_L = (1 − e^{−k}) / (1 − e^{−k(L+1)})
+    assert weights[-1].item() == pytest.approx((1 - math.exp(-0.25)) / (1 - math.exp(-0.25 * 31)), rel=1e-12)
+
+
+def test_qwen2_untied_head_with_identical_target_has_zero_kl():
+    student, _ = build_tiny_model({**SPEC, "architecture": "qwen2", "tie_word_embeddings": False})
+    student = student.double()
+    terms, grads = loss_and_grads(self_distillation_loss, student, copy.deepcopy(student), alpha=0.0, k=1e4)
+    assert terms.kl[-1].item() == pytest.approx(0.0, abs=1e-12)
+    assert torch.all(terms.kl[:-1] > 0)
+
+
+def test_bad_settings_are_named():
+    student, target = make_pair(tied=True)
+    with pytest.raises(ValueError, match="kl_direction 'sideways'"):
+        loss_and_grads(self_distillation_loss, student, target, alpha=1.0, k=0.25, direction="sideways")

@@ -1,0 +1,137 @@
+"""The DeepSpeed trainer through its command (the entry point the rule uses), on tiny models on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hsconv.corpus import pack_tokens, sample_corpus
+from hsconv.distill.train import DistillSettings, TrainingError, distill, lr_factor
+from hsconv.models import load_model, prepare_model
+
+from conftest import TINY_SOURCE, shared_file
+
+SETTINGS = {"batch_size": 8, "micro_batch_size": 4, "learning_rate": 1e-3, "warmup_steps": 1, "checkpoint_every": 2,
+            "max_steps": 5, "zero_stage": 2}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "corpus"
+    sample_corpus({"kind": "jsonl", "path": str(shared_file("fineweb_edu_10BT_150docs.jsonl"))}, path, documents=20)
+    return path
+
+
+def make_model(root, corpus, name="tiny", sequence_length=64, **source):
+    model_dir = prepare_model(name, {**TINY_SOURCE, **source}, root / name)
+    tokens = root / f"{name}-tokens.parquet"
+    pack_tokens(corpus, model_dir, tokens, sequence_length, sequence_length * 48)
+    return model_dir, tokens
+
+
+def run_distill(root, model_dir, tokens, tag, settings=SETTINGS, env=None):
+    outputs = {"out": root / tag / "model", "log_out": root / tag / "steps.parquet",
+               "layers_out": root / tag / "layers.parquet", "checkpoints": root / tag / "checkpoints"}
+    command = [sys.executable, "-m", "hsconv.cli", "distill", "--model-dir", str(model_dir), "--tokens", str(tokens),
+               "--settings", json.dumps(settings), "--name", tag]
+    for key, path in outputs.items():
+        command += [f"--{key.replace('_', '-')}", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    return result, outputs
+
+
+def test_zero2_run_killed_and_resumed_matches_an_uninterrupted_run(tmp_path, corpus):
+    model_dir, tokens = make_model(tmp_path, corpus)
+    whole, whole_out = run_distill(tmp_path, model_dir, tokens, "whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "ZeRO stage 2" in whole.stderr
+
+    killed, killed_out = run_distill(tmp_path, model_dir, tokens, "killed", env={"HSCONV_KILL_AFTER_STEP": "3"})
+    assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no cleanup ran
+    assert not killed_out["out"].exists() and not killed_out["log_out"].exists()
+    resumed, _ = run_distill(tmp_path, model_dir, tokens, "killed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from checkpoint step0000002 (step 2 of 5)" in resumed.stderr
+
+    expected, actual = (load_file(outputs["out"] / "model.safetensors") for outputs in (whole_out, killed_out))
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    pd.testing.assert_frame_equal(pd.read_parquet(whole_out["log_out"]).drop(columns=["seconds", "tokens_per_second"]),
+                                  pd.read_parquet(killed_out["log_out"]).drop(columns=["seconds", "tokens_per_second"]))
+
+    # Training moved the weights, and the result is an ordinary model directory.
+    base = load_file(model_dir / "model.safetensors")
+    assert any(not torch.equal(base[name], expected[name]) for name in expected)
+    loaded = load_model(whole_out["out"])
+    assert loaded.manifest["variant"] == "distilled" and loaded.manifest["training"]["distill"]["zero_stage"] == 2
+    steps = pd.read_parquet(whole_out["log_out"])
+    assert steps["step"].tolist() == [1, 2, 3, 4, 5]
+    assert steps["tokens"].tolist() == [512 * step for step in range(1, 6)]
+    assert steps["lr"].iloc[0] == pytest.approx(1e-3) and steps["lr"].is_monotonic_decreasing
+    layers = pd.read_parquet(whole_out["layers_out"])
+    assert len(layers) == 5 * (TINY_SOURCE["num_layers"] + 1)
+    # The first step starts from the target itself: its own output has KL 0 to the target.
+    assert layers.query("step == 1 and layer == 3")["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    weighted = layers.groupby("step").apply(lambda g: (g["weight"] * g["kl"]).sum(), include_groups=False)
+    assert weighted.to_numpy() == pytest.approx(steps["zeta1"].to_numpy(), rel=1e-6)
+
+
+def test_untied_qwen2_head_trains_under_zero1(tmp_path, corpus):
+    model_dir, tokens = make_model(tmp_path, corpus, name="qwen", architecture="qwen2", tie_word_embeddings=False)
+    result, outputs = run_distill(tmp_path, model_dir, tokens, "qwen",
+                                  settings={**SETTINGS, "max_steps": 2, "zero_stage": 1,
+                                            "kl_direction": "target_student", "movement_convention": "pre_norm"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = load_file(model_dir / "model.safetensors"), load_file(outputs["out"] / "model.safetensors")
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
+    assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+
+
+def test_non_finite_loss_names_the_step_and_term(tmp_path, corpus):
+    model_dir, tokens = make_model(tmp_path, corpus)
+    model = load_model(model_dir).model
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    model.save_pretrained(model_dir)
+    result, outputs = run_distill(tmp_path, model_dir, tokens, "broken")
+    assert result.returncode == 1
+    # The frozen target (the same broken weights) already outputs NaN, so every layer's KL is NaN from layer 0 on.
+    assert "model 'broken', step 1, micro-batch 1: non-finite loss term KL at layer 0 = nan" in result.stderr
+    assert not outputs["out"].exists()
+
+
+def test_bad_settings_and_data_are_refused_before_training(tmp_path, corpus):
+    model_dir, tokens = make_model(tmp_path, corpus)
+    common = dict(model_dir=model_dir, tokens_path=tokens, out_dir=tmp_path / "m", log_out=tmp_path / "l.parquet",
+                  layers_out=tmp_path / "x.parquet", checkpoint_dir=tmp_path / "c")
+    with pytest.raises(TrainingError, match="batch_size=10 is not a multiple of micro_batch_size × ranks = 4 × 1"):
+        distill(settings=DistillSettings.from_dict({"batch_size": 10, "micro_batch_size": 4}), **common)
+    with pytest.raises(TrainingError, match="fewer than one batch of 128"):
+        distill(settings=DistillSettings.from_dict({}), **common)
+    with pytest.raises(TrainingError, match="unknown distillation setting"):
+        DistillSettings.from_dict({"learning_rat": 1e-3})
+    long_tokens = tmp_path / "long.parquet"
+    pack_tokens(corpus, model_dir, long_tokens, 256, 256 * 4)  # the tiny model's context is 128
+    with pytest.raises(TrainingError, match="more than the context length of model 'tiny' \\(128\\)"):
+        distill(settings=DistillSettings.from_dict({"batch_size": 4}), **{**common, "tokens_path": long_tokens})
+    empty = tmp_path / "empty.parquet"
+    pd.read_parquet(tokens).head(0).to_parquet(empty)
+    with pytest.raises(TrainingError, match="holds no sequences"):
+        distill(settings=DistillSettings.from_dict({}), **{**common, "tokens_path": empty})
+    assert not (tmp_path / "m").exists()
+
+
+def test_learning_rate_schedule_warms_up_then_follows_a_cosine():
+    factors = [lr_factor(step, warmup_steps=2, total_steps=10, min_ratio=0.1) for step in range(10)]
+    assert factors[:3] == pytest.approx([0.5, 1.0, 1.0])
+    assert all(a > b for a, b in zip(factors[2:], factors[3:]))
+    assert lr_factor(10, 2, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(6, 2, 10, 0.0) == pytest.approx(0.5)  # half-way through the decay

@@ -1,0 +1,151 @@
+"""The logit-lens lm-eval model against stock lm-eval and an independent per-layer computation."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TINY_SOURCE, shared_file
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from hsconv.evaluation.lens_model import ExitLayerError, LogitLensLM  # noqa: E402
+from hsconv.evaluation.per_layer import (  # noqa: E402
+    EvaluationDataError,
+    evaluate_per_layer,
+    stock_task_config,
+    write_task_data,
+)
+from hsconv.models import prepare_model  # noqa: E402
+from hsconv.texts import prepare_texts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("texts")
+    lambada = prepare_texts("lambada", "lambada", root / "lambada.parquet",
+                            path=str(shared_file("lambada_test.jsonl")), subset_size=24)
+    wikitext = prepare_texts("wikitext", "wikitext", root / "wikitext.parquet",
+                             path=str(shared_file("wiki.test.raw")), subset_size=1)
+    return {"lambada": ("lambada", str(root / "lambada.parquet")),
+            "wikitext": ("wikitext", str(root / "wikitext.parquet"))}, lambada, wikitext
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # 256 positions: WikiText needs several rolling windows, so lm-eval's windowing is exercised too.
+    source = {**TINY_SOURCE, "max_position_embeddings": 256, "tie_word_embeddings": False}
+    return prepare_model("tiny", source, tmp_path_factory.mktemp("lens") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def task_dicts(texts, tmp_path_factory):
+    from lm_eval.tasks import TaskManager
+
+    datasets = texts[0]
+    manager = TaskManager()
+    root = tmp_path_factory.mktemp("taskdata")
+    configs = [stock_task_config(kind, write_task_data(path, kind, root / f"{name}.jsonl"), manager)
+               for name, (kind, path) in datasets.items()]
+    return manager, configs
+
+
+def run(lm, manager, configs):
+    return lm_eval.evaluate(lm=lm, task_dict=manager.load(configs), bootstrap_iters=0,
+                                      log_samples=True, verbosity="WARNING")
+
+
+def test_last_exit_equals_stock_lm_eval(model_dir, task_dicts):
+    from lm_eval.models.huggingface import HFLM
+
+    manager, configs = task_dicts
+    stock = run(HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4), manager, configs)
+    lens = LogitLensLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4)
+    ours = run(lens, manager, configs)
+    assert ours["results"]["lambada_openai"]["acc,none"] == stock["results"]["lambada_openai"]["acc,none"]
+    for task, metric in [("lambada_openai", "perplexity"), ("wikitext", "word_perplexity"),
+                         ("wikitext", "byte_perplexity"), ("wikitext", "bits_per_byte")]:
+        assert ours["results"][task][f"{metric},none"] == pytest.approx(stock["results"][task][f"{metric},none"],
+                                                                        rel=1e-6), (task, metric)
+    # per request, too: the same log-likelihoods and greedy flags
+    for task in ("lambada_openai", "wikitext"):
+        for mine, theirs in zip(ours["samples"][task], stock["samples"][task]):
+            for (a, *flag_a), (b, *flag_b) in zip(mine["resps"], theirs["resps"]):
+                a, b = (a[0], b[0]) if isinstance(a, (tuple, list)) else (a, b)
+                assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+
+
+def test_all_exits_from_one_forward_pass_per_batch(model_dir, task_dicts):
+    manager, configs = task_dicts
+    lens = LogitLensLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4)
+    run(lens, manager, configs)
+    passes = lens.forward_passes
+    assert passes > 0
+    for layer in range(lens.num_layers):
+        lens.exit_layer = layer
+        run(lens, manager, configs)
+    assert lens.forward_passes == passes
+
+
+def test_intermediate_exit_equals_hand_computed_logit_lens(model_dir, texts):
+    """Exit l: log-softmax(head(final_norm(output_hidden_states[l]))) at the target tokens, computed here by hand."""
+    datasets, lambada, _ = texts
+    lens = LogitLensLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4, exit_layer=1)
+    model, tokenizer = lens.model, lens.tokenizer
+    requests = []
+    for context, target in zip(lambada["context"][:6], lambada["target"][:6]):
+        # lm-eval's lambada_openai: context = all but the last word, target = " " + last word
+        requests.append(((context, " " + target), tokenizer.encode(context), tokenizer.encode(" " + target)))
+    got = lens._loglikelihood_tokens(requests)
+    for (_, context_ids, target_ids), (logprob, greedy) in zip(requests, got):
+        # lm-eval's window: the last max_length + 1 tokens, minus the final one (byte tokens overflow 256)
+        window = (context_ids + target_ids)[-(lens.max_length + 1):][:-1]
+        with torch.no_grad():
+            hidden = model(torch.tensor([window]), output_hidden_states=True).hidden_states[1]
+            logits = model.lm_head(model.model.norm(hidden)).double().log_softmax(-1)[0]
+        positions = range(len(window) - len(target_ids), len(window))
+        expected = sum(logits[p, t].item() for p, t in zip(positions, target_ids))
+        assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        assert greedy == all(logits[p].argmax().item() == t for p, t in zip(positions, target_ids))
+
+
+def test_per_layer_table_and_bad_input(model_dir, texts, tmp_path):
+    datasets = texts[0]
+    table = evaluate_per_layer(model_dir, datasets, tmp_path / "eval.parquet", tmp_path / "eval.json", model="tiny",
+                               variant="base", batch_size=4, bootstrap_iters=100)
+    assert set(table["layer"]) == set(range(TINY_SOURCE["num_layers"] + 1))
+    accuracy = table.query("task == 'lambada' and metric == 'acc'")
+    assert len(accuracy) == TINY_SOURCE["num_layers"] + 1 and accuracy["n_samples"].eq(24).all()
+    assert accuracy["stderr"].between(0, 1).all()
+    bits = table.query("task == 'wikitext' and metric == 'bits_per_byte'").set_index("layer")["value"]
+    byte_ppl = table.query("task == 'wikitext' and metric == 'byte_perplexity'").set_index("layer")["value"]
+    assert (2 ** bits).to_numpy() == pytest.approx(byte_ppl.to_numpy(), rel=1e-9)
+    assert (tmp_path / "eval.json").stat().st_size > 0
+    assert pd.read_parquet(tmp_path / "eval.parquet")["value"].notna().all()
+
+    with pytest.raises(ExitLayerError, match="exit layer 9 is out of range: LlamaForCausalLM has exits 0..3"):
+        evaluate_per_layer(model_dir, datasets, tmp_path / "x.parquet", tmp_path / "x.json", model="tiny",
+                           variant="base", layers=[0, 9])
+    with pytest.raises(EvaluationDataError, match="do not exist"):
+        evaluate_per_layer(model_dir, {"lambada": ("lambada", str(tmp_path / "none.parquet"))},
+                           tmp_path / "y.parquet", tmp_path / "y.json", model="tiny", variant="base")
+    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "y.parquet").exists()
+
+
+def test_final_norm_is_found_in_each_layout_or_the_class_is_named():
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, MistralConfig,
+                              MistralForCausalLM)
+
+    from hsconv.hidden_states import final_norm_module
+
+    small = dict(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    neox = GPTNeoXForCausalLM(GPTNeoXConfig(**small))
+    assert final_norm_module(neox) is neox.gpt_neox.final_layer_norm
+    mistral = MistralForCausalLM(MistralConfig(**small, num_key_value_heads=1))
+    assert final_norm_module(mistral) is mistral.model.norm
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50))
+    assert final_norm_module(gpt2) is gpt2.transformer.ln_f
+    del gpt2.transformer.ln_f
+    with pytest.raises(ValueError, match="cannot find the final norm of GPT2LMHeadModel"):
+        final_norm_module(gpt2)

@@ -1,0 +1,58 @@
+DISTILL = config["distill"]
+
+
+rule distill:
+    """Self-distillation of one model against its frozen pretrained self, under DeepSpeed ZeRO.
+
+    Checkpoints go to results/checkpoints/{model}/<settings hash>/ (not an output, so a failed or killed job keeps
+    them): rerunning the job resumes from the newest one, while changed settings start afresh.
+    """
+    input:
+        model="results/models/{model}/base",
+        tokens=model_tokens,
+    output:
+        model=directory("results/models/{model}/distilled"),
+        steps="results/training/{model}/steps.parquet",
+        layers="results/training/{model}/layers.parquet",
+    params:
+        settings=distill_settings_json(),
+        launcher=distill_launcher(),
+        device=model_setting("device"),
+        checkpoints="results/checkpoints/{model}",
+        code=code_fingerprint("hsconv.distill.train"),
+    log:
+        "results/logs/distill/{model}.log",
+    benchmark:
+        "results/benchmarks/distill/{model}.tsv"
+    threads: DISTILL["resources"]["threads"]
+    resources:
+        gpu=DISTILL["resources"]["gpus"],
+        nodes=DISTILL["resources"]["nodes"],
+        mem_mb=DISTILL["resources"]["mem_mb"],
+        runtime=DISTILL["resources"]["runtime"],
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launcher} distill --name {wildcards.model} --model-dir {input.model}"
+        " --tokens {input.tokens} --out {output.model} --log-out {output.steps} --layers-out {output.layers}"
+        " --checkpoints {params.checkpoints} --device {params.device} --settings '{params.settings}' > {log} 2>&1"
+
+
+rule plot_training:
+    """Loss curves of one distillation run: ζ, ζ1, ζ2 per step and the per-layer KL at the first and last step."""
+    input:
+        steps="results/training/{model}/steps.parquet",
+        layers="results/training/{model}/layers.parquet",
+    output:
+        pdf=report("results/figures/training/{model}.pdf", caption="../report/training.rst", category="Training"),
+        png="results/figures/training/{model}.png",
+    params:
+        title=lambda wildcards: f"Self-distillation of {config['models'][wildcards.model].get('label', wildcards.model)}",
+        code=code_fingerprint("hsconv.figures.training"),
+    log:
+        "results/logs/plot_training/{model}.log",
+    conda:
+        "../../envs/plot.yaml"
+    shell:
+        "hsconv plot-training --log {input.steps} --layers {input.layers} --pdf {output.pdf} --png {output.png}"
+        " --title '{params.title}' > {log} 2>&1"

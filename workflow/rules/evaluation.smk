@@ -1,0 +1,85 @@
+EVALUATION = config["evaluation"]
+EVALUATED_DATASETS = EVALUATION["datasets"]
+
+
+def evaluation_dataset_args(wildcards, input):
+    return " ".join(f"{name}={config['datasets'][name]['kind']}={path}"
+                    for name, path in zip(EVALUATED_DATASETS, input.texts))
+
+
+rule evaluate_layers:
+    """Per-layer LAMBADA accuracy and WikiText perplexity for one model and variant: lm-eval's stock tasks, scored at
+    every exit through the logit lens, all exits from one forward pass per request batch."""
+    input:
+        model=variant_model_dir,
+        texts=expand("results/data/eval/{dataset}.parquet", dataset=EVALUATED_DATASETS),
+    output:
+        table="results/evaluation/{model}/{variant}/per_layer.parquet",
+        json="results/evaluation/{model}/{variant}/lm_eval.json",
+    params:
+        datasets=evaluation_dataset_args,
+        limits=" ".join(f"{name}={limit}" for name, limit in EVALUATION["limits"].items()),
+        layers=" ".join(map(str, EVALUATION["layers"] or [])),
+        batch_size=EVALUATION["batch_size"],
+        bootstrap_iters=EVALUATION["bootstrap_iters"],
+        dtype=model_setting("dtype"),
+        device=model_setting("device"),
+        code=code_fingerprint("hsconv.evaluation.per_layer"),
+    log:
+        "results/logs/evaluate_layers/{model}/{variant}.log",
+    benchmark:
+        "results/benchmarks/evaluate_layers/{model}/{variant}.tsv"
+    threads: 8  # scaled down to --cores
+    resources:
+        mem_mb=16000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsconv evaluate-layers --model-dir {input.model} --dataset {params.datasets}"
+        " --limit {params.limits} --layers {params.layers} --out {output.table} --json-out {output.json}"
+        " --model {wildcards.model} --variant {wildcards.variant} --batch-size {params.batch_size}"
+        " --dtype {params.dtype} --device {params.device} --bootstrap-iters {params.bootstrap_iters} > {log} 2>&1"
+
+
+rule tabulate_evaluation:
+    """All models' and variants' per-layer lm-eval metrics in one tidy table."""
+    input:
+        expand("results/evaluation/{model}/{variant}/per_layer.parquet", model=MODELS, variant=VARIANTS),
+    output:
+        parquet="results/tables/per_layer_evaluation.parquet",
+        csv="results/tables/per_layer_evaluation.csv",
+        md="results/tables/per_layer_evaluation.md",
+    params:
+        config_hash=CONFIG_HASH,
+        code=code_fingerprint("hsconv.metrics"),
+    log:
+        "results/logs/tabulate_evaluation.log",
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "hsconv gather-tables --inputs {input} --out {output.parquet} --config-hash {params.config_hash}"
+        " > {log} 2>&1"
+
+
+rule plot_per_layer_figure:
+    """Figs. 5 and 9 (LAMBADA accuracy) and 6 and 10 (WikiText word perplexity) at every exit layer."""
+    input:
+        "results/tables/per_layer_evaluation.parquet",
+    output:
+        pdf=report("results/figures/{figure}.pdf", caption="../report/per_layer.rst", category="Figures"),
+        png="results/figures/{figure}.png",
+    wildcard_constraints:
+        figure="fig5|fig6|fig9|fig10",
+    params:
+        models=lambda wildcards: model_labels(config["figures"][wildcards.figure]["models"]),
+        dataset=lambda wildcards: config["figures"][wildcards.figure]["dataset"],
+        metric=lambda wildcards: PER_LAYER_FIGURES[wildcards.figure],
+        title=lambda wildcards: f"Fig. {wildcards.figure[3:]}",
+        code=code_fingerprint("hsconv.figures.per_layer"),
+    log:
+        "results/logs/plot_{figure}.log",
+    conda:
+        "../../envs/plot.yaml"
+    shell:
+        "hsconv plot-per-layer --table {input} --pdf {output.pdf} --png {output.png} --model {params.models}"
+        " --task {params.dataset} --metric {params.metric} --title '{params.title}' > {log} 2>&1"
