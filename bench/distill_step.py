@@ -56,7 +56,9 @@ def run(implementation: str, args) -> dict:
                   seq=args.seq, steps=args.steps, chunk_tokens=args.chunk_tokens)
     out = subprocess.run([sys.executable, "-c", STEP, json.dumps(config)], capture_output=True, text=True)
     if out.returncode != 0:
-        return {"error": f"exit {out.returncode}: {out.stderr.strip().splitlines()[-1:] or 'killed'}"}
+        reason = "killed by the kernel (out of memory)" if out.returncode == -9 else \
+            (out.stderr.strip().splitlines() or ["no message"])[-1]
+        return {"error": f"exit {out.returncode}: {reason}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -69,18 +71,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--chunk-tokens", type=int, default=256)
     parser.add_argument("--implementations", nargs="+", default=["fused", "reference"])
+    parser.add_argument("--reference-batches", type=int, nargs="*", default=[1],
+                        help="extra, smaller batches for the naive loss, measured where B itself does not fit")
     args = parser.parse_args()
-    results = {name: run(name, args) for name in args.implementations}
-    print(f"B={args.batch}, T={args.seq}, float32, CPU; chunk_tokens={args.chunk_tokens}\n")
-    print("| loss | exits | step seconds (each) | tokens/s | RSS before step (MB) | peak RSS (MB) | step peak (MB) | ζ |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, result in results.items():
+    runs = [(name, args.batch) for name in args.implementations]
+    if "reference" in args.implementations:
+        runs += [("reference", batch) for batch in args.reference_batches if batch != args.batch]
+    results = {(name, batch): run(name, argparse.Namespace(**{**vars(args), "batch": batch})) for name, batch in runs}
+    print(f"T={args.seq}, float32, CPU; chunk_tokens={args.chunk_tokens}\n")
+    print("| loss | B | exits | step seconds (each) | tokens/s | RSS before step (MB) | peak RSS (MB) | step peak (MB) "
+          "| ζ |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (name, batch), result in results.items():
         if "error" in result:
-            print(f"| {name} | | {result['error']} | | | | | |")
+            print(f"| {name} | {batch} | | {result['error']} | | | | | |")
             continue
         seconds = result["seconds"]
         rate = result["tokens"] * len(seconds) / sum(seconds)
-        print(f"| {name} | {result['exits']} | {', '.join(f'{s:.1f}' for s in seconds)} | {rate:.1f} | "
+        print(f"| {name} | {batch} | {result['exits']} | {', '.join(f'{s:.1f}' for s in seconds)} | {rate:.1f} | "
               f"{result['before_mb']:.0f} | {result['peak_mb']:.0f} | {result['peak_mb'] - result['before_mb']:.0f} | "
               f"{result['zeta']:.5f} |")
 

@@ -72,6 +72,15 @@ def test_full_run_writes_figures_and_tables(finished_run):
         assert len(pd.read_parquet(results / f"training/{model}/steps.parquet")) == 3
         assert (results / f"figures/training/{model}.png").stat().st_size > 0
         assert "ZeRO stage 2" in (results / f"logs/distill/{model}.log").read_text()
+    evaluation = pd.read_parquet(results / "tables/per_layer_evaluation.parquet")
+    assert set(evaluation["variant"]) == {"base", "distilled"} and set(evaluation["task"]) == {"lambada", "wikitext"}
+    # every exit 0..L of each model: the Llama has 4 layers, the Qwen2 3
+    exits = evaluation.groupby("model")["layer"].nunique().to_dict()
+    assert exits == {"tiny-llama": 5, "tiny-qwen2": 4}
+    assert evaluation.query("metric == 'acc'")["n_samples"].eq(12).all()
+    for figure in ("fig5", "fig6"):
+        assert (results / f"figures/{figure}.pdf").read_bytes().startswith(b"%PDF")
+    assert (results / "evaluation/tiny-llama/distilled/lm_eval.json").stat().st_size > 0
     # base and distilled differ (the distilled model was really trained and really measured)
     wide = convergence.pivot_table(index=["model", "dataset", "final_norm"], columns="variant", values="s_model")
     assert (wide["base"] != wide["distilled"]).all()

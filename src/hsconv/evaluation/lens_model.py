@@ -104,7 +104,7 @@ class LogitLensLM(HFLM):
             selected = state[rows.to(state.device), positions.to(state.device)]
             for start in range(0, count, self.head_chunk_tokens):
                 chunk = slice(start, start + self.head_chunk_tokens)
-                logits = self.head(self.final_norm(selected[chunk]))[:, :self.vocab_size]
+                logits = self.head(self.final_norm(selected[chunk]))  # all logits, as HFLM normalises
                 logits = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
                 logprob[layer, chunk] = logits.gather(1, targets[chunk, None]).squeeze(1).double().cpu().numpy()
                 greedy[layer, chunk] = (logits.argmax(dim=-1) == targets[chunk]).cpu().numpy()
