@@ -95,7 +95,6 @@ def main() -> None:
             stock = HFLM(pretrained=weights, dtype="float32", device="cpu", batch_size=args.batch_size)
             stock_seconds, stock_result = timed(lambda: lm_eval.evaluate(
                 lm=stock, task_dict=task_dict, bootstrap_iters=0, log_samples=False, verbosity="WARNING"))
-            del stock
             lens = LogitLensLM(pretrained=weights, dtype="float32", device="cpu", batch_size=args.batch_size)
             exits = lens.num_layers + 1
             values = {}

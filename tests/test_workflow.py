@@ -82,7 +82,9 @@ def test_full_run_writes_figures_and_tables(finished_run):
         assert (results / f"figures/{figure}.pdf").read_bytes().startswith(b"%PDF")
     assert (results / "evaluation/tiny-llama/distilled/lm_eval.json").stat().st_size > 0
     # base and distilled differ (the distilled model was really trained and really measured)
-    wide = convergence.pivot_table(index=["model", "dataset", "final_norm"], columns="variant", values="s_model")
+    # (S itself can be 0 for both: D of a random tiny model may rise at every layer)
+    wide = convergence.pivot_table(index=["model", "dataset", "final_norm"], columns="variant",
+                                   values="last_layer_movement")
     assert (wide["base"] != wide["distilled"]).all()
     assert set(convergence["final_norm"]) == {"hf", "pre_norm"}
     assert convergence["s_model"].between(0, 1).all()

@@ -25,7 +25,7 @@ def plot_training(steps_path: str | os.PathLike, layers_path: str | os.PathLike,
                      markersize=5 - index, linewidth=2 - 0.4 * index)
     axes[0].set_yscale("log")
     axes[0].set_xlabel("training tokens")
-    axes[0].set_ylabel("loss (nats; log scale)")
+    axes[0].set_ylabel("loss (log scale; KL in nats)")
     axes[0].set_title("(a) loss per optimizer step", fontsize=10)
     axes[0].legend(fontsize=8)
 
