@@ -167,7 +167,8 @@ def test_stage_failure_leaves_no_output(tmp_path):
         config["hidden_states"].update(overflow="error", max_tokens=64, datasets=["wikitext"])
         config["figures"]["fig3"]["dataset"] = "wikitext"
         config["models"] = {"tiny-llama": config["models"]["tiny-llama"]}
-        config["figures"]["fig3"]["models"] = ["tiny-llama"]
+        for figure in ("fig3", "fig5", "fig6"):
+            config["figures"][figure]["models"] = ["tiny-llama"]
 
     write_config(tmp_path, long_texts)
     result = snakemake(tmp_path, "results/hidden/tiny-llama/base/wikitext.parquet")
