@@ -96,6 +96,15 @@ def distill_launcher():
     return "hsconv"
 
 
+EVALUATED_DATASETS = config["evaluation"]["datasets"]
+
+
+def evaluation_dataset_args(wildcards, input):
+    """NAME=KIND=PATH for each evaluated data set, as `hsconv evaluate-layers --dataset` takes them."""
+    return " ".join(f"{name}={config['datasets'][name]['kind']}={path}"
+                    for name, path in zip(EVALUATED_DATASETS, input.texts))
+
+
 def measured_combinations(pattern):
     return expand(pattern, model=MODELS, variant=VARIANTS, dataset=MEASURED_DATASETS)
 

@@ -1,10 +1,4 @@
 EVALUATION = config["evaluation"]
-EVALUATED_DATASETS = EVALUATION["datasets"]
-
-
-def evaluation_dataset_args(wildcards, input):
-    return " ".join(f"{name}={config['datasets'][name]['kind']}={path}"
-                    for name, path in zip(EVALUATED_DATASETS, input.texts))
 
 
 rule evaluate_layers:
