@@ -260,7 +260,7 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
              train.micro_batch_size, accumulation, world, "bf16" if bf16 else "float32", train.zero_stage)
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
     tokens_seen = step_rows[-1]["tokens"] if step_rows else 0
-    started_run = time.perf_counter()
+    started_run, first_step = time.perf_counter(), step
     while step < last_step:
         epoch, index_in_epoch = divmod(step, steps_per_epoch)
         order = np.random.default_rng([train.seed, epoch]).permutation(len(ids))
@@ -301,7 +301,8 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
         for layer in range(num_layers + 1):
             layer_rows.append({"step": step, "layer": layer, "weight": weights[layer], "kl": kl[layer],
                                "hidden_step": steps[layer - 1] if layer else float("nan")})
-        remaining = (last_step - step) * (time.perf_counter() - started_run) / max(1, len(step_rows))
+        # Steps of this process only: a resumed run's earlier steps took their time in another process.
+        remaining = (last_step - step) * (time.perf_counter() - started_run) / (step - first_step)
         log.info("step %d/%d  ζ=%.5f ζ1=%.5f ζ2=%.5f  lr=%.2e  |g|=%.3f  %.1f tokens/s  ~%.0f s left", step,
                  last_step, mean[0], mean[1], mean[2], lr, step_rows[-1]["grad_norm"], tokens / elapsed, remaining)
         if step % train.checkpoint_every == 0 or step == last_step:

@@ -114,8 +114,8 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
             raw[layer] = {key: results[key] for key in ("results", "n-samples", "versions", "configs")
                           if key in results}
             log.info("exit %d/%d: %s (%d forward passes so far)", layer, lm.num_layers,
-                     ", ".join(f"{r['task']} {r['metric']}={r['value']:.4g}" for r in rows[-len(METRICS) * 2:]
-                               if r["layer"] == layer), lm.forward_passes)
+                     ", ".join(f"{r['task']} {r['metric']}={r['value']:.4g}" for r in rows if r["layer"] == layer),
+                     lm.forward_passes)
     table = pd.DataFrame(rows)
     table.insert(0, "variant", variant)
     table.insert(0, "model", model)
