@@ -78,8 +78,15 @@ def test_full_run_writes_figures_and_tables(finished_run):
     exits = evaluation.groupby("model")["layer"].nunique().to_dict()
     assert exits == {"tiny-llama": 5, "tiny-qwen2": 4}
     assert evaluation.query("metric == 'acc'")["n_samples"].eq(12).all()
-    for figure in ("fig5", "fig6"):
-        assert (results / f"figures/{figure}.pdf").read_bytes().startswith(b"%PDF")
+    for number in range(3, 11):  # every paper figure, PDF and PNG
+        assert (results / f"figures/fig{number}.pdf").read_bytes().startswith(b"%PDF"), number
+        assert (results / f"figures/fig{number}.png").stat().st_size > 0, number
+    lens = pd.read_parquet(results / "tables/sentence_lens.parquet")
+    assert set(lens["model"]) == {"tiny-llama", "tiny-qwen2"} and set(lens["variant"]) == {"base", "distilled"}
+    # the target " top" is four byte tokens, each predicted from the position before it
+    assert lens[lens["predicts_target"]].groupby(["model", "variant"])["position"].nunique().eq(4).all()
+    pca = pd.read_parquet(results / "tables/sentence_pca.parquet")
+    assert set(pca["final_norm"]) == {"hf", "pre_norm"} and pca[["pc1", "pc2", "pc3"]].notna().all().all()
     assert (results / "evaluation/tiny-llama/distilled/lm_eval.json").stat().st_size > 0
     # base and distilled differ (the distilled model was really trained and really measured)
     # (S itself can be 0 for both: D of a random tiny model may rise at every layer)
@@ -107,14 +114,62 @@ def test_second_dry_run_plans_nothing(finished_run):
 
 
 @pytest.mark.slow
-def test_editing_plotting_code_reruns_only_the_figure(finished_run, tmp_path):
-    # A copy of the package with one comment added to the figure's code, put first on the path.
+def test_report_holds_every_figure_with_its_caption(finished_run):
+    result = snakemake(finished_run, "--report", "results/report.html")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (finished_run / "results/report.html").read_text()
+    for number in range(3, 11):
+        assert f"fig{number}.pdf" in report, number
+    # captions are rendered with the config: the sentence, the models and the data set appear in them
+    assert "The curious cat climbed up the tall tree" in report
+    assert "tiny-qwen2" in report and "sentence_lens.csv" in report
+
+
+def planned_counts(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Jobs per rule in the 'Job stats' table of a dry run."""
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    table = text.split("Job stats:")[1].split("total")[0]
+    return {match.group(1): int(match.group(2))
+            for match in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.MULTILINE) if match.group(1) != "job"}
+
+
+# What a real edit to a module reruns (dry run): (module, appended text, {rule: jobs}).
+RERUN_MATRIX = {
+    "plotting code": ("figures/movement.py", "\nLEGEND_FONT_SIZE = 8\n",
+                      {"plot_movement_figure": 2, "all": 1}),
+    "metric code": ("metrics.py", "\nDEFAULT_CONFIDENCE = 0.95\n",
+                    {"compute_convergence": 8, "tabulate_layer_movement": 1, "tabulate_convergence": 1,
+                     "plot_movement_figure": 2, "all": 1}),
+    # the loss: both distillations and everything that reads a distilled model, and no base-model job
+    "loss code": ("distill/loss.py", "\nDEFAULT_CHUNK = 256\n",
+                  {"distill": 2, "plot_training": 2, "dump_hidden_states": 4, "compute_convergence": 4,
+                   "evaluate_layers": 2, "trace_sentence": 2, "tabulate_layer_movement": 1,
+                   "tabulate_convergence": 1, "tabulate_evaluation": 1, "tabulate_sentence": 1,
+                   "plot_movement_figure": 2, "plot_per_layer_figure": 4, "plot_fig4": 1, "plot_fig7": 1, "all": 1}),
+    "PCA figure code": ("figures/trajectory.py", "\nVIEW_ELEVATION = 22\n", {"plot_fig4": 1, "all": 1}),
+    "a comment in the corpus code": ("corpus.py", "\n# a comment\n", {}),
+    "a comment and a docstring in the loss": ("distill/loss.py", "\n# why this is so\n", {}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit", RERUN_MATRIX)
+def test_rerun_matrix_after_real_edits(finished_run, tmp_path, edit):
+    """A copy of the package with one edit, first on the path: the dry run plans exactly what depends on it."""
+    module, text, expected = RERUN_MATRIX[edit]
     source = tmp_path / "src"
     shutil.copytree(REPO / "src" / "hsconv", source / "hsconv")
-    with open(source / "hsconv" / "figures" / "fig3.py", "a") as handle:
-        handle.write("\n# an edit\n")
+    path = source / "hsconv" / module
+    original = path.read_text()
+    if "docstring" in edit:  # reword the module's docstring too
+        docstring = original.split('"""')[1]
+        original = original.replace(docstring, "Reworded, with the same meaning.", 1)
+    path.write_text(original + text)
     result = snakemake(finished_run, "-n", env={"PYTHONPATH": str(source)})
-    assert planned_jobs(result) == {"plot_fig3", "all"}, result.stdout[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert planned_counts(result) == expected, result.stdout[-3000:]
 
 
 @pytest.mark.slow
@@ -126,7 +181,8 @@ def test_changing_the_text_subset_reruns_measurement_not_models(finished_run, tm
     finally:
         shutil.copy(tmp_path / "saved.yaml", finished_run / "config.yaml")
     assert "prepare_model" not in planned and "distill" not in planned
-    assert {"prepare_texts", "dump_hidden_states", "compute_convergence", "plot_fig3"} <= planned
+    assert {"prepare_texts", "dump_hidden_states", "compute_convergence", "plot_movement_figure"} <= planned
+    assert "trace_sentence" not in planned
 
 
 def _edit(path: list, value):
@@ -149,6 +205,9 @@ def _edit(path: list, value):
     (_edit(["distill", "batch_size"], 6), "distill.batch_size=6 is not a multiple of micro_batch_size × ranks = 4 × 1"),
     (_edit(["distill", "batch_size"], 400), "packing.token_budget gives 156 sequences of 128 tokens, fewer than one"),
     (_edit(["distill", "kl_direction"], "forward"), "'forward' is not one of ['student_target', 'target_student']"),
+    (_edit(["sentence", "target"], " dog"), "sentence.target ' dog' does not occur in sentence.text"),
+    (_edit(["figures", "fig7", "model"], "gpt-5"), "figures.fig7.model: unknown model ['gpt-5']"),
+    (_edit(["figures", "fig11"], {"models": ["tiny-llama"]}), "('fig11' was unexpected)"),
 ])
 def test_bad_config_is_refused_before_any_job(tmp_path, edit, message):
     write_config(tmp_path, edit)
@@ -165,10 +224,8 @@ def test_stage_failure_leaves_no_output(tmp_path):
 
     def long_texts(config):
         config["hidden_states"].update(overflow="error", max_tokens=64, datasets=["wikitext"])
-        config["figures"]["fig3"]["dataset"] = "wikitext"
+        config["figures"] = {"fig3": {"models": ["tiny-llama"], "dataset": "wikitext"}}
         config["models"] = {"tiny-llama": config["models"]["tiny-llama"]}
-        for figure in ("fig3", "fig5", "fig6"):
-            config["figures"][figure]["models"] = ["tiny-llama"]
 
     write_config(tmp_path, long_texts)
     result = snakemake(tmp_path, "results/hidden/tiny-llama/base/wikitext.parquet")

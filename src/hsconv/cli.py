@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--config-hash", required=True)
     stage.add_argument("--columns", nargs="*", default=None, help="keep and order these columns")
 
-    stage = stages.add_parser("plot-fig3", help="Fig. 3: D_l per layer, one panel per model")
+    stage = stages.add_parser("plot-movement", help="Figs. 3 and 8: D_l per layer, one panel per model")
     stage.add_argument("--table", required=True, help="the gathered layer-movement table (Parquet)")
     stage.add_argument("--pdf", required=True)
     stage.add_argument("--png", required=True)
@@ -156,6 +156,37 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--dataset", required=True)
     stage.add_argument("--final-norm", default="hf", choices=("hf", "pre_norm"))
     stage.add_argument("--title", default="Fig. 3")
+
+    stage = stages.add_parser("trace-sentence", help="one sentence through every layer: logit lens, D_l and PCA")
+    stage.add_argument("--model-dir", required=True)
+    stage.add_argument("--text", required=True, help="the sentence")
+    stage.add_argument("--target", required=True, help="its last words whose prediction is traced, e.g. ' at the top'")
+    stage.add_argument("--lens-out", required=True, help="per position and layer: top-1 token, probability, D_l")
+    stage.add_argument("--pca-out", required=True, help="per position and layer: the state's first 3 PCA coordinates")
+    stage.add_argument("--model", required=True)
+    stage.add_argument("--variant", required=True)
+    stage.add_argument("--keep-first-position", action="store_true",
+                       help="keep the first position (the attention sink) in the PCA")
+    stage.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
+    stage.add_argument("--device", default="cpu")
+
+    stage = stages.add_parser("plot-trajectory", help="Fig. 4: per-layer states of the sentence in 3-D (PCA)")
+    stage.add_argument("--table", required=True, help="the gathered sentence PCA table (Parquet)")
+    stage.add_argument("--pdf", required=True)
+    stage.add_argument("--png", required=True)
+    stage.add_argument("--model", dest="models", type=_label, nargs="+", required=True, help="NAME=LABEL, in order")
+    stage.add_argument("--variants", nargs="+", required=True)
+    stage.add_argument("--final-norm", default="hf", choices=("hf", "pre_norm"))
+    stage.add_argument("--title", default="Fig. 4")
+
+    stage = stages.add_parser("plot-lens-heatmap", help="Fig. 7: logit-lens top-1 token per layer at the target")
+    stage.add_argument("--table", required=True, help="the gathered sentence logit-lens table (Parquet)")
+    stage.add_argument("--pdf", required=True)
+    stage.add_argument("--png", required=True)
+    stage.add_argument("--model", required=True, type=_label, help="NAME=LABEL")
+    stage.add_argument("--variants", nargs="+", required=True)
+    stage.add_argument("--final-norm", default="hf", choices=("hf", "pre_norm"))
+    stage.add_argument("--title", default="Fig. 7")
     return parser
 
 
@@ -216,19 +247,36 @@ def run(args: argparse.Namespace) -> None:
                             quantiles=tuple(args.quantiles), bootstrap_samples=args.bootstrap_samples,
                             confidence=args.confidence, seed=args.seed)
     elif args.stage == "gather-tables":
-        from hsconv.metrics import gather_tables
+        from hsconv.tables import gather_tables
 
         gather_tables(args.inputs, Path(args.out).with_suffix(""), args.config_hash, args.columns)
-    elif args.stage == "plot-fig3":
-        from hsconv.figures.fig3 import plot_fig3
+    elif args.stage == "plot-movement":
+        from hsconv.figures.movement import plot_movement
 
-        plot_fig3(args.table, args.pdf, args.png, dict(args.models), args.dataset, args.final_norm, args.title)
+        plot_movement(args.table, args.pdf, args.png, dict(args.models), args.dataset, args.final_norm, args.title)
+    elif args.stage == "trace-sentence":
+        from hsconv.sentence import trace_sentence_stage
+
+        trace_sentence_stage(args.model_dir, args.text, args.target, args.lens_out, args.pca_out, args.model,
+                             args.variant, pca_exclude_first=not args.keep_first_position, dtype=args.dtype,
+                             device=args.device)
+    elif args.stage == "plot-trajectory":
+        from hsconv.figures.trajectory import plot_trajectory
+
+        plot_trajectory(args.table, args.pdf, args.png, dict(args.models), args.variants, args.final_norm, args.title)
+    elif args.stage == "plot-lens-heatmap":
+        from hsconv.figures.lens_heatmap import plot_lens_heatmap
+
+        plot_lens_heatmap(args.table, args.pdf, args.png, args.model[0], args.model[1], args.variants,
+                          args.final_norm, args.title)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Embedding fonts in a PDF logs every glyph table at INFO.
+    logging.getLogger("fontTools").setLevel(logging.WARNING)
     try:
         run(args)
     except (ValueError, OSError, FloatingPointError) as error:

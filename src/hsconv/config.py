@@ -6,11 +6,23 @@ this module runs after it, so every mistake is reported before any job starts.
 
 from __future__ import annotations
 
+from hsconv import cluster
 from hsconv.models import ModelSourceError, check_source
 
-
+# Every paper figure the workflow can build, and what it shows.
+FIGURE_TARGETS = {
+    "fig3": "D_l per layer, the main models",
+    "fig4": "3-D PCA of the sentence's hidden states at every layer",
+    "fig5": "per-layer LAMBADA accuracy, the main models",
+    "fig6": "per-layer WikiText perplexity, the main models",
+    "fig7": "logit-lens top-1 tokens of the sentence's last tokens, and D_l there",
+    "fig8": "D_l per layer, the Qwen models",
+    "fig9": "per-layer LAMBADA accuracy, the Qwen models",
+    "fig10": "per-layer WikiText perplexity, the Qwen models",
+}
 # Per-layer evaluation figures and the lm-eval metric each shows.
 PER_LAYER_FIGURES = {"fig5": "acc", "fig6": "word_perplexity", "fig9": "acc", "fig10": "word_perplexity"}
+MOVEMENT_FIGURES = ("fig3", "fig8")
 
 
 class ConfigError(ValueError):
@@ -45,9 +57,20 @@ def check_config(config: dict) -> None:
             spec = config["figures"][figure]
             _require_known("model", spec["models"], config["models"], f"figures.{figure}.models")
             _require_known("data set", [spec["dataset"]], evaluation.get("datasets", []), f"figures.{figure}.dataset")
-    fig3 = config["figures"]["fig3"]
-    _require_known("model", fig3["models"], config["models"], "figures.fig3.models")
-    _require_known("data set", [fig3["dataset"]], config["hidden_states"]["datasets"], "figures.fig3.dataset")
+    for figure in MOVEMENT_FIGURES:
+        if figure in config["figures"]:
+            spec = config["figures"][figure]
+            _require_known("model", spec["models"], config["models"], f"figures.{figure}.models")
+            _require_known("data set", [spec["dataset"]], config["hidden_states"]["datasets"],
+                           f"figures.{figure}.dataset")
+    if "fig4" in config["figures"]:
+        _require_known("model", config["figures"]["fig4"]["models"], config["models"], "figures.fig4.models")
+    if "fig7" in config["figures"]:
+        _require_known("model", [config["figures"]["fig7"]["model"]], config["models"], "figures.fig7.model")
+    sentence = config["sentence"]
+    if sentence["target"] not in sentence["text"]:
+        raise ConfigError(f"sentence.target {sentence['target']!r} does not occur in sentence.text "
+                          f"{sentence['text']!r}")
 
 
 def _check_distill(config: dict) -> None:
@@ -56,6 +79,12 @@ def _check_distill(config: dict) -> None:
     if distill["batch_size"] % (distill["micro_batch_size"] * ranks):
         raise ConfigError(f"distill.batch_size={distill['batch_size']} is not a multiple of micro_batch_size × ranks "
                           f"= {distill['micro_batch_size']} × {ranks}")
+    resources = distill["resources"]
+    try:
+        cluster.distill_launcher(distill["launcher"], resources["gpus"], resources["nodes"])
+        cluster.distill_resources(resources["gpus"], resources["nodes"], resources["runtime"])
+    except ValueError as error:
+        raise ConfigError(f"distill: {error}") from None
     sequences = packing["token_budget"] // packing["sequence_length"]
     if sequences < distill["batch_size"]:
         raise ConfigError(f"packing.token_budget gives {sequences} sequences of {packing['sequence_length']} tokens, "

@@ -98,6 +98,11 @@ def decoder_states(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     return {"states": states, "pre_norm_last": captured["pre_norm"]}
 
 
+def lens_states(result: dict) -> list[torch.Tensor]:
+    """The states the logit lens reads: h_0..h_{L−1} and the pre-norm h_L (the lens applies the final norm once)."""
+    return result["states"][:-1] + [result["pre_norm_last"]]
+
+
 def movement(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     """D = 1 − (1 + cos)/2 between two states along the last axis, in float64."""
     cosine = torch.nn.functional.cosine_similarity(previous.double(), current.double(), dim=-1, eps=1e-12)

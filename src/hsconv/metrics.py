@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from hsconv.io import read_provenance, write_parquet, write_table
+from hsconv.io import read_provenance, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +99,3 @@ def compute_convergence(hidden_path: str, layers_out: str | os.PathLike, scores_
     for row in scores.itertuples():
         log.info("%s/%s on %s (%s): S_model=%.4f, last D=%.4f (%.2fx the layer before)", model, variant, dataset,
                  row.final_norm, row.s_model, row.last_layer_movement, row.last_layer_ratio)
-
-
-def gather_tables(paths: list[str], out_stem: str | os.PathLike, config_hash: str, columns: list[str] | None = None,
-                  ) -> pd.DataFrame:
-    """Concatenate per-model tables into one result table (Parquet, CSV, Markdown) with the config hash."""
-    frame = pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
-    if columns:
-        frame = frame[columns]
-    write_table(frame, Path(out_stem), {"config_hash": config_hash, "inputs": [str(p) for p in paths]})
-    return frame

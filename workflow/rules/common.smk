@@ -1,9 +1,12 @@
 # Helpers that turn the config into paths, wildcards and params. Rules stay declarative; all logic is in hsconv.
 import json
+import os
+import shlex
 
 from snakemake.exceptions import WorkflowError
 
-from hsconv.config import PER_LAYER_FIGURES, ConfigError, check_config
+from hsconv import cluster
+from hsconv.config import FIGURE_TARGETS, PER_LAYER_FIGURES, ConfigError, check_config
 from hsconv.fingerprint import code_fingerprint
 from hsconv.io import stable_hash
 
@@ -58,6 +61,56 @@ def subset_setting(key):
     return setting
 
 
+def shell_quoted(text):
+    return shlex.quote(text)
+
+
+def figure_config(name):
+    """A figure's config section; a figure that is not configured is refused with the key to add."""
+    if name not in config["figures"]:
+        raise WorkflowError(f"figures.{name} is not configured; add it to the config to build "
+                            f"results/figures/{name}.pdf ({FIGURE_TARGETS[name]})")
+    return config["figures"][name]
+
+
+def figure_setting(key, figure=None):
+    """A figure's config value as a param, for a fixed figure or the {figure} wildcard; read only when the figure
+    is built, so an unconfigured figure is refused only when asked for."""
+
+    def setting(wildcards):
+        return figure_config(figure or wildcards.figure)[key]
+
+    return setting
+
+
+def figure_models(figure=None):
+    """NAME=LABEL of a figure's models (its `models` list, or its one `model`)."""
+
+    def labels(wildcards):
+        spec = figure_config(figure or wildcards.figure)
+        return model_labels(spec["models"] if "models" in spec else [spec["model"]])
+
+    return labels
+
+
+def figure_title(wildcards):
+    return f"Fig. {wildcards.figure[3:]}"
+
+
+def training_title(wildcards):
+    return f"Self-distillation of {config['models'][wildcards.model].get('label', wildcards.model)}"
+
+
+def per_layer_metric(wildcards):
+    return PER_LAYER_FIGURES[wildcards.figure]
+
+
+# Models whose sentence trace a figure shows (Figs. 4 and 7).
+TRACED_MODELS = list(dict.fromkeys(
+    [*config["figures"].get("fig4", {}).get("models", []),
+     *([config["figures"]["fig7"]["model"]] if "fig7" in config["figures"] else [])]))
+
+
 def cli_optional(value):
     """An optional CLI value: `none` stands for null."""
     return "none" if value is None else value
@@ -84,16 +137,23 @@ def distill_settings_json():
 
 
 def distill_launcher():
-    """One process on CPU or one GPU; torchrun (or deepspeed's launcher) for several GPUs or nodes."""
-    launcher, resources = config["distill"]["launcher"], config["distill"]["resources"]
-    gpus, nodes = resources["gpus"], resources["nodes"]
-    if launcher == "auto":
-        launcher = "torchrun" if gpus * nodes > 1 else "none"
-    if launcher == "torchrun":
-        return f"torchrun --nnodes {nodes} --nproc_per_node {max(gpus, 1)} -m hsconv.cli"
-    if launcher == "deepspeed":
-        return f"deepspeed --num_nodes {nodes} --num_gpus {max(gpus, 1)} --module hsconv.cli"
-    return "hsconv"
+    """One process on CPU or one GPU; one per GPU (torchrun) on a node; one torchrun per node through srun."""
+    resources = config["distill"]["resources"]
+    return cluster.distill_launcher(config["distill"]["launcher"], resources["gpus"], resources["nodes"])
+
+
+def distill_resources():
+    """The job's GPUs, nodes and tasks for the scheduler (see hsconv.cluster for the three shapes)."""
+    resources = config["distill"]["resources"]
+    return cluster.distill_resources(resources["gpus"], resources["nodes"], resources["runtime"])
+
+
+def distill_mem_mb(wildcards, input):
+    """The configured memory, or more when the model needs it (counted from its weights once they exist)."""
+    resources = config["distill"]["resources"]
+    parameters = cluster.parameter_count(input.model) if os.path.isdir(input.model) else None
+    return cluster.distill_mem_mb(resources["mem_mb"], parameters, resources["gpus"], resources["nodes"],
+                                  config["distill"]["offload_optimizer"])
 
 
 EVALUATED_DATASETS = config["evaluation"]["datasets"]
@@ -110,9 +170,10 @@ def measured_combinations(pattern):
 
 
 def all_targets():
+    """Every configured figure (PDF and PNG), every table, the training curves and the packed corpora."""
     return [
-        "results/figures/fig3.pdf",
-        "results/figures/fig3.png",
+        *expand("results/figures/{figure}.{ext}", figure=[f for f in FIGURE_TARGETS if f in config["figures"]],
+                ext=("pdf", "png")),
         "results/tables/convergence.csv",
         "results/tables/convergence.md",
         "results/tables/layer_movement.csv",
@@ -121,6 +182,5 @@ def all_targets():
           if "distilled" in VARIANTS else []),
         *(["results/tables/per_layer_evaluation.csv", "results/tables/per_layer_evaluation.md"]
           if config["evaluation"]["datasets"] else []),
-        *expand("results/figures/{figure}.{ext}", figure=[f for f in PER_LAYER_FIGURES if f in config["figures"]],
-                ext=("pdf", "png")),
+        *(["results/tables/sentence_lens.csv", "results/tables/sentence_pca.csv"] if TRACED_MODELS else []),
     ]

@@ -19,17 +19,15 @@ rule distill:
         launcher=distill_launcher(),
         device=model_setting("device"),
         checkpoints="results/checkpoints/{model}",
-        code=code_fingerprint("hsconv.distill.train"),
+        code=code_fingerprint("hsconv.distill.train", "hsconv.cluster"),
     log:
         "results/logs/distill/{model}.log",
     benchmark:
         "results/benchmarks/distill/{model}.tsv"
     threads: DISTILL["resources"]["threads"]
     resources:
-        gpu=DISTILL["resources"]["gpus"],
-        nodes=DISTILL["resources"]["nodes"],
-        mem_mb=DISTILL["resources"]["mem_mb"],
-        runtime=DISTILL["resources"]["runtime"],
+        **distill_resources(),
+        mem_mb=distill_mem_mb,
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -47,7 +45,7 @@ rule plot_training:
         pdf=report("results/figures/training/{model}.pdf", caption="../report/training.rst", category="Training"),
         png="results/figures/training/{model}.png",
     params:
-        title=lambda wildcards: f"Self-distillation of {config['models'][wildcards.model].get('label', wildcards.model)}",
+        title=training_title,
         code=code_fingerprint("hsconv.figures.training"),
     log:
         "results/logs/plot_training/{model}.log",

@@ -45,7 +45,7 @@ rule tabulate_evaluation:
         md="results/tables/per_layer_evaluation.md",
     params:
         config_hash=CONFIG_HASH,
-        code=code_fingerprint("hsconv.metrics"),
+        code=code_fingerprint("hsconv.tables"),
     log:
         "results/logs/tabulate_evaluation.log",
     conda:
@@ -65,10 +65,10 @@ rule plot_per_layer_figure:
     wildcard_constraints:
         figure="fig5|fig6|fig9|fig10",
     params:
-        models=lambda wildcards: model_labels(config["figures"][wildcards.figure]["models"]),
-        dataset=lambda wildcards: config["figures"][wildcards.figure]["dataset"],
-        metric=lambda wildcards: PER_LAYER_FIGURES[wildcards.figure],
-        title=lambda wildcards: f"Fig. {wildcards.figure[3:]}",
+        models=figure_models(),
+        dataset=figure_setting("dataset"),
+        metric=per_layer_metric,
+        title=figure_title,
         code=code_fingerprint("hsconv.figures.per_layer"),
     log:
         "results/logs/plot_{figure}.log",

@@ -1,22 +1,119 @@
-FIG3 = config["figures"]["fig3"]
+FIGURES = config["figures"]
+SENTENCE = config["sentence"]
 
 
-rule plot_fig3:
-    """Fig. 3: D_l per layer, one panel per model, base solid and distilled dashed."""
+rule plot_movement_figure:
+    """Figs. 3 (main models) and 8 (Qwen): D_l per layer, one panel per model, base solid and distilled dashed."""
     input:
         "results/tables/layer_movement.parquet",
     output:
-        pdf=report("results/figures/fig3.pdf", caption="../report/fig3.rst", category="Figures"),
-        png="results/figures/fig3.png",
+        pdf=report("results/figures/{figure}.pdf", caption="../report/movement.rst", category="Figures"),
+        png="results/figures/{figure}.png",
+    wildcard_constraints:
+        figure="fig3|fig8",
     params:
-        models=model_labels(FIG3["models"]),
-        dataset=FIG3["dataset"],
-        final_norm=FIG3["final_norm"],
-        code=code_fingerprint("hsconv.figures.fig3"),
+        models=figure_models(),
+        dataset=figure_setting("dataset"),
+        final_norm=figure_setting("final_norm"),
+        title=figure_title,
+        code=code_fingerprint("hsconv.figures.movement"),
     log:
-        "results/logs/plot_fig3.log",
+        "results/logs/plot_{figure}.log",
     conda:
         "../../envs/plot.yaml"
     shell:
-        "hsconv plot-fig3 --table {input} --pdf {output.pdf} --png {output.png} --model {params.models}"
-        " --dataset {params.dataset} --final-norm {params.final_norm} > {log} 2>&1"
+        "hsconv plot-movement --table {input} --pdf {output.pdf} --png {output.png} --model {params.models}"
+        " --dataset {params.dataset} --final-norm {params.final_norm} --title '{params.title}' > {log} 2>&1"
+
+
+rule trace_sentence:
+    """One sentence through every layer of one model and variant: logit-lens top-1 tokens, D_l, 3-D PCA."""
+    input:
+        model=variant_model_dir,
+    output:
+        lens="results/sentence/{model}/{variant}/lens.parquet",
+        pca="results/sentence/{model}/{variant}/pca.parquet",
+    params:
+        text=shell_quoted(SENTENCE["text"]),
+        target=shell_quoted(SENTENCE["target"]),
+        keep_first="" if SENTENCE["pca_exclude_first"] else "--keep-first-position",
+        dtype=model_setting("dtype"),
+        device=model_setting("device"),
+        code=code_fingerprint("hsconv.sentence"),
+    log:
+        "results/logs/trace_sentence/{model}/{variant}.log",
+    threads: 2
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsconv trace-sentence --model-dir {input.model} --text {params.text}"
+        " --target {params.target} --lens-out {output.lens} --pca-out {output.pca} --model {wildcards.model}"
+        " --variant {wildcards.variant} {params.keep_first} --dtype {params.dtype} --device {params.device}"
+        " > {log} 2>&1"
+
+
+rule tabulate_sentence:
+    """The traced sentence of every model and variant in two tidy tables: the logit lens and the PCA."""
+    input:
+        lens=expand("results/sentence/{model}/{variant}/lens.parquet", model=TRACED_MODELS, variant=VARIANTS),
+        pca=expand("results/sentence/{model}/{variant}/pca.parquet", model=TRACED_MODELS, variant=VARIANTS),
+    output:
+        lens=report("results/tables/sentence_lens.csv", caption="../report/sentence_table.rst", category="Tables"),
+        lens_parquet="results/tables/sentence_lens.parquet",
+        lens_md="results/tables/sentence_lens.md",
+        pca="results/tables/sentence_pca.parquet",
+        pca_csv="results/tables/sentence_pca.csv",
+        pca_md="results/tables/sentence_pca.md",
+    params:
+        config_hash=CONFIG_HASH,
+        code=code_fingerprint("hsconv.tables"),
+    log:
+        "results/logs/tabulate_sentence.log",
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "(hsconv gather-tables --inputs {input.lens} --out {output.lens_parquet} --config-hash {params.config_hash}"
+        " && hsconv gather-tables --inputs {input.pca} --out {output.pca} --config-hash {params.config_hash})"
+        " > {log} 2>&1"
+
+
+rule plot_fig4:
+    """Fig. 4: the sentence's hidden states at every layer in 3-D (PCA), one panel per model and variant."""
+    input:
+        "results/tables/sentence_pca.parquet",
+    output:
+        pdf=report("results/figures/fig4.pdf", caption="../report/fig4.rst", category="Figures"),
+        png="results/figures/fig4.png",
+    params:
+        models=figure_models("fig4"),
+        variants=" ".join(VARIANTS),
+        final_norm=figure_setting("final_norm", "fig4"),
+        code=code_fingerprint("hsconv.figures.trajectory"),
+    log:
+        "results/logs/plot_fig4.log",
+    conda:
+        "../../envs/plot.yaml"
+    shell:
+        "hsconv plot-trajectory --table {input} --pdf {output.pdf} --png {output.png} --model {params.models}"
+        " --variants {params.variants} --final-norm {params.final_norm} > {log} 2>&1"
+
+
+rule plot_fig7:
+    """Fig. 7: the logit lens's top-1 token per layer at the sentence's last tokens, and D_l there."""
+    input:
+        "results/tables/sentence_lens.parquet",
+    output:
+        pdf=report("results/figures/fig7.pdf", caption="../report/fig7.rst", category="Figures"),
+        png="results/figures/fig7.png",
+    params:
+        model=figure_models("fig7"),
+        variants=" ".join(VARIANTS),
+        final_norm=figure_setting("final_norm", "fig7"),
+        code=code_fingerprint("hsconv.figures.lens_heatmap"),
+    log:
+        "results/logs/plot_fig7.log",
+    conda:
+        "../../envs/plot.yaml"
+    shell:
+        "hsconv plot-lens-heatmap --table {input} --pdf {output.pdf} --png {output.png} --model {params.model}"
+        " --variants {params.variants} --final-norm {params.final_norm} > {log} 2>&1"

@@ -36,7 +36,7 @@ rule tabulate_layer_movement:
         md="results/tables/layer_movement.md",
     params:
         config_hash=CONFIG_HASH,
-        code=code_fingerprint("hsconv.metrics"),
+        code=code_fingerprint("hsconv.tables"),
     log:
         "results/logs/tabulate_layer_movement.log",
     conda:
@@ -56,7 +56,7 @@ rule tabulate_convergence:
         md="results/tables/convergence.md",
     params:
         config_hash=CONFIG_HASH,
-        code=code_fingerprint("hsconv.metrics"),
+        code=code_fingerprint("hsconv.tables"),
     log:
         "results/logs/tabulate_convergence.log",
     conda:

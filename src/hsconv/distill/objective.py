@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from hsconv.distill.loss import LossTerms, check_settings, reference_loss, self_distillation_loss
-from hsconv.hidden_states import decoder_states, final_norm_module
+from hsconv.hidden_states import decoder_states, final_norm_module, lens_states
 
 LOSS_IMPLEMENTATIONS = ("fused", "reference")
 
@@ -63,7 +63,7 @@ class SelfDistillation(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LossTerms:
         states = decoder_states(self.student, input_ids, attention_mask)
-        pre_norm = states["states"][:-1] + [states["pre_norm_last"]]
+        pre_norm = lens_states(states)
         with torch.no_grad():
             target_hidden = decoder_states(self.target, input_ids, attention_mask)["states"][-1]
         settings = self.settings

@@ -34,6 +34,9 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 # Testing hook: SIGKILL this process right after the given optimizer step (and its checkpoint, if one is due),
 # to prove that a run killed at any point resumes to the same result.
 KILL_AFTER_STEP_ENV = "HSCONV_KILL_AFTER_STEP"
+# Testing hook: make every optimizer step last at least this many seconds, so that a scheduler's time limit
+# (Slurm's, in tests/test_slurm.py) reliably falls in the middle of a run.
+MIN_STEP_SECONDS_ENV = "HSCONV_MIN_STEP_SECONDS"
 
 
 class TrainingError(ValueError):
@@ -259,6 +262,7 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
              "× %d ranks), %s, ZeRO stage %d", name, len(ids), ids.shape[1], last_step, train.batch_size,
              train.micro_batch_size, accumulation, world, "bf16" if bf16 else "float32", train.zero_stage)
     kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
+    min_step_seconds = float(os.environ.get(MIN_STEP_SECONDS_ENV, "0") or 0)
     tokens_seen = step_rows[-1]["tokens"] if step_rows else 0
     started_run, first_step = time.perf_counter(), step
     while step < last_step:
@@ -287,6 +291,8 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
             torch.distributed.all_reduce(reduced)
             sums = reduced.cpu()
         step += 1
+        if min_step_seconds:
+            time.sleep(max(0.0, min_step_seconds - (time.perf_counter() - started)))
         elapsed = time.perf_counter() - started
         count = accumulation * world
         tokens = int(sums[-1].item())

@@ -20,7 +20,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import pad_and_concat
 
-from hsconv.hidden_states import decoder_states, final_norm_module
+from hsconv.hidden_states import decoder_states, final_norm_module, lens_states
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class LogitLensLM(HFLM):
             # HFLM calls the model without an attention mask (right padding never reaches earlier positions).
             result = decoder_states(self.model, padded, None)
             self.forward_passes += 1
-            pre_norm = result["states"][:-1] + [result["pre_norm_last"]]
+            pre_norm = lens_states(result)
             rows = torch.cat([torch.full((stop - begin,), row, dtype=torch.long) for row, (begin, stop)
                               in enumerate(spans)])
             positions = torch.cat([torch.arange(begin, stop) for begin, stop in spans])

@@ -20,7 +20,7 @@ TASK_LABELS = {"lambada": "LAMBADA", "wikitext": "WikiText-2"}
 
 
 def plot_per_layer(table_path: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
-                   models: dict[str, str], task: str, metric: str, title: str) -> None:
+                   models: dict[str, str], task: str, metric: str, title: str):
     table = pd.read_parquet(table_path)
     table = table[(table["task"] == task) & (table["metric"] == metric)]
     missing = [name for name in models if name not in set(table["model"])]
@@ -52,3 +52,4 @@ def plot_per_layer(table_path: str | os.PathLike, pdf_out: str | os.PathLike, pn
                     f"logit lens{band}", fontsize=10)
     figure.tight_layout()
     save_figure(figure, pdf_out, png_out)
+    return figure

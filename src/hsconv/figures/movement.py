@@ -1,4 +1,4 @@
-"""Fig. 3: movement D_l of the hidden state at each layer, one panel per model, base vs distilled."""
+"""Figs. 3 and 8: movement D_l of the hidden state at each layer, one panel per model, base vs distilled."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ DATASET_LABELS = {"lambada": "LAMBADA", "wikitext": "WikiText-2"}
 CONVENTION_LABELS = {"hf": "last state after the final norm", "pre_norm": "last state before the final norm"}
 
 
-def plot_fig3(layer_table: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
-              models: dict[str, str], dataset: str, final_norm: str, title: str = "Fig. 3") -> None:
-    """``models`` maps each model name to its label, in panel order."""
+def plot_movement(layer_table: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
+                  models: dict[str, str], dataset: str, final_norm: str, title: str = "Fig. 3"):
+    """``models`` maps each model name to its label, in panel order. Returns the (closed) figure."""
     table = pd.read_parquet(layer_table)
     table = table[(table["dataset"] == dataset) & (table["final_norm"] == final_norm)]
     missing = [name for name in models if name not in set(table["model"])]
@@ -34,6 +34,7 @@ def plot_fig3(layer_table: str | os.PathLike, pdf_out: str | os.PathLike, png_ou
         tokens, documents = int(rows["n_tokens"].iloc[0]), int(rows["n_documents"].iloc[0])
         axis.set_title(f"({chr(97 + index)}) {label}\n{tokens:,} tokens, {documents:,} documents", fontsize=10)
         axis.set_xlabel("layer $l$")
+        axis.xaxis.get_major_locator().set_params(integer=True)
         axis.set_ylabel(r"$D_l = (1 - \cos(h_{l-1}, h_l))\,/\,2$")
         axis.legend(title="variant", fontsize=8, title_fontsize=8)
     level = table["ci_level"].iloc[0]
@@ -43,3 +44,4 @@ def plot_fig3(layer_table: str | os.PathLike, pdf_out: str | os.PathLike, png_ou
                     fontsize=10)
     figure.tight_layout()
     save_figure(figure, pdf_out, png_out)
+    return figure

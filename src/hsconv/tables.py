@@ -1,0 +1,20 @@
+"""The result tables: per-model pieces gathered into one table for machines (Parquet) and people (CSV, Markdown)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from hsconv.io import write_table
+
+
+def gather_tables(paths: list[str], out_stem: str | os.PathLike, config_hash: str, columns: list[str] | None = None,
+                  ) -> pd.DataFrame:
+    """Concatenate per-model tables into one result table (Parquet, CSV, Markdown) with the config hash."""
+    frame = pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
+    if columns:
+        frame = frame[columns]
+    write_table(frame, Path(out_stem), {"config_hash": config_hash, "inputs": [str(p) for p in paths]})
+    return frame
