@@ -23,16 +23,21 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 
 from hsconv.io import atomic_path
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "hsconv_model.json"
 SOURCE_KINDS = ("hub", "local", "gguf", "tiny")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+# Names of torch dtypes. torch itself is imported where a model is built, so that the workflow (which imports
+# this module to check the config) starts without it.
+DTYPES = ("float32", "bfloat16", "float16", "float64")
 GGUF_MAGIC = b"GGUF"
 TINY_EOS = "<|endoftext|>"
 
@@ -135,6 +140,7 @@ def prepare_model(name: str, source: dict, out_dir: str | Path) -> Path:
 
 def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
     """Load the model and tokenizer that :func:`prepare_model` (or the trainer) wrote to ``model_dir``."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
@@ -142,7 +148,7 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu
     weights = weights_dir(model_dir, manifest)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(weights, dtype=DTYPES[dtype]).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(weights, dtype=getattr(torch, dtype)).to(device).eval()
     return LoadedModel(model=model, tokenizer=load_tokenizer(model_dir), name=manifest["name"], manifest=manifest)
 
 
@@ -191,6 +197,7 @@ def _snapshot(name: str, source: dict) -> Path:
 
 
 def _load_gguf(path: Path):
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("de-quantising %s", path)
@@ -226,6 +233,7 @@ def byte_level_tokenizer():
 
 
 def build_tiny_model(spec: dict):
+    import torch
     """A randomly initialised Llama or Qwen2 model from a few size fields, reproducible from ``seed``."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
