@@ -1,0 +1,102 @@
+"""Every config key with a type, range or choice, given a wrong value: one message naming the key and what was
+expected. The cases are generated from the schema itself, so a key added to it is covered without a new test."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from conftest import REPO
+
+SCHEMA_PATH = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())
+PRESET = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
+# Where a schema definition ($defs) sits in the test preset, so that its keys get a concrete path.
+DEFINITION_INSTANCES = {"model": ("models", "tiny-llama"), "dataset": ("datasets", "lambada"),
+                        "movement_figure": ("figures", "fig3"), "per_layer_figure": ("figures", "fig5")}
+
+
+def _resolve(schema: dict) -> dict:
+    reference = schema.get("$ref")
+    return SCHEMA["$defs"][reference.split("/")[-1]] if reference else schema
+
+
+def _leaves(schema: dict, path: tuple):
+    """(path, leaf schema) for every key that has a type, range or choice."""
+    schema = _resolve(schema)
+    for key, child in schema.get("properties", {}).items():
+        child_path = path + (key,)
+        resolved = _resolve(child)
+        if "properties" in resolved:
+            yield from _leaves(resolved, child_path)
+        elif {"type", "enum", "minimum", "maximum"} & set(resolved) and resolved.get("type") != "array":
+            yield child_path, resolved
+
+
+def _all_leaves():
+    for path, leaf in _leaves(SCHEMA, ()):
+        yield path, leaf
+    for definition, prefix in DEFINITION_INSTANCES.items():
+        if definition in ("movement_figure", "per_layer_figure"):
+            continue  # reached through `figures` above
+        for path, leaf in _leaves(SCHEMA["$defs"][definition], prefix):
+            yield path, leaf
+
+
+def _wrong_values(leaf: dict):
+    """(value, the words the message must contain) for each way a value can be wrong for this key."""
+    types = leaf.get("type", [])
+    types = [types] if isinstance(types, str) else types
+    if "enum" in leaf:
+        yield "no-such-choice", "is not one of"
+    if "integer" in types or "number" in types:
+        yield "twelve", "is not of type"
+        if "minimum" in leaf:
+            yield leaf["minimum"] - 1, f"is less than the minimum of {leaf['minimum']}"
+        if "maximum" in leaf:
+            yield leaf["maximum"] + 1, f"is greater than the maximum of {leaf['maximum']}"
+    elif "boolean" in types:
+        yield "yes", "is not of type 'boolean'"
+    elif types == ["string"] or set(types) == {"string", "null"}:
+        yield 5, "is not of type"
+
+
+CASES = [pytest.param(path, value, words, id=".".join(path) + f"={value!r}")
+         for path, leaf in _all_leaves() for value, words in _wrong_values(leaf)]
+
+
+def _set(config: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        config = config.setdefault(key, {})
+    config[path[-1]] = value
+
+
+def test_the_cases_cover_every_section():
+    sections = {path[0] for path, *_ in (case.values for case in CASES)}
+    assert {"models", "datasets", "corpus", "packing", "distill", "hidden_states", "evaluation", "metrics",
+            "sentence", "figures"} <= sections
+    assert len(CASES) > 60
+
+
+@pytest.mark.parametrize("path, value, words", CASES)
+def test_wrong_value_is_refused_naming_the_key(path, value, words):
+    config = copy.deepcopy(PRESET)
+    _set(config, path, value)
+    with pytest.raises(WorkflowError) as error:
+        validate(config, str(SCHEMA_PATH))
+    message = str(error.value)
+    assert words in message, message
+    assert "On instance" + "".join(f"[{key!r}]" for key in path) in message, message
+
+
+def test_an_unknown_key_anywhere_is_refused(tmp_path: Path):
+    for path in (("distill", "learning_rat"), ("models", "tiny-llama", "dtyp"), ("sentence", "txt")):
+        config = copy.deepcopy(PRESET)
+        _set(config, path, 1)
+        with pytest.raises(WorkflowError, match=rf"'{path[-1]}' was unexpected"):
+            validate(config, str(SCHEMA_PATH))
