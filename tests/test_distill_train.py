@@ -135,3 +135,41 @@ def test_learning_rate_schedule_warms_up_then_follows_a_cosine():
     assert all(a > b for a, b in zip(factors[2:], factors[3:]))
     assert lr_factor(10, 2, 10, 0.1) == pytest.approx(0.1)
     assert lr_factor(6, 2, 10, 0.0) == pytest.approx(0.5)  # half-way through the decay
+
+
+def _damage(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_is_resumed(tmp_path, corpus):
+    model_dir, tokens = make_model(tmp_path, corpus)
+    settings = {**SETTINGS, "max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2}
+    first, outputs = run_distill(tmp_path, model_dir, tokens, "run", settings)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (root,) = outputs["checkpoints"].iterdir()  # one folder per settings hash
+    assert sorted(p.name for p in root.glob("step*")) == ["step0000002", "step0000004"]
+    assert all((root / tag / "sha256.json").is_file() for tag in ("step0000002", "step0000004"))
+    damaged = sorted((root / "step0000004").rglob("*.pt"))[0]
+    _damage(damaged)
+
+    second, _ = run_distill(tmp_path, model_dir, tokens, "run", settings)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"not resuming from checkpoint step0000004: {damaged} does not match its checksum" in second.stderr
+    assert "resumed from checkpoint step0000002 (step 2 of 4)" in second.stderr
+    assert pd.read_parquet(outputs["log_out"])["step"].tolist() == [1, 2, 3, 4]
+
+    for tag in ("step0000002", "step0000004"):
+        _damage(sorted((root / tag).rglob("*.pt"))[0])
+    third, _ = run_distill(tmp_path, model_dir, tokens, "run", settings)
+    assert third.returncode != 0
+    assert f"every checkpoint under {root} is damaged" in third.stderr and "delete the folder" in third.stderr
+
+
+def test_an_unfinished_checkpoint_is_skipped_without_error(tmp_path):
+    from hsconv.distill.train import _Checkpoints
+
+    checkpoints = _Checkpoints(tmp_path, keep=2)
+    (tmp_path / "step0000002").mkdir()
+    (tmp_path / "step0000002" / "model.pt").write_bytes(b"half")
+    assert checkpoints.problem("step0000002") == "it was not finished (no checksums)"
+    assert checkpoints.newest_intact() is None  # nothing finished: start from the pretrained model

@@ -8,6 +8,7 @@ WORLD_SIZE, and every rank runs the same code on its slice of each batch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ KILL_AFTER_STEP_ENV = "HSCONV_KILL_AFTER_STEP"
 # Testing hook: make every optimizer step last at least this many seconds, so that a scheduler's time limit
 # (Slurm's, in tests/test_slurm.py) reliably falls in the middle of a run.
 MIN_STEP_SECONDS_ENV = "HSCONV_MIN_STEP_SECONDS"
+CHECKSUMS = "sha256.json"
 
 
 class TrainingError(ValueError):
@@ -167,22 +169,67 @@ def _first_non_finite(terms) -> str | None:
 
 
 class _Checkpoints:
-    """DeepSpeed checkpoints under ``root``, one tag per optimizer step; only the newest few are kept."""
+    """DeepSpeed checkpoints under ``root``, one tag per optimizer step; only the newest few are kept.
+
+    Each finished tag gets a ``sha256.json`` of its files. A tag without it was still being written when the run
+    died; a tag whose files no longer match it was damaged on disk. Neither is resumed from: the newest intact
+    tag is, and the damaged one is named in the log.
+    """
 
     def __init__(self, root: Path, keep: int):
         self.root, self.keep = root, keep
 
-    def latest(self) -> str | None:
-        path = self.root / "latest"
-        return path.read_text().strip() if path.is_file() else None
+    def tags(self) -> list[str]:
+        return sorted(path.name for path in self.root.glob("step*") if path.is_dir())
 
     def save(self, engine, step: int, client_state: dict, rank: int) -> None:
         tag = f"step{step:07d}"
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank's shard is on disk before it is summed up
         if rank == 0:
-            tags = sorted(path.name for path in self.root.glob("step*") if path.is_dir())
-            for old in tags[:-self.keep]:
+            files = sorted(path for path in (self.root / tag).rglob("*") if path.is_file())
+            checksums = {str(path.relative_to(self.root / tag)): _sha256(path) for path in files}
+            with atomic_path(self.root / tag / CHECKSUMS) as tmp:
+                tmp.write_text(json.dumps(checksums, indent=1))
+            for old in self.tags()[:-self.keep]:
                 shutil.rmtree(self.root / old, ignore_errors=True)
+
+    def problem(self, tag: str) -> str | None:
+        """Why the tag cannot be resumed from, or None when it is intact."""
+        listing = self.root / tag / CHECKSUMS
+        if not listing.is_file():
+            return "it was not finished (no checksums)"
+        for name, expected in json.loads(listing.read_text()).items():
+            path = self.root / tag / name
+            if not path.is_file():
+                return f"{path} is missing"
+            if _sha256(path) != expected:
+                return f"{path} does not match its checksum (truncated or damaged)"
+        return None
+
+    def newest_intact(self) -> str | None:
+        """The newest tag to resume from; raises when there are checkpoints and every one is damaged."""
+        damaged = []
+        for tag in reversed(self.tags()):
+            problem = self.problem(tag)
+            if problem is None:
+                return tag
+            log.warning("not resuming from checkpoint %s: %s", tag, problem)
+            damaged.append(f"{tag}: {problem}")
+        finished = [entry for entry in damaged if "not finished" not in entry]
+        if finished:
+            raise TrainingError(f"every checkpoint under {self.root} is damaged ({'; '.join(damaged)}); delete the "
+                                f"folder to train from the start")
+        return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_dir: str | os.PathLike,
@@ -249,10 +296,11 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
     fingerprint = stable_hash(settings_record)
     checkpoints = _Checkpoints(Path(checkpoint_dir) / fingerprint, train.keep_checkpoints)
     step, step_rows, layer_rows = 0, [], []
-    if checkpoints.latest():
-        _, client = engine.load_checkpoint(str(checkpoints.root))
+    resume_tag = checkpoints.newest_intact()
+    if resume_tag:
+        _, client = engine.load_checkpoint(str(checkpoints.root), tag=resume_tag)
         step, step_rows, layer_rows = client["step"], client["step_rows"], client["layer_rows"]
-        log.info("resumed from checkpoint %s (step %d of %d)", checkpoints.latest(), step, last_step)
+        log.info("resumed from checkpoint %s (step %d of %d)", resume_tag, step, last_step)
     else:
         log.info("no checkpoint in %s; starting from the pretrained model", checkpoints.root)
 
