@@ -6,7 +6,6 @@ Both steps stream: memory is bounded by the shuffle buffer and one shard, never 
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
@@ -21,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hsconv.io import atomic_path, write_parquet
+from hsconv.io import atomic_path, sha256_file, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +112,6 @@ def shuffled(documents: Iterable, buffer_size: int, seed: int) -> Iterator:
     yield from buffer
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def sample_corpus(source: dict, out_dir: str | os.PathLike, documents: int | None = None, seed: int = 0,
                   min_int_score: int | None = None, shuffle_buffer: int = 10000,
@@ -144,7 +136,7 @@ def sample_corpus(source: dict, out_dir: str | os.PathLike, documents: int | Non
                 frame["int_score"] = [r.get("int_score") for r in rows]
             name = f"shard-{len(shards):05d}.parquet"
             pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp / name)
-            shards.append({"file": name, "documents": len(rows), "sha256": _sha256(tmp / name)})
+            shards.append({"file": name, "documents": len(rows), "sha256": sha256_file(tmp / name)})
             total += len(rows)
         if total == 0:
             raise CorpusError(f"corpus source {source} gave no documents (after the quality filter, if any)")
@@ -163,7 +155,7 @@ def read_corpus(corpus_dir: str | os.PathLike, verify: bool = True) -> Iterator[
     manifest = json.loads((corpus_dir / MANIFEST).read_text())
     for shard in manifest["shards"]:
         path = corpus_dir / shard["file"]
-        if verify and _sha256(path) != shard["sha256"]:
+        if verify and sha256_file(path) != shard["sha256"]:
             raise CorpusError(f"{path} does not match the sha256 in {corpus_dir / MANIFEST}: corrupted or edited")
         table = pq.read_table(path, columns=["source_index", "text"])
         yield from zip(table.column("source_index").to_pylist(), table.column("text").to_pylist())

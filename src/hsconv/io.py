@@ -31,6 +31,15 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (checkpoints and shards can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def stable_hash(obj) -> str:
     """A short hash of a JSON-serialisable object, independent of key order."""
     text = json.dumps(obj, sort_keys=True, default=str)

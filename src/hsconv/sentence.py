@@ -99,7 +99,8 @@ def trace_sentence(loaded: LoadedModel, text: str, target: str, pca_exclude_firs
     input_ids = torch.tensor([ids], device=device)
     result = layer_states(model, input_ids, torch.ones_like(input_ids))
     lens_inputs = lens_states(result)
-    keep = [index for index, token in enumerate(ids) if token not in set(tokenizer.all_special_ids)]
+    special = set(tokenizer.all_special_ids)
+    keep = [index for index, token in enumerate(ids) if token not in special]
     texts = token_texts(tokenizer, ids)
     num_layers = loaded.num_layers
 

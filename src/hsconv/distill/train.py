@@ -8,7 +8,6 @@ WORLD_SIZE, and every rank runs the same code on its slice of each batch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,7 +25,7 @@ import torch
 
 from hsconv.distill.loss import layer_weights
 from hsconv.distill.objective import LossSettings, SelfDistillation
-from hsconv.io import atomic_path, stable_hash, write_parquet
+from hsconv.io import atomic_path, sha256_file, stable_hash, write_parquet
 from hsconv.models import MANIFEST, context_length, load_model, read_manifest
 
 log = logging.getLogger(__name__)
@@ -189,7 +188,7 @@ class _Checkpoints:
             torch.distributed.barrier()  # every rank's shard is on disk before it is summed up
         if rank == 0:
             files = sorted(path for path in (self.root / tag).rglob("*") if path.is_file())
-            checksums = {str(path.relative_to(self.root / tag)): _sha256(path) for path in files}
+            checksums = {str(path.relative_to(self.root / tag)): sha256_file(path) for path in files}
             with atomic_path(self.root / tag / CHECKSUMS) as tmp:
                 tmp.write_text(json.dumps(checksums, indent=1))
             for old in self.tags()[:-self.keep]:
@@ -204,32 +203,25 @@ class _Checkpoints:
             path = self.root / tag / name
             if not path.is_file():
                 return f"{path} is missing"
-            if _sha256(path) != expected:
+            if sha256_file(path) != expected:
                 return f"{path} does not match its checksum (truncated or damaged)"
         return None
 
     def newest_intact(self) -> str | None:
         """The newest tag to resume from; raises when there are checkpoints and every one is damaged."""
-        damaged = []
+        damaged, any_finished = [], False
         for tag in reversed(self.tags()):
             problem = self.problem(tag)
             if problem is None:
                 return tag
             log.warning("not resuming from checkpoint %s: %s", tag, problem)
             damaged.append(f"{tag}: {problem}")
-        finished = [entry for entry in damaged if "not finished" not in entry]
-        if finished:
+            any_finished |= (self.root / tag / CHECKSUMS).is_file()
+        if any_finished:
             raise TrainingError(f"every checkpoint under {self.root} is damaged ({'; '.join(damaged)}); delete the "
                                 f"folder to train from the start")
         return None
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_dir: str | os.PathLike,
