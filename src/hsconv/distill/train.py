@@ -247,128 +247,133 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
 
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     rank, world, local_rank = _init_distributed(device_type)
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+    # An exit with the group alive lets gloo's threads be torn down by the C++ runtime, which can abort
+    # ("terminate called without an active exception", exit -6) after a run that finished.
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
-    bf16 = train.precision == "bfloat16" or (train.precision == "auto" and device_type == "cuda")
-    if device_type == "cpu" and bf16:
-        log.warning("bfloat16 on CPU is slow; precision auto would choose float32")
-    torch_device = torch.device(get_accelerator().device_name(local_rank)) if device_type == "cuda" else \
-        torch.device("cpu")
-    if train.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.manual_seed(train.seed)
+        bf16 = train.precision == "bfloat16" or (train.precision == "auto" and device_type == "cuda")
+        if device_type == "cpu" and bf16:
+            log.warning("bfloat16 on CPU is slow; precision auto would choose float32")
+        torch_device = torch.device(get_accelerator().device_name(local_rank)) if device_type == "cuda" else \
+            torch.device("cpu")
+        if train.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.manual_seed(train.seed)
 
-    student = base.model
-    if train.gradient_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    student.train()
-    target = load_model(model_dir, dtype="bfloat16" if bf16 else "float32", device=str(torch_device)).model
-    module = SelfDistillation(student, target, loss_settings)
+        student = base.model
+        if train.gradient_checkpointing:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.train()
+        target = load_model(model_dir, dtype="bfloat16" if bf16 else "float32", device=str(torch_device)).model
+        module = SelfDistillation(student, target, loss_settings)
 
-    ds_config = _deepspeed_config(train, accumulation, bf16)
-    optimizer = None
-    if not train.offload_optimizer:
-        optimizer = torch.optim.AdamW(student.parameters(), lr=train.learning_rate, betas=train.adam_betas,
-                                      weight_decay=train.weight_decay)
-    # Given as a callable, DeepSpeed builds the schedule on its own optimizer, steps it at each accumulation
-    # boundary and keeps its state in the checkpoints.
-    def schedule(wrapped_optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(
-            wrapped_optimizer, lambda index: lr_factor(index, train.warmup_steps, total_steps, train.min_lr_ratio))
+        ds_config = _deepspeed_config(train, accumulation, bf16)
+        optimizer = None
+        if not train.offload_optimizer:
+            optimizer = torch.optim.AdamW(student.parameters(), lr=train.learning_rate, betas=train.adam_betas,
+                                          weight_decay=train.weight_decay)
+        # Given as a callable, DeepSpeed builds the schedule on its own optimizer, steps it at each accumulation
+        # boundary and keeps its state in the checkpoints.
+        def schedule(wrapped_optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(
+                wrapped_optimizer, lambda index: lr_factor(index, train.warmup_steps, total_steps, train.min_lr_ratio))
 
-    engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
-                                                   lr_scheduler=schedule,
-                                                   model_parameters=None if optimizer else student.parameters())
-    if train.zero_stage == 3:
-        module.register_for_zero3()  # needs the partitioned parameters that initialize() made
+        engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
+                                                       lr_scheduler=schedule,
+                                                       model_parameters=None if optimizer else student.parameters())
+        if train.zero_stage == 3:
+            module.register_for_zero3()  # needs the partitioned parameters that initialize() made
 
-    settings_record = {"distill": settings.to_dict(), "world_size": world, "tokens": str(tokens_path),
-                       "sequences": int(len(ids)), "sequence_length": int(ids.shape[1])}
-    fingerprint = stable_hash(settings_record)
-    checkpoints = _Checkpoints(Path(checkpoint_dir) / fingerprint, train.keep_checkpoints)
-    step, step_rows, layer_rows = 0, [], []
-    resume_tag = checkpoints.newest_intact()
-    if resume_tag:
-        _, client = engine.load_checkpoint(str(checkpoints.root), tag=resume_tag)
-        step, step_rows, layer_rows = client["step"], client["step_rows"], client["layer_rows"]
-        log.info("resumed from checkpoint %s (step %d of %d)", resume_tag, step, last_step)
-    else:
-        log.info("no checkpoint in %s; starting from the pretrained model", checkpoints.root)
+        settings_record = {"distill": settings.to_dict(), "world_size": world, "tokens": str(tokens_path),
+                           "sequences": int(len(ids)), "sequence_length": int(ids.shape[1])}
+        fingerprint = stable_hash(settings_record)
+        checkpoints = _Checkpoints(Path(checkpoint_dir) / fingerprint, train.keep_checkpoints)
+        step, step_rows, layer_rows = 0, [], []
+        resume_tag = checkpoints.newest_intact()
+        if resume_tag:
+            _, client = engine.load_checkpoint(str(checkpoints.root), tag=resume_tag)
+            step, step_rows, layer_rows = client["step"], client["step_rows"], client["layer_rows"]
+            log.info("resumed from checkpoint %s (step %d of %d)", resume_tag, step, last_step)
+        else:
+            log.info("no checkpoint in %s; starting from the pretrained model", checkpoints.root)
 
-    num_layers = student.config.num_hidden_layers
-    weights = layer_weights(num_layers, loss_settings.k).tolist()
-    log.info("distilling %s: %d sequences × %d tokens, %d steps of %d sequences (%d per forward × %d accumulation "
-             "× %d ranks), %s, ZeRO stage %d", name, len(ids), ids.shape[1], last_step, train.batch_size,
-             train.micro_batch_size, accumulation, world, "bf16" if bf16 else "float32", train.zero_stage)
-    kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
-    min_step_seconds = float(os.environ.get(MIN_STEP_SECONDS_ENV, "0") or 0)
-    tokens_seen = step_rows[-1]["tokens"] if step_rows else 0
-    started_run, first_step = time.perf_counter(), step
-    while step < last_step:
-        epoch, index_in_epoch = divmod(step, steps_per_epoch)
-        order = np.random.default_rng([train.seed, epoch]).permutation(len(ids))
-        batch = order[index_in_epoch * train.batch_size:(index_in_epoch + 1) * train.batch_size]
-        mine = batch[rank * accumulation * train.micro_batch_size:(rank + 1) * accumulation * train.micro_batch_size]
-        started, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-        sums = torch.zeros(3 + (num_layers + 1) + num_layers + 1, dtype=torch.float64)
-        for micro in range(accumulation):
-            rows = mine[micro * train.micro_batch_size:(micro + 1) * train.micro_batch_size]
-            input_ids = torch.from_numpy(ids[rows]).to(engine.device)
-            mask = (torch.arange(ids.shape[1])[None, :] < torch.from_numpy(n_tokens[rows])[:, None]).long()
-            terms = engine(input_ids, mask.to(engine.device))
-            problem = _first_non_finite(terms)
-            if problem:
-                raise FloatingPointError(f"model {name!r}, step {step + 1}, micro-batch {micro + 1}: non-finite loss "
-                                         f"term {problem} (lower the learning rate, or use float32)")
-            engine.backward(terms.total)
-            engine.step()
-            sums += torch.cat([torch.stack([terms.total.detach(), terms.zeta1.detach(), terms.zeta2.detach()]).double()
-                               .cpu(), terms.kl.double().cpu(), terms.step.double().cpu(),
-                               torch.tensor([terms.tokens], dtype=torch.float64)])
+        num_layers = student.config.num_hidden_layers
+        weights = layer_weights(num_layers, loss_settings.k).tolist()
+        log.info("distilling %s: %d sequences × %d tokens, %d steps of %d sequences (%d per forward × %d accumulation "
+                 "× %d ranks), %s, ZeRO stage %d", name, len(ids), ids.shape[1], last_step, train.batch_size,
+                 train.micro_batch_size, accumulation, world, "bf16" if bf16 else "float32", train.zero_stage)
+        kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
+        min_step_seconds = float(os.environ.get(MIN_STEP_SECONDS_ENV, "0") or 0)
+        tokens_seen = step_rows[-1]["tokens"] if step_rows else 0
+        started_run, first_step = time.perf_counter(), step
+        while step < last_step:
+            epoch, index_in_epoch = divmod(step, steps_per_epoch)
+            order = np.random.default_rng([train.seed, epoch]).permutation(len(ids))
+            batch = order[index_in_epoch * train.batch_size:(index_in_epoch + 1) * train.batch_size]
+            mine = batch[rank * accumulation * train.micro_batch_size:(rank + 1) * accumulation * train.micro_batch_size]
+            started, lr = time.perf_counter(), scheduler.get_last_lr()[0]
+            sums = torch.zeros(3 + (num_layers + 1) + num_layers + 1, dtype=torch.float64)
+            for micro in range(accumulation):
+                rows = mine[micro * train.micro_batch_size:(micro + 1) * train.micro_batch_size]
+                input_ids = torch.from_numpy(ids[rows]).to(engine.device)
+                mask = (torch.arange(ids.shape[1])[None, :] < torch.from_numpy(n_tokens[rows])[:, None]).long()
+                terms = engine(input_ids, mask.to(engine.device))
+                problem = _first_non_finite(terms)
+                if problem:
+                    raise FloatingPointError(f"model {name!r}, step {step + 1}, micro-batch {micro + 1}: non-finite loss "
+                                             f"term {problem} (lower the learning rate, or use float32)")
+                engine.backward(terms.total)
+                engine.step()
+                sums += torch.cat([torch.stack([terms.total.detach(), terms.zeta1.detach(), terms.zeta2.detach()]).double()
+                                   .cpu(), terms.kl.double().cpu(), terms.step.double().cpu(),
+                                   torch.tensor([terms.tokens], dtype=torch.float64)])
+            if world > 1:
+                reduced = sums.to(engine.device)
+                torch.distributed.all_reduce(reduced)
+                sums = reduced.cpu()
+            step += 1
+            if min_step_seconds:
+                time.sleep(max(0.0, min_step_seconds - (time.perf_counter() - started)))
+            elapsed = time.perf_counter() - started
+            count = accumulation * world
+            tokens = int(sums[-1].item())
+            tokens_seen += tokens
+            mean = (sums[:-1] / count).tolist()
+            grad_norm = engine.get_global_grad_norm()
+            step_rows.append({"step": step, "epoch": epoch, "tokens": tokens_seen, "lr": lr, "zeta": mean[0],
+                              "zeta1": mean[1], "zeta2": mean[2],
+                              "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                              "seconds": elapsed, "tokens_per_second": tokens / elapsed})
+            kl, steps = mean[3:3 + num_layers + 1], mean[3 + num_layers + 1:]
+            for layer in range(num_layers + 1):
+                layer_rows.append({"step": step, "layer": layer, "weight": weights[layer], "kl": kl[layer],
+                                   "hidden_step": steps[layer - 1] if layer else float("nan")})
+            # Steps of this process only: a resumed run's earlier steps took their time in another process.
+            remaining = (last_step - step) * (time.perf_counter() - started_run) / (step - first_step)
+            log.info("step %d/%d  ζ=%.5f ζ1=%.5f ζ2=%.5f  lr=%.2e  |g|=%.3f  %.1f tokens/s  ~%.0f s left", step,
+                     last_step, mean[0], mean[1], mean[2], lr, step_rows[-1]["grad_norm"], tokens / elapsed, remaining)
+            if step % train.checkpoint_every == 0 or step == last_step:
+                checkpoints.save(engine, step, {"step": step, "step_rows": step_rows, "layer_rows": layer_rows,
+                                                "settings": settings_record}, rank)
+            if kill_after and step == kill_after:
+                log.warning("%s=%d: killing this process", KILL_AFTER_STEP_ENV, kill_after)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        if rank == 0:
+            _save_model(engine, base, model_dir, out_dir, name, settings_record, train.zero_stage)
+            provenance = {"model": name, "settings": settings_record}
+            write_parquet(pd.DataFrame(step_rows), log_out, {"distill": provenance})
+            write_parquet(pd.DataFrame(layer_rows), layers_out, {"distill": provenance})
         if world > 1:
-            reduced = sums.to(engine.device)
-            torch.distributed.all_reduce(reduced)
-            sums = reduced.cpu()
-        step += 1
-        if min_step_seconds:
-            time.sleep(max(0.0, min_step_seconds - (time.perf_counter() - started)))
-        elapsed = time.perf_counter() - started
-        count = accumulation * world
-        tokens = int(sums[-1].item())
-        tokens_seen += tokens
-        mean = (sums[:-1] / count).tolist()
-        grad_norm = engine.get_global_grad_norm()
-        step_rows.append({"step": step, "epoch": epoch, "tokens": tokens_seen, "lr": lr, "zeta": mean[0],
-                          "zeta1": mean[1], "zeta2": mean[2],
-                          "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                          "seconds": elapsed, "tokens_per_second": tokens / elapsed})
-        kl, steps = mean[3:3 + num_layers + 1], mean[3 + num_layers + 1:]
-        for layer in range(num_layers + 1):
-            layer_rows.append({"step": step, "layer": layer, "weight": weights[layer], "kl": kl[layer],
-                               "hidden_step": steps[layer - 1] if layer else float("nan")})
-        # Steps of this process only: a resumed run's earlier steps took their time in another process.
-        remaining = (last_step - step) * (time.perf_counter() - started_run) / (step - first_step)
-        log.info("step %d/%d  ζ=%.5f ζ1=%.5f ζ2=%.5f  lr=%.2e  |g|=%.3f  %.1f tokens/s  ~%.0f s left", step,
-                 last_step, mean[0], mean[1], mean[2], lr, step_rows[-1]["grad_norm"], tokens / elapsed, remaining)
-        if step % train.checkpoint_every == 0 or step == last_step:
-            checkpoints.save(engine, step, {"step": step, "step_rows": step_rows, "layer_rows": layer_rows,
-                                            "settings": settings_record}, rank)
-        if kill_after and step == kill_after:
-            log.warning("%s=%d: killing this process", KILL_AFTER_STEP_ENV, kill_after)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    if rank == 0:
-        _save_model(engine, base, model_dir, out_dir, name, settings_record, train.zero_stage)
-        provenance = {"model": name, "settings": settings_record}
-        write_parquet(pd.DataFrame(step_rows), log_out, {"distill": provenance})
-        write_parquet(pd.DataFrame(layer_rows), layers_out, {"distill": provenance})
-    if world > 1:
-        torch.distributed.barrier()
-    summary = {"model": name, "steps": step, "tokens": tokens_seen,
-               "final_zeta": step_rows[-1]["zeta"] if step_rows else None}
-    log.info("distilled %s: %s", name, json.dumps(summary))
-    return summary
+            torch.distributed.barrier()
+        summary = {"model": name, "steps": step, "tokens": tokens_seen,
+                   "final_zeta": step_rows[-1]["zeta"] if step_rows else None}
+        log.info("distilled %s: %s", name, json.dumps(summary))
+        return summary
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def _save_model(engine, base, model_dir, out_dir, name: str, settings_record: dict, zero_stage: int) -> None:
