@@ -115,3 +115,50 @@ def test_bad_settings_are_named():
     student, target = make_pair(tied=True)
     with pytest.raises(ValueError, match="kl_direction 'sideways'"):
         loss_and_grads(self_distillation_loss, student, target, alpha=1.0, k=0.25, direction="sideways")
+
+
+def sampled_zeta1_and_gradient(student, target, draws: int, **settings):
+    """ζ1 (α = 0, so ζ = ζ1) and its gradient, flattened, for ``draws`` independent draws of exits."""
+    values, gradients = [], []
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(draws):
+        terms, grads = loss_and_grads(self_distillation_loss, student, target, alpha=0.0, k=0.25,
+                                      generator=generator, **settings)
+        values.append(terms.zeta1.item())
+        gradients.append(torch.cat([grads[name].flatten() for name in sorted(grads)]))
+    return torch.tensor(values, dtype=torch.float64), torch.stack(gradients)
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "weighted"])
+def test_exit_sampling_is_unbiased_for_the_loss_and_its_gradient(scheme):
+    """Over many draws on one batch, the mean sampled ζ1 and gradient match the full ones within their standard
+    error; and the draws really differ (a sampler that always returned every exit would pass trivially)."""
+    student, target = make_pair(tied=False)
+    # 3 layers: 4 exits, of which 2 are sampled per draw
+    full, full_grads = loss_and_grads(self_distillation_loss, student, target, alpha=0.0, k=0.25)
+    full_gradient = torch.cat([full_grads[name].flatten() for name in sorted(full_grads)])
+    draws = 400
+    values, gradients = sampled_zeta1_and_gradient(student, target, draws, exit_samples=2, exit_sampling=scheme)
+    assert values.std() > 1e-3 * values.mean()
+    z = (values.mean() - full.zeta1.item()) / (values.std() / math.sqrt(draws))
+    assert abs(z) < 4, f"sampled ζ1 mean {values.mean():.6f} vs full {full.zeta1.item():.6f} (z = {z:.2f})"
+    directions = torch.randn(3, full_gradient.numel(), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    projected, expected = gradients @ directions.t(), directions @ full_gradient
+    z = (projected.mean(0) - expected) / (projected.std(0) / math.sqrt(draws))
+    assert z.abs().max() < 4, f"gradient projections: z = {z.tolist()}"
+
+
+def test_exit_sampling_with_every_exit_is_the_exact_loss_and_marks_unsampled_exits():
+    student, target = make_pair(tied=True)
+    settings = dict(alpha=0.7, k=0.25, movement_convention="hf")
+    exact, exact_grads = loss_and_grads(self_distillation_loss, student, target, **settings)
+    every, every_grads = loss_and_grads(self_distillation_loss, student, target, exit_samples=4, **settings)
+    assert every.total.item() == exact.total.item() and every.exits == [0, 1, 2, 3]
+    for name, gradient in exact_grads.items():
+        assert torch.equal(every_grads[name], gradient), name
+    sampled, _ = loss_and_grads(self_distillation_loss, student, target, exit_samples=1,
+                                generator=torch.Generator().manual_seed(5), **settings)
+    assert len(sampled.exits) == 1 and sampled.kl.isnan().sum() == 3
+    torch.testing.assert_close(sampled.kl[sampled.exits[0]], exact.kl[sampled.exits[0]], rtol=1e-10, atol=0)
+    # ζ2 stays exact whichever exits ζ1 used (the hf convention normalises h_L even when L is not sampled).
+    torch.testing.assert_close(sampled.zeta2, exact.zeta2, rtol=1e-12, atol=0)

@@ -84,15 +84,20 @@ def test_zero2_run_killed_and_resumed_matches_an_uninterrupted_run(tmp_path, cor
     assert weighted.to_numpy() == pytest.approx(steps["zeta1"].to_numpy(), rel=1e-6)
 
 
-def test_untied_qwen2_head_trains_under_zero1(tmp_path, corpus):
+def test_untied_qwen2_head_trains_under_zero1_with_one_sampled_exit(tmp_path, corpus):
     model_dir, tokens = make_model(tmp_path, corpus, name="qwen", architecture="qwen2", tie_word_embeddings=False)
     result, outputs = run_distill(tmp_path, model_dir, tokens, "qwen",
                                   settings={**SETTINGS, "max_steps": 2, "zero_stage": 1,
-                                            "kl_direction": "target_student", "movement_convention": "pre_norm"})
+                                            "kl_direction": "target_student", "movement_convention": "pre_norm",
+                                            "exit_samples": 1, "exit_sampling": "weighted"})
     assert result.returncode == 0, result.stderr[-3000:]
     before, after = load_file(model_dir / "model.safetensors"), load_file(outputs["out"] / "model.safetensors")
     assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
     assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    # Two micro-batches per step, one exit each: at most two of the four exits have a KL logged per step.
+    logged = pd.read_parquet(outputs["layers_out"]).groupby("step")["kl"].count()
+    assert logged.between(1, 2).all(), logged
+    assert pd.read_parquet(outputs["log_out"])["zeta1"].notna().all()
 
 
 def test_non_finite_loss_names_the_step_and_term(tmp_path, corpus):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 KL_DIRECTIONS = ("student_target", "target_student")
 MOVEMENT_CONVENTIONS = ("hf", "pre_norm")
+EXIT_SAMPLING = ("uniform", "weighted")
 
 
 def layer_weights(num_layers: int, k: float, dtype=torch.float64) -> torch.Tensor:
@@ -31,9 +32,31 @@ def layer_weights(num_layers: int, k: float, dtype=torch.float64) -> torch.Tenso
     return torch.softmax(k * torch.arange(num_layers + 1, dtype=torch.float64), dim=0).to(dtype)
 
 
+def sample_exits(weights: torch.Tensor, samples: int | None, scheme: str = "uniform",
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exits ζ1 is computed on, and their coefficients, such that E[Σ coeff_l KL_l] = Σ_l w_l KL_l.
+
+    ``samples`` None (or ≥ L+1): every exit with coefficient w_l, the exact loss. ``uniform``: m distinct exits drawn
+    without replacement, each included with probability m/(L+1), coefficient w_l·(L+1)/m. ``weighted``: m draws with
+    replacement, p_l = w_l, each draw contributing w_l/(m·p_l) = 1/m (an exit drawn c times: c/m).
+    """
+    exits = weights.shape[0]
+    if samples is None or samples >= exits:
+        return torch.arange(exits), weights
+    if scheme not in EXIT_SAMPLING:
+        raise ValueError(f"exit_sampling {scheme!r} is not one of {', '.join(EXIT_SAMPLING)}")
+    if scheme == "uniform":
+        chosen = torch.randperm(exits, generator=generator)[:samples].sort().values
+        return chosen, weights[chosen] * (exits / samples)
+    draws = torch.multinomial(weights.double().cpu(), samples, replacement=True, generator=generator)
+    chosen, counts = torch.unique(draws, return_counts=True)
+    return chosen, (counts.double() / samples).to(weights)
+
+
 @dataclass
 class LossTerms:
-    """ζ and its parts; ``kl`` (L+1 values) and ``step`` (L values, layer 1..L) are detached, for logging."""
+    """ζ and its parts; ``kl`` (L+1 values, NaN at exits not sampled) and ``step`` (L values, layer 1..L) are
+    detached, for logging. With exit sampling ``zeta1`` is the unbiased estimate, not the full sum."""
 
     total: torch.Tensor
     zeta1: torch.Tensor
@@ -41,6 +64,7 @@ class LossTerms:
     kl: torch.Tensor
     step: torch.Tensor
     tokens: int
+    exits: list[int] | None = None  # the exits ζ1 was computed on; None: all
 
 
 def _kl_and_logit_grad(student_logits: torch.Tensor, target: dict, direction: str):
@@ -156,13 +180,16 @@ def check_settings(direction: str, movement_convention: str) -> None:
 def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Module,
                            head: torch.nn.Linear, target_hidden: torch.Tensor, target_head: torch.nn.Linear,
                            mask: torch.Tensor, alpha: float, k: float, direction: str = "student_target",
-                           movement_convention: str = "hf", chunk_tokens: int = 256) -> LossTerms:
+                           movement_convention: str = "hf", chunk_tokens: int = 256,
+                           exit_samples: int | None = None, exit_sampling: str = "uniform",
+                           generator: torch.Generator | None = None) -> LossTerms:
     """ζ for one batch.
 
     ``pre_norm_states``: h_0..h_L of the student, all before the final norm (B, T, d each); ``target_hidden``:
     the frozen model's last state after its final norm (B, T, d); ``mask`` (B, T): the real tokens.
     ``movement_convention`` chooses h_L in ζ2: after the final norm (``hf``, as ``output_hidden_states`` gives it)
     or before it. q_L is always LMHead(FinalNorm(pre-norm h_L)): the final norm is never applied twice.
+    ``exit_samples``/``exit_sampling``: ζ1 on a random subset of the exits (:func:`sample_exits`); ζ2 stays exact.
     """
     check_settings(direction, movement_convention)
     num_layers = len(pre_norm_states) - 1
@@ -171,16 +198,23 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
     tokens = int(mask.sum())
     if tokens == 0:
         raise ValueError("the batch has no real tokens (every position is padding)")
-    normed = torch.stack([final_norm(state[mask]) for state in pre_norm_states])
-    zeta1, kl = FusedLogitLensKL.apply(normed, head.weight, head.bias, target_hidden[mask].detach(),
-                                       target_head.weight.detach(),
-                                       None if target_head.bias is None else target_head.bias.detach(),
-                                       weights, direction, chunk_tokens)
-    last = normed[-1] if movement_convention == "hf" else pre_norm_states[-1][mask]
+    chosen, coefficients = sample_exits(weights, exit_samples, exit_sampling, generator)
+    normed = torch.stack([final_norm(pre_norm_states[layer][mask]) for layer in chosen.tolist()])
+    zeta1, chosen_kl = FusedLogitLensKL.apply(normed, head.weight, head.bias, target_hidden[mask].detach(),
+                                              target_head.weight.detach(),
+                                              None if target_head.bias is None else target_head.bias.detach(),
+                                              coefficients.to(target_hidden.device), direction, chunk_tokens)
+    kl = torch.full((num_layers + 1,), float("nan"), dtype=chosen_kl.dtype, device=chosen_kl.device)
+    kl[chosen.to(kl.device)] = chosen_kl
+    if movement_convention == "hf":
+        last = normed[-1] if chosen[-1] == num_layers else final_norm(pre_norm_states[-1][mask])
+    else:
+        last = pre_norm_states[-1][mask]
     step = relative_steps([state[mask] for state in pre_norm_states[:-1]] + [last])
     zeta2 = (weights[1:].to(step.dtype) * step).sum()
     total = zeta1 + alpha * zeta2
-    return LossTerms(total=total, zeta1=zeta1, zeta2=zeta2, kl=kl.detach(), step=step.detach(), tokens=tokens)
+    return LossTerms(total=total, zeta1=zeta1, zeta2=zeta2, kl=kl.detach(), step=step.detach(), tokens=tokens,
+                     exits=chosen.tolist())
 
 
 def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Module, head: torch.nn.Linear,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hsconv.distill.loss import LossTerms, check_settings, reference_loss, self_distillation_loss
+from hsconv.distill.loss import EXIT_SAMPLING, LossTerms, check_settings, reference_loss, self_distillation_loss
 from hsconv.hidden_states import decoder_states, final_norm_module, lens_states
 
 LOSS_IMPLEMENTATIONS = ("fused", "reference")
@@ -25,6 +25,8 @@ class LossSettings:
     movement_convention: str = "hf"
     chunk_tokens: int = 256
     implementation: str = "fused"
+    exit_samples: int | None = None  # ζ1 on this many exits per forward pass (None: all, the exact loss)
+    exit_sampling: str = "uniform"
 
     def __post_init__(self):
         check_settings(self.kl_direction, self.movement_convention)
@@ -33,6 +35,12 @@ class LossSettings:
                              f"{', '.join(LOSS_IMPLEMENTATIONS)}")
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
+        if self.exit_samples is not None and self.exit_samples < 1:
+            raise ValueError(f"exit_samples must be at least 1 (or null for every exit), got {self.exit_samples}")
+        if self.exit_sampling not in EXIT_SAMPLING:
+            raise ValueError(f"exit_sampling {self.exit_sampling!r} is not one of {', '.join(EXIT_SAMPLING)}")
+        if self.implementation == "reference" and self.exit_samples is not None:
+            raise ValueError("exit_samples needs the fused loss (the reference loss computes every exit)")
 
 
 class SelfDistillation(torch.nn.Module):
@@ -61,7 +69,10 @@ class SelfDistillation(torch.nn.Module):
             for parameter in module.parameters():
                 register_external_parameter(self, parameter)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LossTerms:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, exit_seed: int | None = None
+                ) -> LossTerms:
+        """``exit_seed`` seeds the draw of exits (when ``exit_samples`` is set), so that a resumed run draws the
+        same exits as an uninterrupted one."""
         states = decoder_states(self.student, input_ids, attention_mask)
         pre_norm = lens_states(states)
         with torch.no_grad():
@@ -72,5 +83,9 @@ class SelfDistillation(torch.nn.Module):
         target_head = self.target.get_output_embeddings()
         if settings.implementation == "reference":
             return reference_loss(pre_norm, self.final_norm, self.head, target_hidden, target_head, **common)
+        generator = None
+        if settings.exit_samples is not None and exit_seed is not None:
+            generator = torch.Generator().manual_seed(exit_seed)
         return self_distillation_loss(pre_norm, self.final_norm, self.head, target_hidden, target_head,
-                                      chunk_tokens=settings.chunk_tokens, **common)
+                                      chunk_tokens=settings.chunk_tokens, exit_samples=settings.exit_samples,
+                                      exit_sampling=settings.exit_sampling, generator=generator, **common)

@@ -158,7 +158,8 @@ def read_sequences(tokens_path: str | os.PathLike, max_length: int, model_name: 
 
 def _first_non_finite(terms) -> str | None:
     # Per-layer terms first: the shallowest non-finite one is where the problem starts.
-    named = [(f"KL at layer {layer}", value) for layer, value in enumerate(terms.kl)]
+    exits = range(len(terms.kl)) if terms.exits is None else terms.exits
+    named = [(f"KL at layer {layer}", terms.kl[layer]) for layer in exits]
     named += [(f"hidden-state step at layer {layer}", value) for layer, value in enumerate(terms.step, start=1)]
     named += [("ζ1 (weighted KL)", terms.zeta1), ("ζ2 (weighted hidden-state steps)", terms.zeta2)]
     for name, value in named:
@@ -314,12 +315,15 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
             batch = order[index_in_epoch * train.batch_size:(index_in_epoch + 1) * train.batch_size]
             mine = batch[rank * accumulation * train.micro_batch_size:(rank + 1) * accumulation * train.micro_batch_size]
             started, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-            sums = torch.zeros(3 + (num_layers + 1) + num_layers + 1, dtype=torch.float64)
+            # ζ, ζ1, ζ2; per exit: KL sum and how many micro-batches computed it (all, without exit sampling);
+            # per layer: step; tokens.
+            sums = torch.zeros(3 + 2 * (num_layers + 1) + num_layers + 1, dtype=torch.float64)
             for micro in range(accumulation):
                 rows = mine[micro * train.micro_batch_size:(micro + 1) * train.micro_batch_size]
                 input_ids = torch.from_numpy(ids[rows]).to(engine.device)
                 mask = (torch.arange(ids.shape[1])[None, :] < torch.from_numpy(n_tokens[rows])[:, None]).long()
-                terms = engine(input_ids, mask.to(engine.device))
+                exit_seed = int(np.random.default_rng([train.seed, step, micro, rank]).integers(2**62))
+                terms = engine(input_ids, mask.to(engine.device), exit_seed=exit_seed)
                 problem = _first_non_finite(terms)
                 if problem:
                     raise FloatingPointError(f"model {name!r}, step {step + 1}, micro-batch {micro + 1}: non-finite loss "
@@ -327,7 +331,8 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
                 engine.backward(terms.total)
                 engine.step()
                 sums += torch.cat([torch.stack([terms.total.detach(), terms.zeta1.detach(), terms.zeta2.detach()]).double()
-                                   .cpu(), terms.kl.double().cpu(), terms.step.double().cpu(),
+                                   .cpu(), terms.kl.double().cpu().nan_to_num(0.0),
+                                   (~terms.kl.isnan()).double().cpu(), terms.step.double().cpu(),
                                    torch.tensor([terms.tokens], dtype=torch.float64)])
             if world > 1:
                 reduced = sums.to(engine.device)
@@ -346,7 +351,10 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
                               "zeta1": mean[1], "zeta2": mean[2],
                               "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                               "seconds": elapsed, "tokens_per_second": tokens / elapsed})
-            kl, steps = mean[3:3 + num_layers + 1], mean[3 + num_layers + 1:]
+            exits = num_layers + 1
+            kl_sums, kl_counts = sums[3:3 + exits], sums[3 + exits:3 + 2 * exits]
+            kl = (kl_sums / kl_counts).tolist()  # NaN at an exit no micro-batch sampled
+            steps = mean[3 + 2 * exits:]
             for layer in range(num_layers + 1):
                 layer_rows.append({"step": step, "layer": layer, "weight": weights[layer], "kl": kl[layer],
                                    "hidden_step": steps[layer - 1] if layer else float("nan")})
