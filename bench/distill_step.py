@@ -1,96 +1,170 @@
-"""Benchmark of one self-distillation training step: the fused per-layer loss against the naive one, side by side.
+"""Benchmark of one self-distillation training step: the fused per-layer loss against the naive one.
 
-    python bench/distill_step.py --model-dir results/models/smollm2-135m/base \
-        --tokens results/data/tokens/smollm2-135m.parquet [--batch 4 --seq 256 --steps 2]
+    python -m bench.distill_step --model-dir results/models/smollm2-135m/base \
+        --tokens results/data/tokens/smollm2-135m.parquet [--shapes 4x256 8x512 --exits 8 16 31]
 
-A step is: the frozen target's forward, the student's forward with all L+1 states, ζ = ζ1 + α ζ2 over all L+1 exits
-(α=1, k=0.25, the paper's KL direction), backward, AdamW. Each implementation runs in a fresh process so that its
-peak resident memory (ru_maxrss) is its own; "step peak" is that peak minus the resident memory just before the
-first step (models, optimizer not yet allocated). The first step is a warm-up and is not timed. Prints Markdown.
+A step is: the frozen target's forward, the student's forward with all L+1 states, ζ = ζ1 + α ζ2 (α=1, k=0.25,
+the paper's KL direction), backward, AdamW. ζ1 covers every exit, or m of them (``exit_samples``, uniform) for
+the exits sweep. Each run is a fresh process so that its peak resident memory (ru_maxrss) is its own; "step peak"
+is that peak minus the resident memory just before the first step (both models loaded, optimizer state not yet
+allocated). One warm-up step (on the first ``--warmup-seq`` tokens of each row), then the timed steps. The time
+spent inside the fused loss (all exits' head products, forward and gradients) is measured separately, giving the
+heads' share of the step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+
+from bench.common import decoder_flops, head_flops, run_fresh, spread
 
 STEP = r"""
 import json, resource, sys, time
 import pandas as pd, torch
+from bench.common import matmul_limit, model_shape
+import hsconv.distill.loss as loss
 from hsconv.distill.objective import LossSettings, SelfDistillation
 from hsconv.models import load_model
 args = json.loads(sys.argv[1])
+limit = matmul_limit()
 torch.manual_seed(0)
 student = load_model(args["model_dir"]).model.train()
 target = load_model(args["model_dir"]).model
 module = SelfDistillation(student, target, LossSettings(implementation=args["implementation"],
-                                                        chunk_tokens=args["chunk_tokens"]))
+                                                        chunk_tokens=args["chunk_tokens"],
+                                                        exit_samples=args["exit_samples"]))
 rows = pd.read_parquet(args["tokens"])["input_ids"].head(args["batch"])
 input_ids = torch.tensor([list(row[:args["seq"]]) for row in rows], dtype=torch.long)
+if input_ids.shape != (args["batch"], args["seq"]):
+    raise SystemExit(f"{args['tokens']} has no {args['batch']} sequences of {args['seq']} tokens")
 mask = torch.ones_like(input_ids)
 optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+loss_seconds = [0.0]
+fused_apply = loss.FusedLogitLensKL.apply
+def timed_apply(*inputs):
+    started = time.perf_counter()
+    result = fused_apply(*inputs)
+    loss_seconds[0] += time.perf_counter() - started
+    return result
+loss.FusedLogitLensKL.apply = timed_apply
 def rss_mb():
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
-before = rss_mb()
-times = []
-for step in range(args["steps"] + 1):
-    started = time.perf_counter()
-    terms = module(input_ids, mask)
+def step(ids, mask):
+    terms = module(ids, mask)
     terms.total.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if step:
-        times.append(time.perf_counter() - started)
+    return terms
+before = rss_mb()
+step(input_ids[:, :args["warmup_seq"]], mask[:, :args["warmup_seq"]])
+times, head_times = [], []
+for _ in range(args["steps"]):
+    loss_seconds[0] = 0.0
+    started = time.perf_counter()
+    terms = step(input_ids, mask)
+    times.append(time.perf_counter() - started)
+    head_times.append(loss_seconds[0])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"seconds": times, "tokens": input_ids.numel(), "before_mb": before, "peak_mb": peak,
-                  "zeta": terms.total.item(), "threads": torch.get_num_threads(),
-                  "exits": len(terms.kl)}))
+print(json.dumps({"seconds": times, "loss_seconds": head_times, "tokens": input_ids.numel(), "before_mb": before,
+                  "peak_mb": peak, "zeta": terms.total.item(), "threads": torch.get_num_threads(),
+                  "exits": len(terms.exits) if terms.exits is not None else len(terms.kl),
+                  "matmul": limit, "shape": model_shape(student.config)}))
 """
 
 
-def run(implementation: str, args) -> dict:
-    config = dict(implementation=implementation, model_dir=args.model_dir, tokens=args.tokens, batch=args.batch,
-                  seq=args.seq, steps=args.steps, chunk_tokens=args.chunk_tokens)
-    out = subprocess.run([sys.executable, "-c", STEP, json.dumps(config)], capture_output=True, text=True)
-    if out.returncode != 0:
-        reason = "killed by the kernel (out of memory)" if out.returncode == -9 else \
-            (out.stderr.strip().splitlines() or ["no message"])[-1]
-        return {"error": f"exit {out.returncode}: {reason}"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def step_flops(shape: dict, seq: int, exits: int) -> float:
+    """FLOPs per token of one step: target forward with its head, student forward and backward, and per exit the
+    head forward plus its two gradient products."""
+    decoder, head = decoder_flops(shape, seq), head_flops(shape)
+    return (decoder + head) + 3 * decoder + exits * 3 * head
+
+
+def naive_loss_gb(shape: dict, batch: int, seq: int) -> float:
+    """Memory of the naive loss alone: every exit's logits, log-softmax and softmax (float32), kept for backward."""
+    return 3 * (shape["layers"] + 1) * batch * seq * shape["vocab"] * 4 / 1e9
+
+
+def measure(model_dir: str, tokens: str, shapes: list[tuple[int, int]], exits: list[int], naive_batches: list[int],
+            steps: int = 2, chunk_tokens: int = 256, warmup_seq: int = 32) -> dict:
+    """Fused steps at every shape (all exits) and at the first shape with each exit count; naive steps at the
+    first shape's length for each batch in ``naive_batches`` (the ones that fit)."""
+    common = dict(model_dir=model_dir, tokens=tokens, steps=steps, chunk_tokens=chunk_tokens, warmup_seq=warmup_seq)
+    runs = []
+
+    def run(implementation, batch, seq, exit_samples=None):
+        result = run_fresh(STEP, {**common, "implementation": implementation, "batch": batch, "seq": seq,
+                                  "exit_samples": exit_samples})
+        runs.append({"implementation": implementation, "batch": batch, "seq": seq, "exit_samples": exit_samples,
+                     **result})
+        print(json.dumps(runs[-1]), flush=True)
+
+    for batch, seq in shapes:
+        run("fused", batch, seq)
+    first_batch, first_seq = shapes[0]
+    for count in exits:
+        run("fused", first_batch, first_seq, count)
+    for batch in naive_batches:
+        run("reference", batch, first_seq)
+    return {"runs": runs, "steps": steps, "chunk_tokens": chunk_tokens, "warmup_seq": warmup_seq,
+            "model_dir": model_dir}
+
+
+def markdown(result: dict) -> str:
+    runs = [run for run in result["runs"] if "error" not in run]
+    shape = runs[0]["shape"]
+    all_exits = shape["layers"] + 1
+    lines = ["| loss | B × T | exits | step seconds | tokens/s | GFLOP/token | GFLOP/s | % of matmul limit "
+             "| heads' share of the step | step peak (MB) | ζ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in result["runs"]:
+        label = "fused" if run["implementation"] == "fused" else "naive (all logits, autograd)"
+        if "error" in run:
+            estimate = naive_loss_gb(shape, run["batch"], run["seq"])
+            lines.append(f"| {label} | {run['batch']} × {run['seq']} | {all_exits} | {run['error']} (its logits "
+                         f"alone: ~{estimate:.0f} GB) | | | | | | | |")
+            continue
+        flops = step_flops(shape, run["seq"], run["exits"])
+        rates = [run["tokens"] / seconds for seconds in run["seconds"]]
+        gflops = [rate * flops / 1e9 for rate in rates]
+        share = spread([100 * h / s for h, s in zip(run["loss_seconds"], run["seconds"])], "{:.0f}%") \
+            if run["implementation"] == "fused" else "(not separable)"
+        lines.append(
+            f"| {label} | {run['batch']} × {run['seq']} | {run['exits']} | {spread(run['seconds'])} | "
+            f"{spread(rates)} | {flops / 1e9:.2f} | {spread(gflops)} | "
+            f"{spread([100 * g / run['matmul']['best_gflops'] for g in gflops], '{:.0f}%')} | {share} | "
+            f"{run['peak_mb'] - run['before_mb']:,.0f} | {run['zeta']:.4f} |")
+    limits = sorted(run["matmul"]["best_gflops"] for run in runs)
+    lines.append("")
+    lines.append(f"Matmul limit (float32 {runs[0]['matmul']['size']}² `torch.matmul`, best of 7, measured at the start "
+                 f"of each run): {spread(limits)} GFLOP/s over the {len(limits)} runs; each row's percentage uses its "
+                 f"own run's limit. {result['steps']} timed step(s) per row after one warm-up step; "
+                 f"{runs[0]['threads']} threads; loss chunks of {result['chunk_tokens']} tokens.")
+    return "\n".join(lines)
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    batch, seq = text.lower().split("x")
+    return int(batch), int(seq)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--tokens", required=True, help="packed tokens (Parquet) from the data stage")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--tokens", required=True, help="packed tokens (Parquet) with sequences at least T long")
+    parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[(4, 256), (8, 512)], help="B x T")
+    parser.add_argument("--exits", type=int, nargs="*", default=[8, 16], help="exit counts (m) at the first shape")
+    parser.add_argument("--naive-batches", type=int, nargs="*", default=[1, 4])
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--chunk-tokens", type=int, default=256)
-    parser.add_argument("--implementations", nargs="+", default=["fused", "reference"])
-    parser.add_argument("--reference-batches", type=int, nargs="*", default=[1],
-                        help="extra, smaller batches for the naive loss, measured where B itself does not fit")
+    parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args()
-    runs = [(name, args.batch) for name in args.implementations]
-    if "reference" in args.implementations:
-        runs += [("reference", batch) for batch in args.reference_batches if batch != args.batch]
-    results = {(name, batch): run(name, argparse.Namespace(**{**vars(args), "batch": batch})) for name, batch in runs}
-    print(f"T={args.seq}, float32, CPU; chunk_tokens={args.chunk_tokens}\n")
-    print("| loss | B | exits | step seconds (each) | tokens/s | RSS before step (MB) | peak RSS (MB) | step peak (MB) "
-          "| ζ |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for (name, batch), result in results.items():
-        if "error" in result:
-            print(f"| {name} | {batch} | | {result['error']} | | | | | |")
-            continue
-        seconds = result["seconds"]
-        rate = result["tokens"] * len(seconds) / sum(seconds)
-        print(f"| {name} | {batch} | {result['exits']} | {', '.join(f'{s:.1f}' for s in seconds)} | {rate:.1f} | "
-              f"{result['before_mb']:.0f} | {result['peak_mb']:.0f} | {result['peak_mb'] - result['before_mb']:.0f} | "
-              f"{result['zeta']:.5f} |")
+    result = measure(args.model_dir, args.tokens, args.shapes, args.exits, args.naive_batches, args.steps,
+                     args.chunk_tokens)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=1)
+    print(markdown(result))
 
 
 if __name__ == "__main__":

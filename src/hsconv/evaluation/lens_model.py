@@ -15,7 +15,6 @@ import logging
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import pad_and_concat
@@ -104,8 +103,12 @@ class LogitLensLM(HFLM):
             selected = state[rows.to(state.device), positions.to(state.device)]
             for start in range(0, count, self.head_chunk_tokens):
                 chunk = slice(start, start + self.head_chunk_tokens)
-                logits = self.head(self.final_norm(selected[chunk]))  # all logits, as HFLM normalises
-                logits = F.log_softmax(logits, dim=-1, dtype=self.softmax_dtype)
-                logprob[layer, chunk] = logits.gather(1, targets[chunk, None]).squeeze(1).double().cpu().numpy()
+                logits = self.head(self.final_norm(selected[chunk])).to(self.softmax_dtype)
+                # log p(target) = z_target − logsumexp(z): HFLM's log-softmax, without writing the normalised
+                # vocabulary-sized array (at every exit of every WikiText token that write costs as much as the
+                # head's product); the argmax of z is the argmax of log p.
+                normaliser = torch.logsumexp(logits, dim=-1)
+                target_logit = logits.gather(1, targets[chunk, None]).squeeze(1)
+                logprob[layer, chunk] = (target_logit - normaliser).double().cpu().numpy()
                 greedy[layer, chunk] = (logits.argmax(dim=-1) == targets[chunk]).cpu().numpy()
         return logprob, greedy
