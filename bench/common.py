@@ -67,7 +67,7 @@ def run_fresh(code: str, arguments: dict, timeout: float | None = None) -> dict:
     """Run ``code`` in a fresh interpreter (so that its peak resident memory is its own); its last stdout line is
     JSON. A process the kernel killed for memory comes back as ``{"error": ...}``."""
     out = subprocess.run([sys.executable, "-c", code, json.dumps(arguments)], capture_output=True, text=True,
-                         timeout=timeout)
+                         timeout=timeout, cwd=ROOT)
     if out.returncode != 0:
         reason = "killed by the kernel (out of memory)" if out.returncode == -9 else \
             (out.stderr.strip().splitlines() or ["no message"])[-1]

@@ -1,6 +1,6 @@
 """Benchmark of the data stage: sample ~10M tokens' worth from a local 100 MB text file, then pack them.
 
-    python bench/data_stage.py --model-dir results/models/smollm2-135m/base [--megabytes 100] [--repeats 3]
+    python -m bench.data_stage --model-dir results/models/smollm2-135m/base [--megabytes 100] [--repeats 3]
 
 Builds the text file in a temporary folder from ../shared/data/fineweb_edu_10BT_first1M.txt (repeated), and runs
 each step in a fresh process so that its peak resident memory (ru_maxrss) is its own. Prints a Markdown table.
@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fineweb_edu_10BT_first1M.txt"
+from bench.common import SHARED, run_fresh, spread
+
+SOURCE = SHARED / "fineweb_edu_10BT_first1M.txt"
 
 STEP = r"""
 import json, resource, sys, time
@@ -35,9 +34,42 @@ print(json.dumps(result))
 """
 
 
-def run_step(**kwargs) -> dict:
-    out = subprocess.run([sys.executable, "-c", STEP, json.dumps(kwargs)], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def measure(model_dir: str, megabytes: int = 100, budget: int = 10_000_000, repeats: int = 3) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "big.txt"
+        chunk = SOURCE.read_text(encoding="utf-8")
+        with open(text, "w", encoding="utf-8") as handle:
+            for _ in range(megabytes * 1_000_000 // len(chunk.encode()) + 1):
+                handle.write(chunk)
+        size_mb = text.stat().st_size / 1e6
+        samples, packs = [], []
+        for repeat in range(repeats):
+            corpus = Path(tmp) / f"corpus{repeat}"
+            samples.append(run_fresh(STEP, {"step": "sample", "text": str(text), "corpus": str(corpus)}))
+            packs.append(run_fresh(STEP, {"step": "pack", "corpus": str(corpus), "model_dir": model_dir,
+                                          "out": str(Path(tmp) / f"p{repeat}.parquet"), "budget": budget}))
+    for result in samples + packs:
+        if "error" in result:
+            raise RuntimeError(f"data stage benchmark failed: {result['error']}")
+    return {"model_dir": model_dir, "size_mb": size_mb, "budget": budget, "repeats": repeats, "samples": samples,
+            "packs": packs}
+
+
+def markdown(result: dict) -> str:
+    samples, packs, size_mb = result["samples"], result["packs"], result["size_mb"]
+    return "\n".join([
+        "| step | work | seconds | throughput | peak RSS (MB) |", "|---|---|---|---|---|",
+        f"| sample_corpus (read, shuffle, write shards) | {samples[0]['documents']:,} documents | "
+        f"{spread([s['seconds'] for s in samples])} | {spread([size_mb / s['seconds'] for s in samples])} MB/s | "
+        f"{spread([s['peak_rss_mb'] for s in samples], '{:,.0f}')} |",
+        f"| pack_tokens (tokenise, pack {result['budget']:,} tokens) | {packs[0]['tokens']:,} tokens | "
+        f"{spread([p['seconds'] for p in packs])} | {spread([p['tokens'] / p['seconds'] for p in packs], '{:,.0f}')} "
+        f"tokens/s | {spread([p['peak_rss_mb'] for p in packs], '{:,.0f}')} |",
+        "",
+        f"{size_mb:.0f} MB of FineWeb-Edu text (`fineweb_edu_10BT_first1M.txt` repeated), cut into 4,000-character "
+        f"pieces, seed 0; {result['repeats']} repeats (min / median / max), each step in a fresh process. "
+        "The data stage does no floating-point arithmetic: its limit is the tokenizer (Rust, `tokenizers`), not the "
+        "matmul rate."])
 
 
 def main() -> None:
@@ -46,35 +78,12 @@ def main() -> None:
     parser.add_argument("--megabytes", type=int, default=100)
     parser.add_argument("--budget", type=int, default=10_000_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        text = Path(tmp) / "big.txt"
-        chunk = SOURCE.read_text(encoding="utf-8")
-        with open(text, "w", encoding="utf-8") as handle:
-            for _ in range(args.megabytes * 1_000_000 // len(chunk.encode()) + 1):
-                handle.write(chunk)
-        size_mb = text.stat().st_size / 1e6
-        samples, packs = [], []
-        for repeat in range(args.repeats):
-            corpus = Path(tmp) / f"corpus{repeat}"
-            samples.append(run_step(step="sample", text=str(text), corpus=str(corpus)))
-            packs.append(run_step(step="pack", corpus=str(corpus), model_dir=args.model_dir,
-                                  out=str(Path(tmp) / f"p{repeat}.parquet"), budget=args.budget))
-
-    def spread(values, fmt="{:,.0f}"):
-        return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
-
-    print(f"source: {size_mb:.0f} MB of text; tokenizer from {args.model_dir}; {args.repeats} repeats (min / median / max)\n")
-    print("| step | work | seconds | throughput | peak RSS (MB) |")
-    print("|---|---|---|---|---|")
-    print(f"| sample_corpus (read, shuffle, write shards) | {samples[0]['documents']:,} documents | "
-          f"{spread([s['seconds'] for s in samples], '{:.1f}')} | "
-          f"{spread([size_mb / s['seconds'] for s in samples], '{:.1f}')} MB/s | "
-          f"{spread([s['peak_rss_mb'] for s in samples])} |")
-    print(f"| pack_tokens (tokenise, pack {args.budget:,} tokens) | {packs[0]['tokens']:,} tokens | "
-          f"{spread([p['seconds'] for p in packs], '{:.1f}')} | "
-          f"{spread([p['tokens'] / p['seconds'] for p in packs])} tokens/s | "
-          f"{spread([p['peak_rss_mb'] for p in packs])} |")
+    result = measure(args.model_dir, args.megabytes, args.budget, args.repeats)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(markdown(result))
 
 
 if __name__ == "__main__":

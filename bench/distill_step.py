@@ -86,28 +86,25 @@ def naive_loss_gb(shape: dict, batch: int, seq: int) -> float:
     return 3 * (shape["layers"] + 1) * batch * seq * shape["vocab"] * 4 / 1e9
 
 
-def measure(model_dir: str, tokens: str, shapes: list[tuple[int, int]], exits: list[int], naive_batches: list[int],
-            steps: int = 2, chunk_tokens: int = 256, warmup_seq: int = 32) -> dict:
-    """Fused steps at every shape (all exits) and at the first shape with each exit count; naive steps at the
-    first shape's length for each batch in ``naive_batches`` (the ones that fit)."""
+def plan(shapes: list[tuple[int, int]], exits: list[int], naive_shapes: list[tuple[int, int]]) -> list[dict]:
+    """Fused steps at every shape with all exits, at the first shape with each exit count, naive at its shapes."""
+    runs = [{"implementation": "fused", "batch": batch, "seq": seq, "exit_samples": None} for batch, seq in shapes]
+    runs += [{"implementation": "fused", "batch": shapes[0][0], "seq": shapes[0][1], "exit_samples": count}
+             for count in exits]
+    runs += [{"implementation": "reference", "batch": batch, "seq": seq, "exit_samples": None}
+             for batch, seq in naive_shapes]
+    return runs
+
+
+def measure(model_dir: str, tokens: str, runs: list[dict], steps: int = 2, chunk_tokens: int = 256,
+            warmup_seq: int = 32) -> dict:
+    """Each planned run (implementation, batch, seq, exit_samples) in a fresh process."""
     common = dict(model_dir=model_dir, tokens=tokens, steps=steps, chunk_tokens=chunk_tokens, warmup_seq=warmup_seq)
-    runs = []
-
-    def run(implementation, batch, seq, exit_samples=None):
-        result = run_fresh(STEP, {**common, "implementation": implementation, "batch": batch, "seq": seq,
-                                  "exit_samples": exit_samples})
-        runs.append({"implementation": implementation, "batch": batch, "seq": seq, "exit_samples": exit_samples,
-                     **result})
-        print(json.dumps(runs[-1]), flush=True)
-
-    for batch, seq in shapes:
-        run("fused", batch, seq)
-    first_batch, first_seq = shapes[0]
-    for count in exits:
-        run("fused", first_batch, first_seq, count)
-    for batch in naive_batches:
-        run("reference", batch, first_seq)
-    return {"runs": runs, "steps": steps, "chunk_tokens": chunk_tokens, "warmup_seq": warmup_seq,
+    results = []
+    for run in runs:
+        results.append({**run, **run_fresh(STEP, {**common, **run})})
+        print(json.dumps({key: value for key, value in results[-1].items() if key != "shape"}), flush=True)
+    return {"runs": results, "steps": steps, "chunk_tokens": chunk_tokens, "warmup_seq": warmup_seq,
             "model_dir": model_dir}
 
 
@@ -154,12 +151,13 @@ def main() -> None:
     parser.add_argument("--tokens", required=True, help="packed tokens (Parquet) with sequences at least T long")
     parser.add_argument("--shapes", type=parse_shape, nargs="+", default=[(4, 256), (8, 512)], help="B x T")
     parser.add_argument("--exits", type=int, nargs="*", default=[8, 16], help="exit counts (m) at the first shape")
-    parser.add_argument("--naive-batches", type=int, nargs="*", default=[1, 4])
+    parser.add_argument("--naive-shapes", type=parse_shape, nargs="*", default=[(4, 64), (1, 256)],
+                        help="B x T for the naive loss (its logits alone take 3·(L+1)·B·T·V floats)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up step")
     parser.add_argument("--chunk-tokens", type=int, default=256)
     parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args()
-    result = measure(args.model_dir, args.tokens, args.shapes, args.exits, args.naive_batches, args.steps,
+    result = measure(args.model_dir, args.tokens, plan(args.shapes, args.exits, args.naive_shapes), args.steps,
                      args.chunk_tokens)
     if args.json:
         with open(args.json, "w") as handle:

