@@ -21,18 +21,27 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "data"
 
 
-def matmul_limit(size: int = 2048, repeats: int = 7) -> dict:
-    """GFLOP/s of a float32 ``size × size`` matmul (after one warm-up), each repeat timed alone."""
+def matmul_limit(size: int | None = None, repeats: int = 7) -> dict:
+    """GFLOP/s of a ``size × size`` matmul (after one warm-up), each repeat timed alone: float32 on the CPU,
+    bfloat16 on a GPU (the precision each runs distillation in)."""
     import torch
 
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    cuda = torch.cuda.is_available()
+    size = size or (8192 if cuda else 2048)
+    dtype, device = (torch.bfloat16, "cuda") if cuda else (torch.float32, "cpu")
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     torch.matmul(a, b)
     rates = []
     for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
         started = time.perf_counter()
         torch.matmul(a, b)
+        if cuda:
+            torch.cuda.synchronize()
         rates.append(2 * size**3 / (time.perf_counter() - started) / 1e9)
-    return {"size": size, "gflops": rates, "best_gflops": max(rates), "threads": torch.get_num_threads()}
+    return {"size": size, "dtype": str(dtype).removeprefix("torch."), "device": device, "gflops": rates,
+            "best_gflops": max(rates), "threads": torch.get_num_threads()}
 
 
 def model_shape(config) -> dict:

@@ -29,8 +29,10 @@ from hsconv.models import load_model
 args = json.loads(sys.argv[1])
 limit = matmul_limit()
 torch.manual_seed(0)
-student = load_model(args["model_dir"]).model.train()
-target = load_model(args["model_dir"]).model
+cuda = torch.cuda.is_available()
+device, dtype = ("cuda", "bfloat16") if cuda else ("cpu", "float32")
+student = load_model(args["model_dir"], dtype=dtype, device=device).model.train()
+target = load_model(args["model_dir"], dtype=dtype, device=device).model
 module = SelfDistillation(student, target, LossSettings(implementation=args["implementation"],
                                                         chunk_tokens=args["chunk_tokens"],
                                                         exit_samples=args["exit_samples"]))
@@ -38,17 +40,25 @@ rows = pd.read_parquet(args["tokens"])["input_ids"].head(args["batch"])
 input_ids = torch.tensor([list(row[:args["seq"]]) for row in rows], dtype=torch.long)
 if input_ids.shape != (args["batch"], args["seq"]):
     raise SystemExit(f"{args['tokens']} has no {args['batch']} sequences of {args['seq']} tokens")
+input_ids = input_ids.to(device)
 mask = torch.ones_like(input_ids)
 optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
 loss_seconds = [0.0]
 fused_apply = loss.FusedLogitLensKL.apply
 def timed_apply(*inputs):
+    if cuda:
+        torch.cuda.synchronize()
     started = time.perf_counter()
     result = fused_apply(*inputs)
+    if cuda:
+        torch.cuda.synchronize()
     loss_seconds[0] += time.perf_counter() - started
     return result
 loss.FusedLogitLensKL.apply = timed_apply
 def rss_mb():
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() / 2**20
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
 def step(ids, mask):
@@ -64,13 +74,17 @@ for _ in range(args["steps"]):
     loss_seconds[0] = 0.0
     started = time.perf_counter()
     terms = step(input_ids, mask)
+    if cuda:
+        torch.cuda.synchronize()
     times.append(time.perf_counter() - started)
     head_times.append(loss_seconds[0])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# CPU: peak resident memory of the process; GPU: peak allocated device memory.
+peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"seconds": times, "loss_seconds": head_times, "tokens": input_ids.numel(), "before_mb": before,
                   "peak_mb": peak, "zeta": terms.total.item(), "threads": torch.get_num_threads(),
                   "exits": len(terms.exits) if terms.exits is not None else len(terms.kl),
-                  "matmul": limit, "shape": model_shape(student.config)}))
+                  "matmul": limit, "shape": model_shape(student.config),
+                  "params": sum(p.numel() for p in student.parameters())}))
 """
 
 
@@ -112,14 +126,21 @@ def markdown(result: dict) -> str:
     runs = [run for run in result["runs"] if "error" not in run]
     shape = runs[0]["shape"]
     all_exits = shape["layers"] + 1
+    # Gradients and AdamW's two moments, float32: the same for every loss, allocated in the warm-up step.
+    # (Runs stored before the parameter count was recorded: decoder plus tied embedding, within 0.1%.)
+    params = runs[0].get("params") or shape["decoder_params"] + shape["vocab"] * shape["d"]
+    fixed_mb = 12 * params / 2**20
     lines = ["| loss | B × T | exits | step seconds | tokens/s | GFLOP/token | GFLOP/s | % of matmul limit "
-             "| heads' share of the step | step peak (MB) | ζ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| heads' share of the step | step peak (MB) | beyond gradients + AdamW (MB) | ζ |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in result["runs"]:
         label = "fused" if run["implementation"] == "fused" else "naive (all logits, autograd)"
+        if run.get("exit_samples"):
+            label += f", ζ1 on {run['exit_samples']} sampled exits"
         if "error" in run:
             estimate = naive_loss_gb(shape, run["batch"], run["seq"])
             lines.append(f"| {label} | {run['batch']} × {run['seq']} | {all_exits} | {run['error']} (its logits "
-                         f"alone: ~{estimate:.0f} GB) | | | | | | | |")
+                         f"alone: ~{estimate:.0f} GB) | | | | | | | | |")
             continue
         flops = step_flops(shape, run["seq"], run["exits"])
         rates = [run["tokens"] / seconds for seconds in run["seconds"]]
@@ -130,13 +151,17 @@ def markdown(result: dict) -> str:
             f"| {label} | {run['batch']} × {run['seq']} | {run['exits']} | {spread(run['seconds'])} | "
             f"{spread(rates)} | {flops / 1e9:.2f} | {spread(gflops)} | "
             f"{spread([100 * g / run['matmul']['best_gflops'] for g in gflops], '{:.0f}%')} | {share} | "
-            f"{run['peak_mb'] - run['before_mb']:,.0f} | {run['zeta']:.4f} |")
+            f"{run['peak_mb'] - run['before_mb']:,.0f} | {run['peak_mb'] - run['before_mb'] - fixed_mb:,.0f} | "
+            f"{run['zeta']:.4f} |")
     limits = sorted(run["matmul"]["best_gflops"] for run in runs)
     lines.append("")
-    lines.append(f"Matmul limit (float32 {runs[0]['matmul']['size']}² `torch.matmul`, best of 7, measured at the start "
+    matmul = runs[0]["matmul"]
+    lines.append(f"Matmul limit ({matmul.get('dtype', 'float32')} {matmul['size']}² `torch.matmul`, best of 7, measured at the start "
                  f"of each run): {spread(limits)} GFLOP/s over the {len(limits)} runs; each row's percentage uses its "
                  f"own run's limit. {result['steps']} timed step(s) per row after one warm-up step; "
-                 f"{runs[0]['threads']} threads; loss chunks of {result['chunk_tokens']} tokens.")
+                 f"{runs[0]['threads']} threads; loss chunks of {result['chunk_tokens']} tokens. \"Beyond gradients + "
+                 f"AdamW\" subtracts what every loss needs alike, 12 bytes per parameter ({fixed_mb:,.0f} MB): "
+                 "what is left is the activations kept for backward and the loss's own buffers.")
     return "\n".join(lines)
 
 
