@@ -17,6 +17,7 @@ and the benchmark compare against.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,23 @@ class LossTerms:
     step: torch.Tensor
     tokens: int
     exits: list[int] | None = None  # the exits ζ1 was computed on; None: all
+
+
+def top_k_target(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a teacher cache keeps per token: the k largest log-probabilities, their token ids, and the log of the
+    probability mass left over (floored at float32's smallest normal number, so that it stays finite)."""
+    values, ids = torch.topk(log_probs, k, dim=-1)
+    # log Σ over the other tokens directly: 1 − Σ top-k cancels catastrophically when the top k hold nearly all.
+    rest = torch.logsumexp(log_probs.scatter(-1, ids, float("-inf")), dim=-1)
+    return values, ids, rest.clamp_min(math.log(torch.finfo(torch.float32).tiny))
+
+
+def dense_from_top_k(values: torch.Tensor, ids: torch.Tensor, rest: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The full log-distribution a top-k cache stands for: the kept entries as they were, the left-over mass
+    spread evenly over the other V − k tokens (one bucket), so that it sums to one."""
+    other = rest - math.log(vocab - values.shape[-1])
+    dense = other.unsqueeze(-1).expand(*values.shape[:-1], vocab).clone()
+    return dense.scatter_(-1, ids, values)
 
 
 def _kl_and_logit_grad(student_logits: torch.Tensor, target: dict, direction: str):
