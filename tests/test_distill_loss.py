@@ -162,3 +162,21 @@ def test_exit_sampling_with_every_exit_is_the_exact_loss_and_marks_unsampled_exi
     torch.testing.assert_close(sampled.kl[sampled.exits[0]], exact.kl[sampled.exits[0]], rtol=1e-10, atol=0)
     # ζ2 stays exact whichever exits ζ1 used (the hf convention normalises h_L even when L is not sampled).
     torch.testing.assert_close(sampled.zeta2, exact.zeta2, rtol=1e-12, atol=0)
+
+
+def test_top_k_target_keeps_the_largest_entries_and_the_rest_as_one_bucket():
+    from hsconv.distill.loss import dense_from_top_k, top_k_target
+
+    torch.manual_seed(0)
+    log_probs = torch.log_softmax(3 * torch.randn(5, 40, dtype=torch.float64), dim=-1)
+    values, ids, rest = top_k_target(log_probs, 8)
+    dense = dense_from_top_k(values, ids, rest, 40)
+    torch.testing.assert_close(dense.exp().sum(-1), torch.ones(5, dtype=torch.float64))
+    torch.testing.assert_close(dense.gather(-1, ids), log_probs.gather(-1, ids))
+    kept = torch.zeros_like(log_probs, dtype=torch.bool).scatter_(-1, ids, True)
+    # each left-out token gets the mean of the left-out mass
+    expected_other = (log_probs.exp() * ~kept).sum(-1) / 32
+    torch.testing.assert_close(dense[~kept].view(5, 32).exp(), expected_other[:, None].expand(5, 32))
+    # keeping every token reproduces the distribution exactly
+    full = dense_from_top_k(*top_k_target(log_probs, 39), 40)
+    assert (full - log_probs).abs().max() < 1e-6

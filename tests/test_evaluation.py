@@ -149,3 +149,39 @@ def test_final_norm_is_found_in_each_layout_or_the_class_is_named():
     del gpt2.transformer.ln_f
     with pytest.raises(ValueError, match="cannot find the final norm of GPT2LMHeadModel"):
         final_norm_module(gpt2)
+
+
+@pytest.mark.parametrize("keep", [1, 2])
+def test_a_pruned_model_under_stock_lm_eval_equals_the_logit_lens_at_that_exit(model_dir, task_dicts, tmp_path, keep):
+    """Early exit for real: the model cut after layer l, evaluated by stock lm-eval (HFLM), scores every request as
+    the logit lens does at exit l of the whole model."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoConfig
+
+    from hsconv.early_exit import prune_model
+
+    manager, configs = task_dicts
+    pruned = prune_model(model_dir, keep, tmp_path / "pruned")
+    stock = run(HFLM(pretrained=str(pruned), dtype="float32", device="cpu", batch_size=4), manager, configs)
+    assert AutoConfig.from_pretrained(pruned).num_hidden_layers == keep
+    lens = LogitLensLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4, exit_layer=keep)
+    ours = run(lens, manager, configs)
+    assert ours["results"]["lambada_openai"]["acc,none"] == stock["results"]["lambada_openai"]["acc,none"]
+    assert ours["results"]["wikitext"]["word_perplexity,none"] == pytest.approx(
+        stock["results"]["wikitext"]["word_perplexity,none"], rel=1e-6)
+    for task in ("lambada_openai", "wikitext"):
+        for mine, theirs in zip(ours["samples"][task], stock["samples"][task]):
+            for (a, *_), (b, *_) in zip(mine["resps"], theirs["resps"]):
+                a, b = (a[0], b[0]) if isinstance(a, (tuple, list)) else (a, b)
+                assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+    # and it is not the whole model's answer
+    full = run(HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4), manager, configs)
+    assert full["results"]["wikitext"]["word_perplexity,none"] != stock["results"]["wikitext"]["word_perplexity,none"]
+
+
+def test_pruning_refuses_a_layer_count_out_of_range(model_dir, tmp_path):
+    from hsconv.early_exit import prune_model
+
+    with pytest.raises(ValueError, match=r"keep_layers=4 is out of range: model 'tiny' has layers 1..3"):
+        prune_model(model_dir, 4, tmp_path / "pruned")
+    assert not (tmp_path / "pruned").exists()

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import pandas as pd
 import torch
 
 from hsconv.hidden_states import ContextLengthError, segment_documents, token_movement
@@ -97,5 +98,24 @@ def test_non_finite_hidden_state_stops_the_stage(tiny_model):
     broken = copy.deepcopy(tiny_model)
     with torch.no_grad():
         broken.model.model.layers[1].mlp.down_proj.weight.fill_(float("inf"))
-    with pytest.raises(FloatingPointError, match="non-finite hidden state in batch 1"):
+    with pytest.raises(FloatingPointError, match="non-finite hidden state at layer 2 in batch 1 .*float32.*weights"):
         token_movement(broken, [0], ["hello there"])
+
+
+def test_float16_overflow_is_named_with_the_layer_and_a_wider_type(tiny_model_dir):
+    """A residual stream that grows past float16's range (as in large models' late layers) becomes inf in float16
+    but stays finite in float32: the float16 run stops at the first overflowing layer and suggests bfloat16."""
+    from hsconv.models import load_model
+
+    results = {}
+    for dtype in ("float32", "float16"):
+        loaded = load_model(tiny_model_dir, dtype=dtype)
+        with torch.no_grad():
+            loaded.model.model.layers[1].mlp.down_proj.weight.mul_(3e4)
+        try:
+            results[dtype] = token_movement(loaded, [0], ["hello there, a longer text"])[0]
+        except FloatingPointError as error:
+            results[dtype] = str(error)
+    assert isinstance(results["float32"], pd.DataFrame) and results["float32"]["movement_hf"].notna().all()
+    assert "layer 2" in results["float16"] and "(float16)" in results["float16"]
+    assert "bfloat16 or float32" in results["float16"]

@@ -6,6 +6,7 @@ Rules in ``workflow/rules`` call these commands; run ``hsconv <stage> --help`` f
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -130,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--metric", required=True)
     stage.add_argument("--title", required=True)
 
+    stage = stages.add_parser("prune-model", help="keep a model's first layers (with its final norm and head)")
+    stage.add_argument("--model-dir", required=True)
+    stage.add_argument("--keep-layers", type=int, required=True, help="decoder layers to keep, from the first")
+    stage.add_argument("--out", required=True, help="model directory to write")
+
     stage = stages.add_parser("compute-convergence", help="D_l per layer and S_model from the per-token table")
     stage.add_argument("--hidden", required=True)
     stage.add_argument("--layers-out", required=True)
@@ -240,6 +246,10 @@ def run(args: argparse.Namespace) -> None:
         from hsconv.figures.per_layer import plot_per_layer
 
         plot_per_layer(args.table, args.pdf, args.png, dict(args.models), args.task, args.metric, args.title)
+    elif args.stage == "prune-model":
+        from hsconv.early_exit import prune_model
+
+        prune_model(args.model_dir, args.keep_layers, args.out)
     elif args.stage == "compute-convergence":
         from hsconv.metrics import compute_convergence
 
@@ -281,7 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except (ValueError, OSError, FloatingPointError) as error:
         # Expected failures (bad input, missing files) get one line naming the culprit, not a traceback.
-        logging.getLogger("hsconv").error("%s: %s", args.stage, error)
+        hint = ""
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            hint = " (disk full or over a file-size limit; outputs are renamed into place only when complete, " \
+                   "so nothing half-written was left)"
+        elif isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            hint = " (the output location is not writable)"
+        elif isinstance(error, (FileExistsError, NotADirectoryError)):
+            hint = " (a file stands where a folder is needed: the output location is not writable)"
+        logging.getLogger("hsconv").error("%s: %s%s", args.stage, error, hint)
         return 1
     return 0
 

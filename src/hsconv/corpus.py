@@ -218,7 +218,7 @@ def pack_tokens(corpus_dir: str | os.PathLike, model_dir: str | os.PathLike, out
     elapsed = time.perf_counter() - started
     stats = {"sequence_length": sequence_length, "token_budget": token_budget, "tokens": int(filled),
              "sequences": int(rows), "boundary": boundary, "documents": used_documents,
-             "last_document_cut": last_document_cut, "eos_token_id": int(eos), "seconds": round(elapsed, 3),
+             "last_document_cut": last_document_cut, "eos_token_id": int(eos),
              "corpus": json.loads((Path(corpus_dir) / MANIFEST).read_text())["source"]}
     write_parquet(frame, out, {"packing": stats})
     log.info("packed %d tokens from %d documents into %d sequences of %d (%.0f tokens/s) -> %s", filled,

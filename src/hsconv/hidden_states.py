@@ -141,14 +141,12 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
             attention_mask[row, :len(ids)] = 1
         result = layer_states(model, input_ids.to(device), attention_mask.to(device))
         states = result["states"]
+        _check_finite(states, attention_mask.to(device), number, loaded.name)
         hf = torch.stack([movement(states[l - 1], states[l]) for l in range(1, num_layers + 1)], dim=-1).cpu()
         pre_norm = hf.clone()
         pre_norm[..., -1] = movement(states[-2], result["pre_norm_last"]).cpu()
         keep = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
         rows, positions = keep.nonzero(as_tuple=True)
-        if not (torch.isfinite(hf[rows, positions]).all() and torch.isfinite(pre_norm[rows, positions]).all()):
-            raise FloatingPointError(f"non-finite hidden state in batch {number} of model {loaded.name!r} "
-                                     f"(float16 overflow?); try dtype float32 or bfloat16")
         count = len(rows)
         batch_documents = torch.tensor([segments[i].document for i in batch])[rows]
         batch_segments = torch.tensor([segments[i].segment for i in batch])[rows]
@@ -172,6 +170,18 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
                  num_layers=num_layers, max_tokens=max_tokens, overflow=overflow, batch_size=batch_size,
                  exclude_special_tokens=exclude_special_tokens, final_norm_conventions=list(FINAL_NORM_CONVENTIONS))
     return frame, stats
+
+
+def _check_finite(states: list[torch.Tensor], mask: torch.Tensor, batch: int, name: str) -> None:
+    """Stop at the shallowest layer with an inf or NaN at a real token, naming it; float16's range (±65,504) is
+    the usual cause in large models, whose residual stream grows with depth."""
+    real = mask.bool()
+    for layer, state in enumerate(states):
+        if not torch.isfinite(state[real]).all():
+            advice = ("float16 overflows above 65,504: load the model in bfloat16 or float32"
+                      if state.dtype == torch.float16 else "check the model's weights")
+            raise FloatingPointError(f"non-finite hidden state at layer {layer} in batch {batch} of model {name!r} "
+                                     f"({str(state.dtype).removeprefix('torch.')}); {advice}")
 
 
 def dump_hidden_states(model_dir: str, texts_path: str, out: str | os.PathLike, variant: str = "base",

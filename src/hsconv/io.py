@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +18,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 PROVENANCE_KEY = b"hsconv"
+# Testing hook: a folder. A process about to rename its first finished output into place SIGKILLs itself instead,
+# unless that output was killed once already (a marker file in the folder records it, with whether the target
+# existed): each stage is killed once at its worst moment, to prove that it leaves nothing that looks complete and
+# that its rerun writes the same bytes.
+KILL_BEFORE_RENAME_ENV = "HSCONV_KILL_BEFORE_RENAME"
+_first_rename_done = False
 _TRACKED_PACKAGES = ("hsconv", "torch", "transformers", "deepspeed", "lm_eval", "pandas", "numpy")
 
 
@@ -55,17 +62,38 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A killed writer cannot remove its temporary folder; the next writer of the same output does.
+    for stale in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     target = tmp / path.name
     try:
         yield target
         if not target.exists():
             raise RuntimeError(f"stage finished without writing {path}")
+        _maybe_kill_before_rename(path)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _maybe_kill_before_rename(path: Path) -> None:
+    global _first_rename_done
+    folder = os.environ.get(KILL_BEFORE_RENAME_ENV)
+    if not folder or _first_rename_done:
+        return
+    _first_rename_done = True
+    marker = Path(folder) / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    if marker.exists():
+        return
+    marker.write_text(json.dumps({"path": str(path.resolve()), "existed": path.exists()}))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_parquet(frame: pd.DataFrame, path: str | os.PathLike, metadata: dict | None = None) -> None:

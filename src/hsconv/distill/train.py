@@ -184,7 +184,13 @@ class _Checkpoints:
 
     def save(self, engine, step: int, client_state: dict, rank: int) -> None:
         tag = f"step{step:07d}"
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state)
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state)
+        except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+            message = f"could not write checkpoint {self.root / tag} ({error}); it has no checksums, so a rerun " \
+                      "will not resume from it"
+            code = getattr(error, "errno", None)
+            raise (OSError(code, message) if code else OSError(message)) from error
         if torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank's shard is on disk before it is summed up
         if rank == 0:

@@ -122,11 +122,14 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
     provenance = {"model": model, "variant": variant, "model_dir": str(model_dir), "batch_size": batch_size,
                   "limits": limits or {},
                   "dtype": dtype, "device": device, "forward_passes": lm.forward_passes,
-                  "seconds": round(time.perf_counter() - started, 1), "exits": exits,
+                  "exits": exits,
                   "datasets": {name: {"kind": kind, "texts": str(path)} for name, (kind, path) in datasets.items()}}
     write_parquet(table, out, {"lm_eval": provenance})
+    # lm-eval's task configs name the temporary data files; a stable placeholder keeps reruns byte-identical.
+    raw_text = json.dumps({"provenance": provenance, "per_exit": raw}, indent=1, default=str).replace(
+        tmp, "<task data>")
     with atomic_path(json_out) as tmp_json:
-        tmp_json.write_text(json.dumps({"provenance": provenance, "per_exit": raw}, indent=1, default=str))
+        tmp_json.write_text(raw_text)
     log.info("%s/%s: %d exits in %.0f s with %d forward passes -> %s", model, variant, len(exits),
-             provenance["seconds"], lm.forward_passes, out)
+             time.perf_counter() - started, lm.forward_passes, out)
     return table

@@ -37,7 +37,7 @@ def save_figure(figure, pdf_path: str | os.PathLike, png_path: str | os.PathLike
     pdf_path = Path(pdf_path)
     png_path = Path(png_path) if png_path else pdf_path.with_suffix(".png")
     with atomic_path(pdf_path) as tmp:
-        figure.savefig(tmp, format="pdf")
+        figure.savefig(tmp, format="pdf", metadata={"CreationDate": None})  # same data, same bytes
     with atomic_path(png_path) as tmp:
         figure.savefig(tmp, format="png", dpi=200)
     plt.close(figure)
