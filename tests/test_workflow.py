@@ -14,6 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from hsconv.io import KILL_BEFORE_RENAME_ENV, read_provenance
+
 from conftest import REPO, SHARED_DATA
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
@@ -235,3 +237,68 @@ def test_stage_failure_leaves_no_output(tmp_path):
     assert "more than max_tokens=64" in log and "overflow" in log
     assert not (tmp_path / "results/hidden/tiny-llama/base/wikitext.parquet").exists()
     assert not list((tmp_path / "results/hidden").rglob("*.tmp"))
+
+
+# Stage outputs that are not results: logs and per-job benchmarks record wall-clock, checkpoints are scratch.
+NOT_COMPARED = ("logs", "benchmarks", "checkpoints", "report.html")
+WALL_CLOCK_COLUMNS = {"seconds", "tokens_per_second"}
+
+
+def compare_results(reference: Path, other: Path) -> int:
+    """Assert that two runs wrote the same files with the same bytes (Parquet: the same schema, metadata and values,
+    wall-clock columns aside); return how many files were compared."""
+    def files(root: Path) -> set[Path]:
+        return {path.relative_to(root) for path in (root / "results").rglob("*")
+                if path.is_file() and path.relative_to(root / "results").parts[0] not in NOT_COMPARED}
+
+    names = files(reference)
+    assert names == files(other), sorted(names ^ files(other))
+    for name in sorted(names):
+        if name.suffix == ".parquet":
+            expected, actual = (pd.read_parquet(root / name) for root in (reference, other))
+            assert list(expected.columns) == list(actual.columns), name
+            kept = [column for column in expected.columns if column not in WALL_CLOCK_COLUMNS]
+            pd.testing.assert_frame_equal(expected[kept], actual[kept], check_exact=True, obj=str(name))
+            metadata = [read_provenance(root / name) for root in (reference, other)]
+            assert metadata[0] == metadata[1], name
+        elif "training" in name.parts and name.suffix in (".pdf", ".png") or name.name == "steps.csv":
+            continue  # the training figure plots throughput, which is wall-clock
+        else:
+            assert (reference / name).read_bytes() == (other / name).read_bytes(), name
+    return len(names)
+
+
+def one_model(config):
+    config["models"] = {"tiny-llama": config["models"]["tiny-llama"]}
+    config["figures"] = {name: spec for name, spec in config["figures"].items()
+                         if spec.get("models", [spec.get("model")]) == ["tiny-llama"]}
+
+
+@pytest.mark.exhaustive
+def test_every_stage_killed_before_its_rename_then_rerun_from_scratch_gives_the_same_bytes(tmp_path):
+    """Each job SIGKILLs itself at the moment it is about to move its first finished output into place (the io hook,
+    once per output path). Snakemake must take nothing of it for done, and the reruns must write exactly what an
+    undisturbed run writes."""
+    if not (SHARED_DATA / "lambada_test.jsonl").is_file():
+        pytest.skip("shared data not present")
+    reference, killed, markers = tmp_path / "reference", tmp_path / "killed", tmp_path / "kills"
+    for directory in (reference, killed, markers):
+        directory.mkdir()
+        write_config(directory, one_model)
+    result = snakemake(reference)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for attempt in range(15):
+        result = snakemake(killed, "--keep-going", env={KILL_BEFORE_RENAME_ENV: str(markers)})
+        if result.returncode == 0:
+            break
+        assert "Error in rule" in result.stderr, result.stderr[-4000:]
+    else:
+        pytest.fail("the workflow did not finish within 15 attempts")
+    kills = [json.loads(path.read_text()) for path in markers.iterdir() if path.name != "config.yaml"]
+    assert kills and not any(kill["existed"] for kill in kills), kills
+    stages = {Path(kill["path"]).relative_to(killed.resolve() / "results").parts[0] for kill in kills}
+    assert {"data", "models", "checkpoints", "hidden", "metrics", "evaluation", "sentence", "figures",
+            "tables"} <= stages, stages
+    assert not list((killed / "results").rglob("*.tmp")), "a killed writer's temporary folder was left behind"
+    assert compare_results(reference, killed) > 40
+    assert planned_jobs(snakemake(killed, "-n")) == set()

@@ -9,6 +9,7 @@ all exits cost one forward pass per request batch.
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 import tempfile
@@ -125,9 +126,11 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
                   "exits": exits,
                   "datasets": {name: {"kind": kind, "texts": str(path)} for name, (kind, path) in datasets.items()}}
     write_parquet(table, out, {"lm_eval": provenance})
-    # lm-eval's task configs name the temporary data files; a stable placeholder keeps reruns byte-identical.
+    # lm-eval's task configs name the temporary data files and print functions with their memory address; a stable
+    # placeholder and the bare function name keep reruns byte-identical.
     raw_text = json.dumps({"provenance": provenance, "per_exit": raw}, indent=1, default=str).replace(
         tmp, "<task data>")
+    raw_text = re.sub(r"(<function [\w.<>]+) at 0x[0-9a-f]+>", r"\1>", raw_text)
     with atomic_path(json_out) as tmp_json:
         tmp_json.write_text(raw_text)
     log.info("%s/%s: %d exits in %.0f s with %d forward passes -> %s", model, variant, len(exits),
