@@ -24,6 +24,7 @@ include: "workflow/rules/hidden_states.smk"
 include: "workflow/rules/metrics.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/early_exit.smk"
 
 
 rule all:

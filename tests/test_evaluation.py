@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -113,8 +115,19 @@ def test_intermediate_exit_equals_hand_computed_logit_lens(model_dir, texts):
 def test_per_layer_table_and_bad_input(model_dir, texts, tmp_path):
     datasets = texts[0]
     table = evaluate_per_layer(model_dir, datasets, tmp_path / "eval.parquet", tmp_path / "eval.json", model="tiny",
-                               variant="base", batch_size=4, bootstrap_iters=100)
+                               variant="base", batch_size=4, bootstrap_iters=100,
+                               documents_out=tmp_path / "documents.parquet")
     assert set(table["layer"]) == set(range(TINY_SOURCE["num_layers"] + 1))
+    # every document's outcome, aggregated as lm-eval does, gives the table's corpus numbers at every exit
+    documents = pd.read_parquet(tmp_path / "documents.parquet")
+    for layer, rows in documents.groupby("layer"):
+        at = table[table["layer"] == layer].set_index(["task", "metric"])["value"]
+        lambada, wikitext = rows[rows["task"] == "lambada"], rows[rows["task"] == "wikitext"]
+        assert len(lambada) == 24 and lambada["doc_id"].is_unique
+        assert lambada["acc"].mean() == pytest.approx(at["lambada", "acc"], abs=1e-12)
+        assert math.exp(-lambada["loglikelihood"].mean()) == pytest.approx(at["lambada", "perplexity"], rel=1e-9)
+        assert math.exp(-wikitext["loglikelihood"].sum() / wikitext["words"].sum()) == pytest.approx(
+            at["wikitext", "word_perplexity"], rel=1e-9)
     accuracy = table.query("task == 'lambada' and metric == 'acc'")
     assert len(accuracy) == TINY_SOURCE["num_layers"] + 1 and accuracy["n_samples"].eq(24).all()
     assert accuracy["stderr"].between(0, 1).all()
@@ -179,9 +192,27 @@ def test_a_pruned_model_under_stock_lm_eval_equals_the_logit_lens_at_that_exit(m
     assert full["results"]["wikitext"]["word_perplexity,none"] != stock["results"]["wikitext"]["word_perplexity,none"]
 
 
+def test_the_stock_stage_on_a_pruned_model_equals_the_lens_table_at_that_exit(model_dir, texts, tmp_path):
+    """The workflow's path: prune-model by fraction, evaluate-layers --stock, tabulate against the lens table."""
+    from hsconv.early_exit import prune_model, pruned_against_lens
+
+    datasets = texts[0]
+    pruned = prune_model(model_dir, None, tmp_path / "pruned", keep_fraction=0.6)  # round(0.6 × 3) = 2 layers
+    stock = evaluate_per_layer(pruned, datasets, tmp_path / "stock.parquet", tmp_path / "stock.json", model="tiny",
+                               variant="base", batch_size=4, bootstrap_iters=0, stock=True)
+    assert set(stock["layer"]) == {2}
+    lens = evaluate_per_layer(model_dir, datasets, tmp_path / "lens.parquet", tmp_path / "lens.json", model="tiny",
+                              variant="base", batch_size=4, bootstrap_iters=0, layers=[1, 2])
+    compared = pruned_against_lens(lens, stock)
+    assert set(compared["metric"]) >= {"acc", "word_perplexity"}
+    assert compared["relative_difference"].max() < 1e-6, compared
+
+
 def test_pruning_refuses_a_layer_count_out_of_range(model_dir, tmp_path):
     from hsconv.early_exit import prune_model
 
     with pytest.raises(ValueError, match=r"keep_layers=4 is out of range: model 'tiny' has layers 1..3"):
         prune_model(model_dir, 4, tmp_path / "pruned")
+    with pytest.raises(ValueError, match=r"keep_fraction=1.5 must be in \(0, 1\]"):
+        prune_model(model_dir, None, tmp_path / "pruned", keep_fraction=1.5)
     assert not (tmp_path / "pruned").exists()

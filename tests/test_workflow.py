@@ -111,6 +111,27 @@ def test_full_run_writes_figures_and_tables(finished_run):
 
 
 @pytest.mark.slow
+def test_early_exit_pruned_models_and_paired_differences(finished_run):
+    results = finished_run / "results"
+    # a model cut after round(0.75 L) layers, under stock lm-eval, scores what the logit lens scores at that exit
+    pruned = pd.read_parquet(results / "tables/pruned_vs_lens.parquet")
+    assert len(pruned) == 2 * 2 * 5 and set(pruned["metric"]) >= {"acc", "word_perplexity"}
+    assert pruned.groupby("model")["layer"].first().to_dict() == {"tiny-llama": 3, "tiny-qwen2": 2}
+    assert pruned["relative_difference"].max() < 1e-5, pruned
+    exits = pd.read_parquet(results / "tables/early_exit.parquet")
+    assert len(exits) == 2 * 2 * 2 * 2  # models × variants × tasks × tolerances
+    assert (exits["layer"] <= exits["num_layers"]).all()
+    assert (results / "figures/early_exit.pdf").read_bytes().startswith(b"%PDF")
+    # the paired table's corpus values are lm-eval's own numbers at every exit
+    paired = pd.read_parquet(results / "tables/paired_differences.parquet")
+    evaluation = pd.read_parquet(results / "tables/per_layer_evaluation.parquet")
+    merged = paired.merge(evaluation[evaluation["variant"] == "base"], on=["model", "task", "metric", "layer"])
+    assert len(merged) == len(paired) == 2 * (5 + 4)  # acc and word perplexity at every exit of both models
+    assert ((merged["baseline_value"] - merged["value"]).abs() <= 1e-9 * merged["value"].abs() + 1e-12).all()
+    assert ((paired["lower"] <= paired["difference"] + 1e-12) & (paired["difference"] <= paired["upper"] + 1e-12)).all()
+
+
+@pytest.mark.slow
 def test_second_dry_run_plans_nothing(finished_run):
     result = snakemake(finished_run, "-n")
     assert result.returncode == 0 and planned_jobs(result) == set(), result.stdout[-2000:]
@@ -150,7 +171,9 @@ RERUN_MATRIX = {
                   {"distill": 2, "plot_training": 2, "dump_hidden_states": 4, "compute_convergence": 4,
                    "evaluate_layers": 2, "trace_sentence": 2, "tabulate_layer_movement": 1,
                    "tabulate_convergence": 1, "tabulate_evaluation": 1, "tabulate_sentence": 1,
-                   "plot_movement_figure": 2, "plot_per_layer_figure": 4, "plot_fig4": 1, "plot_fig7": 1, "all": 1}),
+                   "plot_movement_figure": 2, "plot_per_layer_figure": 4, "plot_fig4": 1, "plot_fig7": 1,
+                   "prune_model": 2, "evaluate_pruned": 2, "tabulate_early_exit": 1, "plot_early_exit": 1,
+                   "paired_differences": 1, "all": 1}),
     "PCA figure code": ("figures/trajectory.py", "\nVIEW_ELEVATION = 22\n", {"plot_fig4": 1, "all": 1}),
     "a comment in the corpus code": ("corpus.py", "\n# a comment\n", {}),
     "a comment and a docstring in the loss": ("distill/loss.py", "\n# why this is so\n", {}),

@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
     stage.add_argument("--device", default="cpu")
     stage.add_argument("--bootstrap-iters", type=int, default=1000)
+    stage.add_argument("--documents-out", default=None, help="every document's outcome per exit (Parquet)")
+    stage.add_argument("--stock", action="store_true",
+                       help="lm-eval's own HFLM on the model's output (one exit), e.g. for a pruned model")
 
     stage = stages.add_parser("plot-per-layer", help="Figs. 5, 6, 9, 10: a per-layer lm-eval metric per model")
     stage.add_argument("--table", required=True, help="the gathered per-layer evaluation table (Parquet)")
@@ -133,8 +136,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage = stages.add_parser("prune-model", help="keep a model's first layers (with its final norm and head)")
     stage.add_argument("--model-dir", required=True)
-    stage.add_argument("--keep-layers", type=int, required=True, help="decoder layers to keep, from the first")
+    keep = stage.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--keep-layers", type=int, help="decoder layers to keep, from the first")
+    keep.add_argument("--keep-fraction", type=float, help="the fraction of the decoder layers to keep (rounded)")
     stage.add_argument("--out", required=True, help="model directory to write")
+
+    stage = stages.add_parser("tabulate-early-exit",
+                              help="the shallowest exit within each tolerance, and pruned models vs the logit lens")
+    stage.add_argument("--evaluation", required=True, help="the gathered per-layer evaluation table (Parquet)")
+    stage.add_argument("--pruned", nargs="+", required=True, help="stock lm-eval tables of the pruned models")
+    stage.add_argument("--exits-out", required=True, help="Parquet; .csv and .md are written beside it")
+    stage.add_argument("--pruned-out", required=True, help="Parquet; .csv and .md are written beside it")
+    stage.add_argument("--config-hash", required=True)
+    stage.add_argument("--tolerances", type=float, nargs="+", default=[0.01, 0.05])
+
+    stage = stages.add_parser("plot-early-exit", help="quality against the fraction of layers kept, per model")
+    stage.add_argument("--evaluation", required=True)
+    stage.add_argument("--exits", required=True, help="the early-exit table")
+    stage.add_argument("--pdf", required=True)
+    stage.add_argument("--png", required=True)
+    stage.add_argument("--model", dest="models", type=_label, nargs="+", required=True, help="NAME=LABEL, in order")
+    stage.add_argument("--tolerance", type=float, default=0.05)
+
+    stage = stages.add_parser("paired-differences",
+                              help="distilled − base per exit with a paired bootstrap interval over documents")
+    stage.add_argument("--documents", nargs="+", required=True, help="per-document outcomes of evaluate-layers")
+    stage.add_argument("--out", required=True, help="Parquet; .csv and .md are written beside it")
+    stage.add_argument("--config-hash", required=True)
+    stage.add_argument("--bootstrap-samples", type=int, default=1000)
+    stage.add_argument("--confidence", type=float, default=0.95)
+    stage.add_argument("--seed", type=int, default=0)
 
     stage = stages.add_parser("compute-convergence", help="D_l per layer and S_model from the per-token table")
     stage.add_argument("--hidden", required=True)
@@ -241,7 +272,8 @@ def run(args: argparse.Namespace) -> None:
         limits = {name: int(value) for name, value in (spec.split("=") for spec in args.limits)}
         evaluate_per_layer(args.model_dir, datasets, args.out, args.json_out, args.model, args.variant,
                            layers=args.layers or None, batch_size=args.batch_size, dtype=args.dtype,
-                           device=args.device, bootstrap_iters=args.bootstrap_iters, limits=limits)
+                           device=args.device, bootstrap_iters=args.bootstrap_iters, limits=limits,
+                           documents_out=args.documents_out, stock=args.stock)
     elif args.stage == "plot-per-layer":
         from hsconv.figures.per_layer import plot_per_layer
 
@@ -249,7 +281,21 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "prune-model":
         from hsconv.early_exit import prune_model
 
-        prune_model(args.model_dir, args.keep_layers, args.out)
+        prune_model(args.model_dir, args.keep_layers, args.out, keep_fraction=args.keep_fraction)
+    elif args.stage == "tabulate-early-exit":
+        from hsconv.early_exit import tabulate_early_exit
+
+        tabulate_early_exit(args.evaluation, args.pruned, Path(args.exits_out).with_suffix(""),
+                            Path(args.pruned_out).with_suffix(""), args.config_hash, tuple(args.tolerances))
+    elif args.stage == "plot-early-exit":
+        from hsconv.figures.early_exit import plot_early_exit
+
+        plot_early_exit(args.evaluation, args.exits, args.pdf, args.png, dict(args.models), args.tolerance)
+    elif args.stage == "paired-differences":
+        from hsconv.paired import tabulate_paired_differences
+
+        tabulate_paired_differences(args.documents, Path(args.out).with_suffix(""), args.config_hash,
+                                    args.bootstrap_samples, args.confidence, args.seed)
     elif args.stage == "compute-convergence":
         from hsconv.metrics import compute_convergence
 

@@ -19,6 +19,7 @@ FIGURE_TARGETS = {
     "fig8": "D_l per layer, the Qwen models",
     "fig9": "per-layer LAMBADA accuracy, the Qwen models",
     "fig10": "per-layer WikiText perplexity, the Qwen models",
+    "early_exit": "quality against the fraction of layers kept (early exit), base vs distilled",
 }
 # Per-layer evaluation figures and the lm-eval metric each shows.
 PER_LAYER_FIGURES = {"fig5": "acc", "fig6": "word_perplexity", "fig9": "acc", "fig10": "word_perplexity"}
@@ -65,6 +66,14 @@ def check_config(config: dict) -> None:
                            f"figures.{figure}.dataset")
     if "fig4" in config["figures"]:
         _require_known("model", config["figures"]["fig4"]["models"], config["models"], "figures.fig4.models")
+    if "early_exit" in config["figures"]:
+        _require_known("model", config["figures"]["early_exit"]["models"], config["models"],
+                       "figures.early_exit.models")
+        needed = sorted({"lambada", "wikitext"} - {config["datasets"][name]["kind"]
+                                                   for name in evaluation.get("datasets", [])
+                                                   if name in config["datasets"]})
+        if needed:
+            raise ConfigError(f"figures.early_exit: evaluation.datasets has no data set of kind {needed}")
     if "fig7" in config["figures"]:
         _require_known("model", [config["figures"]["fig7"]["model"]], config["models"], "figures.fig7.model")
     sentence = config["sentence"]

@@ -12,16 +12,22 @@ import logging
 import os
 from pathlib import Path
 
+import pandas as pd
+
 from hsconv.io import atomic_path
 from hsconv.models import MANIFEST, _save_hf, load_model
 
 log = logging.getLogger(__name__)
 
 
-def prune_model(model_dir: str | os.PathLike, keep_layers: int, out_dir: str | os.PathLike) -> Path:
-    """Write ``out_dir``: the model of ``model_dir`` with only its first ``keep_layers`` decoder layers."""
+def prune_model(model_dir: str | os.PathLike, keep_layers: int | None, out_dir: str | os.PathLike,
+                keep_fraction: float | None = None) -> Path:
+    """Write ``out_dir``: the model of ``model_dir`` with only its first ``keep_layers`` decoder layers (or
+    :func:`kept_layers` of ``keep_fraction``)."""
     loaded = load_model(model_dir)
     model, total = loaded.model, loaded.num_layers
+    if keep_layers is None:
+        keep_layers = kept_layers(total, keep_fraction)
     if not 1 <= keep_layers <= total:
         raise ValueError(f"keep_layers={keep_layers} is out of range: model {loaded.name!r} has layers 1..{total}")
     decoder = model.get_decoder()
@@ -41,3 +47,64 @@ def prune_model(model_dir: str | os.PathLike, keep_layers: int, out_dir: str | o
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("%s: kept layers 1..%d of %d -> %s", loaded.name, keep_layers, total, out_dir)
     return out_dir
+
+
+# The quality each task's early exit is judged by, and which way is better.
+QUALITY_METRICS = {("lambada", "acc"): "higher", ("wikitext", "word_perplexity"): "lower"}
+
+
+def kept_layers(num_layers: int, keep_fraction: float) -> int:
+    """The decoder layers a pruned model keeps: ``keep_fraction`` of ``num_layers``, rounded, at least one."""
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1]")
+    return max(1, min(num_layers, round(keep_fraction * num_layers)))
+
+
+def shallowest_exits(evaluation: pd.DataFrame, tolerances=(0.01, 0.05)) -> pd.DataFrame:
+    """Per model, variant and quality metric, the shallowest exit whose value is within each relative tolerance of
+    the full model's (the last exit): accuracy at least (1 − t)× the full accuracy, perplexity at most (1 + t)× the
+    full perplexity. The exit is the first that qualifies, whether or not deeper ones dip out again (it is where an
+    early-exit model would stop)."""
+    rows = []
+    for (model, variant, task, metric), curve in evaluation.groupby(["model", "variant", "task", "metric"]):
+        direction = QUALITY_METRICS.get((task, metric))
+        if direction is None:
+            continue
+        curve = curve.set_index("layer")["value"].sort_index()
+        total, full = int(curve.index.max()), float(curve.iloc[-1])
+        for tolerance in tolerances:
+            bound = full * (1 - tolerance) if direction == "higher" else full * (1 + tolerance)
+            within = curve[curve >= bound] if direction == "higher" else curve[curve <= bound]
+            layer = int(within.index.min())
+            rows.append({"model": model, "variant": variant, "task": task, "metric": metric,
+                         "tolerance": tolerance, "full_value": full, "layer": layer, "num_layers": total,
+                         "fraction_of_layers": layer / total, "value": float(curve[layer])})
+    return pd.DataFrame(rows)
+
+
+def pruned_against_lens(evaluation: pd.DataFrame, pruned: pd.DataFrame) -> pd.DataFrame:
+    """The stock lm-eval numbers of pruned models beside the logit lens's at the same exit of the whole model."""
+    keys = ["model", "variant", "task", "metric", "layer"]
+    lens = evaluation[keys + ["value"]].rename(columns={"value": "logit_lens_value"})
+    merged = pruned[keys + ["value", "n_samples"]].rename(columns={"value": "pruned_stock_value"}).merge(
+        lens, on=keys, how="left", validate="one_to_one")
+    if merged["logit_lens_value"].isna().any():
+        missing = merged[merged["logit_lens_value"].isna()][keys].to_dict("records")
+        raise ValueError(f"no logit-lens value for the pruned model's exit: {missing}")
+    difference = (merged["pruned_stock_value"] - merged["logit_lens_value"]).abs()
+    scale = merged["logit_lens_value"].abs()
+    # relative where the lens value is not zero (an accuracy of 0 compares absolutely)
+    merged["relative_difference"] = difference / scale.where(scale > 0, 1.0)
+    return merged
+
+
+def tabulate_early_exit(evaluation_path: str | os.PathLike, pruned_paths: list[str], exits_stem: str | os.PathLike,
+                        pruned_stem: str | os.PathLike, config_hash: str, tolerances=(0.01, 0.05)) -> None:
+    """Write the shallowest-exit table and the pruned-models-vs-logit-lens table (Parquet, CSV, Markdown)."""
+    from hsconv.io import write_table
+
+    evaluation = pd.read_parquet(evaluation_path)
+    metadata = {"config_hash": config_hash, "inputs": [str(evaluation_path), *map(str, pruned_paths)]}
+    write_table(shallowest_exits(evaluation, tolerances), exits_stem, {**metadata, "tolerances": list(tolerances)})
+    pruned = pd.concat([pd.read_parquet(path) for path in pruned_paths], ignore_index=True)
+    write_table(pruned_against_lens(evaluation, pruned), pruned_stem, metadata)

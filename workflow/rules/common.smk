@@ -180,7 +180,10 @@ def all_targets():
         *expand("results/data/tokens/{tokenizer}.parquet", tokenizer=TOKENIZERS),
         *(expand("results/figures/training/{model}.{ext}", model=MODELS, ext=("pdf", "png"))
           if "distilled" in VARIANTS else []),
-        *(["results/tables/per_layer_evaluation.csv", "results/tables/per_layer_evaluation.md"]
+        *(["results/tables/per_layer_evaluation.csv", "results/tables/per_layer_evaluation.md",
+           "results/tables/early_exit.csv", "results/tables/pruned_vs_lens.csv"]
           if config["evaluation"]["datasets"] else []),
+        *(["results/tables/paired_differences.csv"]
+          if config["evaluation"]["datasets"] and "distilled" in VARIANTS else []),
         *(["results/tables/sentence_lens.csv", "results/tables/sentence_pca.csv"] if TRACED_MODELS else []),
     ]

@@ -10,6 +10,7 @@ rule evaluate_layers:
     output:
         table="results/evaluation/{model}/{variant}/per_layer.parquet",
         json="results/evaluation/{model}/{variant}/lm_eval.json",
+        documents="results/evaluation/{model}/{variant}/per_document.parquet",
     params:
         datasets=evaluation_dataset_args,
         limits=" ".join(f"{name}={limit}" for name, limit in EVALUATION["limits"].items()),
@@ -31,6 +32,7 @@ rule evaluate_layers:
     shell:
         "OMP_NUM_THREADS={threads} hsconv evaluate-layers --model-dir {input.model} --dataset {params.datasets}"
         " --limit {params.limits} --layers {params.layers} --out {output.table} --json-out {output.json}"
+        " --documents-out {output.documents}"
         " --model {wildcards.model} --variant {wildcards.variant} --batch-size {params.batch_size}"
         " --dtype {params.dtype} --device {params.device} --bootstrap-iters {params.bootstrap_iters} > {log} 2>&1"
 

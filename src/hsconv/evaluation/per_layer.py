@@ -82,9 +82,14 @@ def tidy_results(results: dict, layer: int, task_names: dict[str, str]) -> list[
 def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[str, str]], out: str | os.PathLike,
                        json_out: str | os.PathLike, model: str, variant: str, layers: list[int] | None = None,
                        batch_size: int = 8, dtype: str = "float32", device: str = "cpu",
-                       bootstrap_iters: int = 1000, limits: dict[str, int] | None = None) -> pd.DataFrame:
+                       bootstrap_iters: int = 1000, limits: dict[str, int] | None = None,
+                       documents_out: str | os.PathLike | None = None, stock: bool = False) -> pd.DataFrame:
     """Evaluate every exit (or ``layers``) on ``datasets`` ({name: (kind, texts parquet)}), each cut to its first
-    ``limits[name]`` documents where given; write a tidy table and lm-eval's result JSON."""
+    ``limits[name]`` documents where given; write a tidy table and lm-eval's result JSON, and with ``documents_out``
+    every document's outcome per exit (what paired comparisons resample).
+
+    ``stock`` evaluates the model as it is with lm-eval's own ``HFLM`` (one exit: its output), which is how a pruned
+    model is checked against the logit lens."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -100,30 +105,44 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
             config = stock_task_config(kind, data_file, task_manager)
             task_names[name] = config["task"]
             configs.append(config)
-        lm = LogitLensLM(pretrained=str(weights_dir(Path(model_dir))), dtype=dtype, device=device,
-                         batch_size=batch_size)
+        if stock:
+            from lm_eval.models.huggingface import HFLM
+
+            lm = HFLM(pretrained=str(weights_dir(Path(model_dir))), dtype=dtype, device=device,
+                      batch_size=batch_size)
+            num_layers = lm.model.config.num_hidden_layers
+            if layers not in (None, [num_layers]):
+                raise ValueError(f"a stock evaluation has one exit, the model's output (layer {num_layers})")
+            exits = [num_layers]
+        else:
+            lm = LogitLensLM(pretrained=str(weights_dir(Path(model_dir))), dtype=dtype, device=device,
+                             batch_size=batch_size)
+            num_layers = lm.num_layers
+            exits = list(range(num_layers + 1)) if layers is None else layers
+            for layer in exits:  # validate all before the first forward pass
+                lm.exit_layer = layer
         task_dict = task_manager.load(configs)
-        exits = list(range(lm.num_layers + 1)) if layers is None else layers
-        for layer in exits:  # validate all before the first forward pass
-            lm.exit_layer = layer
-        rows, raw = [], {}
+        rows, raw, documents = [], {}, []
         for layer in exits:
-            lm.exit_layer = layer
+            if not stock:
+                lm.exit_layer = layer
             results = lm_eval.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=bootstrap_iters,
-                                                 log_samples=False, verbosity="WARNING")
+                                       log_samples=documents_out is not None, verbosity="WARNING")
             rows.extend(tidy_results(results, layer, task_names))
+            if documents_out is not None:
+                documents.extend(document_outcomes(results, layer, task_names))
             raw[layer] = {key: results[key] for key in ("results", "n-samples", "versions", "configs")
                           if key in results}
-            log.info("exit %d/%d: %s (%d forward passes so far)", layer, lm.num_layers,
+            log.info("exit %d/%d: %s (%s forward passes so far)", layer, num_layers,
                      ", ".join(f"{r['task']} {r['metric']}={r['value']:.4g}" for r in rows if r["layer"] == layer),
-                     lm.forward_passes)
+                     getattr(lm, "forward_passes", "?"))
     table = pd.DataFrame(rows)
     table.insert(0, "variant", variant)
     table.insert(0, "model", model)
     provenance = {"model": model, "variant": variant, "model_dir": str(model_dir), "batch_size": batch_size,
                   "limits": limits or {},
-                  "dtype": dtype, "device": device, "forward_passes": lm.forward_passes,
-                  "exits": exits,
+                  "dtype": dtype, "device": device, "forward_passes": getattr(lm, "forward_passes", None),
+                  "exits": exits, **({"evaluator": "lm-eval HFLM (stock)"} if stock else {}),
                   "datasets": {name: {"kind": kind, "texts": str(path)} for name, (kind, path) in datasets.items()}}
     write_parquet(table, out, {"lm_eval": provenance})
     # lm-eval's task configs name the temporary data files and print functions with their memory address; a stable
@@ -133,6 +152,28 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
     raw_text = re.sub(r"(<function [\w.<>]+) at 0x[0-9a-f]+>", r"\1>", raw_text)
     with atomic_path(json_out) as tmp_json:
         tmp_json.write_text(raw_text)
-    log.info("%s/%s: %d exits in %.0f s with %d forward passes -> %s", model, variant, len(exits),
-             time.perf_counter() - started, lm.forward_passes, out)
+    if documents_out is not None:
+        frame = pd.DataFrame(documents)
+        frame.insert(0, "variant", variant)
+        frame.insert(0, "model", model)
+        write_parquet(frame, documents_out, {"lm_eval": provenance})
+    log.info("%s/%s: %d exits in %.0f s -> %s", model, variant, len(exits), time.perf_counter() - started, out)
     return table
+
+
+def document_outcomes(results: dict, layer: int, task_names: dict[str, str]) -> list[dict]:
+    """Each document's contribution to the task's metrics at one exit, from lm-eval's logged samples: LAMBADA's
+    correctness (``acc``) and target log-likelihood; WikiText's log-likelihood with its word and byte counts (the
+    corpus perplexity is exp(−Σ loglikelihood / Σ words), so documents resample as (loglikelihood, words) pairs)."""
+    rows = []
+    for kind, task in task_names.items():
+        for sample in results["samples"][task]:
+            row = {"task": kind, "layer": layer, "doc_id": int(sample["doc_id"])}
+            if "acc" in sample:
+                row.update(acc=float(sample["acc"]), loglikelihood=float(sample["perplexity"]))
+            if "word_perplexity" in sample:
+                loglikelihood, words = sample["word_perplexity"]
+                row.update(loglikelihood=float(loglikelihood), words=int(words),
+                           bytes=int(sample["byte_perplexity"][1]))
+            rows.append(row)
+    return rows

@@ -1,0 +1,121 @@
+EARLY_EXIT = config["early_exit"]
+
+
+rule prune_model:
+    """A model cut after its first round(keep_fraction × L) layers, final norm and head kept: early exit for real."""
+    input:
+        model=variant_model_dir,
+    output:
+        directory("results/early_exit/{model}/{variant}/model"),
+    params:
+        keep_fraction=EARLY_EXIT["keep_fraction"],
+        code=code_fingerprint("hsconv.early_exit"),
+    log:
+        "results/logs/prune_model/{model}/{variant}.log",
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "hsconv prune-model --model-dir {input.model} --keep-fraction {params.keep_fraction} --out {output}"
+        " > {log} 2>&1"
+
+
+rule evaluate_pruned:
+    """The pruned model under stock lm-eval (HFLM, its own output): what the logit lens claims at that exit."""
+    input:
+        model="results/early_exit/{model}/{variant}/model",
+        texts=expand("results/data/eval/{dataset}.parquet", dataset=EVALUATED_DATASETS),
+    output:
+        table="results/early_exit/{model}/{variant}/stock.parquet",
+        json="results/early_exit/{model}/{variant}/stock_lm_eval.json",
+    params:
+        datasets=evaluation_dataset_args,
+        limits=" ".join(f"{name}={limit}" for name, limit in EVALUATION["limits"].items()),
+        batch_size=EVALUATION["batch_size"],
+        bootstrap_iters=EVALUATION["bootstrap_iters"],
+        dtype=model_setting("dtype"),
+        device=model_setting("device"),
+        code=code_fingerprint("hsconv.evaluation.per_layer"),
+    log:
+        "results/logs/evaluate_pruned/{model}/{variant}.log",
+    threads: 8  # scaled down to --cores
+    resources:
+        mem_mb=16000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsconv evaluate-layers --stock --model-dir {input.model}"
+        " --dataset {params.datasets} --limit {params.limits} --out {output.table} --json-out {output.json}"
+        " --model {wildcards.model} --variant {wildcards.variant} --batch-size {params.batch_size}"
+        " --dtype {params.dtype} --device {params.device} --bootstrap-iters {params.bootstrap_iters} > {log} 2>&1"
+
+
+rule tabulate_early_exit:
+    """The shallowest exit within each tolerance of the full model, and the pruned models beside the logit lens."""
+    input:
+        evaluation="results/tables/per_layer_evaluation.parquet",
+        pruned=expand("results/early_exit/{model}/{variant}/stock.parquet", model=MODELS, variant=VARIANTS),
+    output:
+        exits="results/tables/early_exit.parquet",
+        exits_csv=report("results/tables/early_exit.csv", caption="../report/early_exit_table.rst",
+                         category="Tables"),
+        exits_md="results/tables/early_exit.md",
+        pruned="results/tables/pruned_vs_lens.parquet",
+        pruned_csv="results/tables/pruned_vs_lens.csv",
+        pruned_md="results/tables/pruned_vs_lens.md",
+    params:
+        tolerances=" ".join(map(str, EARLY_EXIT["tolerances"])),
+        config_hash=CONFIG_HASH,
+        code=code_fingerprint("hsconv.early_exit"),
+    log:
+        "results/logs/tabulate_early_exit.log",
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "hsconv tabulate-early-exit --evaluation {input.evaluation} --pruned {input.pruned}"
+        " --exits-out {output.exits} --pruned-out {output.pruned} --tolerances {params.tolerances}"
+        " --config-hash {params.config_hash} > {log} 2>&1"
+
+
+rule plot_early_exit:
+    """Quality against the fraction of layers kept, base vs distilled, one column per model."""
+    input:
+        evaluation="results/tables/per_layer_evaluation.parquet",
+        exits="results/tables/early_exit.parquet",
+    output:
+        pdf=report("results/figures/early_exit.pdf", caption="../report/early_exit.rst", category="Figures"),
+        png="results/figures/early_exit.png",
+    params:
+        models=figure_models("early_exit"),
+        tolerance=max(EARLY_EXIT["tolerances"]),
+        code=code_fingerprint("hsconv.figures.early_exit"),
+    log:
+        "results/logs/plot_early_exit.log",
+    conda:
+        "../../envs/plot.yaml"
+    shell:
+        "hsconv plot-early-exit --evaluation {input.evaluation} --exits {input.exits} --pdf {output.pdf}"
+        " --png {output.png} --model {params.models} --tolerance {params.tolerance} > {log} 2>&1"
+
+
+rule paired_differences:
+    """Distilled − base at every exit, with a paired bootstrap interval over the same documents."""
+    input:
+        expand("results/evaluation/{model}/{variant}/per_document.parquet", model=MODELS, variant=VARIANTS),
+    output:
+        parquet="results/tables/paired_differences.parquet",
+        csv=report("results/tables/paired_differences.csv", caption="../report/paired_table.rst",
+                   category="Tables"),
+        md="results/tables/paired_differences.md",
+    params:
+        samples=config["metrics"]["bootstrap_samples"],
+        confidence=config["metrics"]["confidence"],
+        seed=config["metrics"]["seed"],
+        config_hash=CONFIG_HASH,
+        code=code_fingerprint("hsconv.paired"),
+    log:
+        "results/logs/paired_differences.log",
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "hsconv paired-differences --documents {input} --out {output.parquet} --bootstrap-samples {params.samples}"
+        " --confidence {params.confidence} --seed {params.seed} --config-hash {params.config_hash} > {log} 2>&1"
