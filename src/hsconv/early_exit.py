@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from hsconv.io import atomic_path
+from hsconv.io import atomic_path, write_table
 from hsconv.models import MANIFEST, _save_hf, load_model
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,6 @@ def pruned_against_lens(evaluation: pd.DataFrame, pruned: pd.DataFrame) -> pd.Da
 def tabulate_early_exit(evaluation_path: str | os.PathLike, pruned_paths: list[str], exits_stem: str | os.PathLike,
                         pruned_stem: str | os.PathLike, config_hash: str, tolerances=(0.01, 0.05)) -> None:
     """Write the shallowest-exit table and the pruned-models-vs-logit-lens table (Parquet, CSV, Markdown)."""
-    from hsconv.io import write_table
-
     evaluation = pd.read_parquet(evaluation_path)
     metadata = {"config_hash": config_hash, "inputs": [str(evaluation_path), *map(str, pruned_paths)]}
     write_table(shallowest_exits(evaluation, tolerances), exits_stem, {**metadata, "tolerances": list(tolerances)})
