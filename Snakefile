@@ -25,6 +25,8 @@ include: "workflow/rules/metrics.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/early_exit.smk"
+include: "workflow/rules/ablations.smk"
+include: "workflow/rules/tuned_lens.smk"
 
 
 rule all:

@@ -51,3 +51,32 @@ def test_movement_figure_plots_its_table(tmp_path):
     for line, variant in zip(lines, ("base", "distilled")):
         np.testing.assert_allclose(line.get_ydata(), table[table["variant"] == variant]["movement_mean"])
     assert figure.texts[0].get_text().startswith("Fig. 8: hidden-state movement")
+
+
+def test_early_exit_figure_plots_its_tables(tmp_path):
+    from hsconv.early_exit import shallowest_exits
+    from hsconv.figures.early_exit import plot_early_exit
+
+    rows = []
+    for variant, accuracy in (("base", [0.0, 0.1, 0.3, 0.58, 0.6]), ("tuned_lens", [0.05, 0.3, 0.5, 0.59, 0.6])):
+        rows += [{"model": "m", "variant": variant, "task": "lambada", "metric": "acc", "layer": layer,
+                  "value": value, "stderr": 0.01, "n_samples": 100} for layer, value in enumerate(accuracy)]
+    evaluation = pd.DataFrame(rows)
+    evaluation.to_parquet(tmp_path / "evaluation.parquet")
+    exits = shallowest_exits(evaluation, (0.05,))
+    exits.to_parquet(tmp_path / "exits.parquet")
+    figure = plot_early_exit(tmp_path / "evaluation.parquet", tmp_path / "exits.parquet", tmp_path / "f.pdf",
+                             tmp_path / "f.png", {"m": "model m"}, tolerance=0.05)
+    axis = figure.axes[0]
+    curves = [line for line in axis.lines if line.get_marker() != "*"]
+    stars = [line for line in axis.lines if line.get_marker() == "*"]
+    for line, variant in zip(curves, ("base", "tuned_lens")):
+        expected = evaluation[evaluation["variant"] == variant]
+        np.testing.assert_allclose(line.get_xdata(), expected["layer"] / 4)
+        np.testing.assert_allclose(line.get_ydata(), expected["value"])
+    # the stars are the table's shallowest exits: layer 3 (0.58 >= 0.57) for base, 3 (0.59) for the tuned lens
+    assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in stars] == [(0.75, 0.58), (0.75, 0.59)]
+    assert list(exits["layer"]) == [3, 3]
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == [
+        "base", "base: first exit within 5% (layer 3)", "base, tuned lens",
+        "base, tuned lens: first exit within 5% (layer 3)"]

@@ -76,7 +76,8 @@ def test_full_run_writes_figures_and_tables(finished_run):
         assert (results / f"figures/training/{model}.png").stat().st_size > 0
         assert "ZeRO stage 2" in (results / f"logs/distill/{model}.log").read_text()
     evaluation = pd.read_parquet(results / "tables/per_layer_evaluation.parquet")
-    assert set(evaluation["variant"]) == {"base", "distilled"} and set(evaluation["task"]) == {"lambada", "wikitext"}
+    assert set(evaluation["variant"]) == {"base", "distilled", "tuned_lens"}
+    assert set(evaluation["task"]) == {"lambada", "wikitext"}
     # every exit 0..L of each model: the Llama has 4 layers, the Qwen2 3
     exits = evaluation.groupby("model")["layer"].nunique().to_dict()
     assert exits == {"tiny-llama": 5, "tiny-qwen2": 4}
@@ -119,16 +120,71 @@ def test_early_exit_pruned_models_and_paired_differences(finished_run):
     assert pruned.groupby("model")["layer"].first().to_dict() == {"tiny-llama": 3, "tiny-qwen2": 2}
     assert pruned["relative_difference"].max() < 1e-5, pruned
     exits = pd.read_parquet(results / "tables/early_exit.parquet")
-    assert len(exits) == 2 * 2 * 2 * 2  # models × variants × tasks × tolerances
+    assert len(exits) == (2 * 2 + 1) * 2 * 2  # (models × variants + the Llama's tuned lens) × tasks × tolerances
     assert (exits["layer"] <= exits["num_layers"]).all()
     assert (results / "figures/early_exit.pdf").read_bytes().startswith(b"%PDF")
     # the paired table's corpus values are lm-eval's own numbers at every exit
     paired = pd.read_parquet(results / "tables/paired_differences.parquet")
     evaluation = pd.read_parquet(results / "tables/per_layer_evaluation.parquet")
     merged = paired.merge(evaluation[evaluation["variant"] == "base"], on=["model", "task", "metric", "layer"])
-    assert len(merged) == len(paired) == 2 * (5 + 4)  # acc and word perplexity at every exit of both models
+    # acc and word perplexity at every exit: distilled − base for both models, tuned lens − base for the Llama
+    assert len(merged) == len(paired) == 2 * (5 + 4) + 2 * 5
     assert ((merged["baseline_value"] - merged["value"]).abs() <= 1e-9 * merged["value"].abs() + 1e-12).all()
     assert ((paired["lower"] <= paired["difference"] + 1e-12) & (paired["difference"] <= paired["upper"] + 1e-12)).all()
+
+
+@pytest.mark.slow
+def test_tuned_lens_baseline_is_a_third_curve(finished_run):
+    results = finished_run / "results"
+    training = pd.read_parquet(results / "tuned_lens/tiny-llama/training.parquet")
+    held_out = training[training["stage"] == "held_out"].groupby("step")["kl"].mean()
+    assert list(held_out.index) == [0, 10] and held_out[10] < held_out[0]  # it learned a better lens
+    evaluation = pd.read_parquet(results / "tables/per_layer_evaluation.parquet")
+    lens = evaluation[(evaluation["model"] == "tiny-llama") & (evaluation["variant"] == "tuned_lens")]
+    assert sorted(lens["layer"].unique()) == [0, 1, 2, 3, 4] and set(lens["task"]) == {"lambada", "wikitext"}
+    # the output exit has no translator: the tuned lens reads there exactly what the base model's lens reads
+    base = evaluation[(evaluation["model"] == "tiny-llama") & (evaluation["variant"] == "base")]
+    both = lens.merge(base, on=["layer", "task", "metric"], suffixes=("", "_base"))
+    assert len(both) == len(lens)
+    last = both[both["layer"] == 4]
+    assert len(last) > 0 and (last["value"] == last["value_base"]).all()
+    assert (both[both["layer"] < 4]["value"] != both[both["layer"] < 4]["value_base"]).any()
+
+
+@pytest.mark.slow
+def test_ablations_train_each_setting_and_report_it(finished_run):
+    results = finished_run / "results"
+    table = pd.read_parquet(results / "tables/ablations.parquet")
+    assert list(table["setting"].unique()) == ["base", "reference", "alpha-0"]
+    assert set(table["variant"]) == {"base", "ablation-reference", "ablation-alpha-0"}
+    for setting, alpha in (("reference", 1.0), ("alpha-0", 0.0)):
+        steps = pd.read_parquet(results / f"training/tiny-llama/ablation-{setting}/steps.parquet")
+        assert len(steps) == 2  # the ablations' budget (max_steps 2), not the main run's 3
+        # each run optimised its own loss: zeta = zeta1 + alpha zeta2 with its alpha
+        assert ((steps["zeta"] - steps["zeta1"] - alpha * steps["zeta2"]).abs() < 1e-5 * steps["zeta"].abs()).all()
+    # every number is the one its stage wrote: S_model and D_L from the convergence scores, accuracy from lm-eval
+    for row in table.itertuples():
+        scores = pd.read_parquet(results / f"metrics/tiny-llama/{row.variant}/lambada/convergence.parquet")
+        score = scores[scores["final_norm"] == row.final_norm].iloc[0]
+        assert (row.s_model, row.last_layer_movement) == (score["s_model"], score["last_layer_movement"])
+        lm_eval = json.loads((results / f"ablations/tiny-llama/{row.variant}/stock_lm_eval.json").read_text())
+        assert row.lambada_acc == lm_eval["per_exit"]["4"]["results"]["lambada_openai"]["acc,none"]
+    wide = table.pivot_table(index="final_norm", columns="setting", values="last_layer_movement")
+    assert (wide["reference"] != wide["alpha-0"]).all()  # two really different models
+    assert (results / "figures/ablations.pdf").read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.slow
+def test_the_main_distilled_model_is_the_reference_when_the_ablations_change_nothing_else(finished_run, tmp_path):
+    shutil.copy(finished_run / "config.yaml", tmp_path / "saved.yaml")
+    write_config(finished_run, lambda c: c["ablations"].update(distill={}))
+    try:
+        planned = planned_counts(snakemake(finished_run, "-n", "results/tables/ablations.csv"))
+    finally:
+        shutil.copy(tmp_path / "saved.yaml", finished_run / "config.yaml")
+    # alpha 0 is retrained with the main budget; the reference is the existing distilled model, only evaluated
+    assert planned["distill_ablation"] == 1 and "distill" not in planned
+    assert planned["evaluate_ablation"] == 2 and planned["tabulate_ablations"] == 1
 
 
 @pytest.mark.slow
@@ -164,16 +220,17 @@ RERUN_MATRIX = {
     "plotting code": ("figures/movement.py", "\nLEGEND_FONT_SIZE = 8\n",
                       {"plot_movement_figure": 2, "all": 1}),
     "metric code": ("metrics.py", "\nDEFAULT_CONFIDENCE = 0.95\n",
-                    {"compute_convergence": 8, "tabulate_layer_movement": 1, "tabulate_convergence": 1,
-                     "plot_movement_figure": 2, "all": 1}),
+                    {"compute_convergence": 10, "tabulate_layer_movement": 1, "tabulate_convergence": 1,
+                     "plot_movement_figure": 2, "tabulate_ablations": 1, "plot_ablations": 1, "all": 1}),
     # the loss: both distillations and everything that reads a distilled model, and no base-model job
     "loss code": ("distill/loss.py", "\nDEFAULT_CHUNK = 256\n",
-                  {"distill": 2, "plot_training": 2, "dump_hidden_states": 4, "compute_convergence": 4,
+                  {"distill": 2, "plot_training": 2, "dump_hidden_states": 6, "compute_convergence": 6,
                    "evaluate_layers": 2, "trace_sentence": 2, "tabulate_layer_movement": 1,
                    "tabulate_convergence": 1, "tabulate_evaluation": 1, "tabulate_sentence": 1,
                    "plot_movement_figure": 2, "plot_per_layer_figure": 4, "plot_fig4": 1, "plot_fig7": 1,
                    "prune_model": 2, "evaluate_pruned": 2, "tabulate_early_exit": 1, "plot_early_exit": 1,
-                   "paired_differences": 1, "all": 1}),
+                   "paired_differences": 1, "distill_ablation": 2, "evaluate_ablation": 2,
+                   "tabulate_ablations": 1, "plot_ablations": 1, "all": 1}),
     "PCA figure code": ("figures/trajectory.py", "\nVIEW_ELEVATION = 22\n", {"plot_fig4": 1, "all": 1}),
     "a comment in the corpus code": ("corpus.py", "\n# a comment\n", {}),
     "a comment and a docstring in the loss": ("distill/loss.py", "\n# why this is so\n", {}),
@@ -234,6 +291,9 @@ def _edit(path: list, value):
     (_edit(["sentence", "target"], " dog"), "sentence.target ' dog' does not occur in sentence.text"),
     (_edit(["figures", "fig7", "model"], "gpt-5"), "figures.fig7.model: unknown model ['gpt-5']"),
     (_edit(["figures", "fig11"], {"models": ["tiny-llama"]}), "('fig11' was unexpected)"),
+    (_edit(["ablations", "dataset"], "wikitext"), "ablations.dataset: 'wikitext' is of kind 'wikitext'"),
+    (_edit(["ablations", "distill"], {"max_step": 2}),
+     "ablations.distill: unknown distillation setting(s): max_step"),
 ])
 def test_bad_config_is_refused_before_any_job(tmp_path, edit, message):
     write_config(tmp_path, edit)
@@ -314,8 +374,8 @@ def test_every_stage_killed_before_its_rename_then_rerun_from_scratch_gives_the_
     kills = [json.loads(path.read_text()) for path in markers.iterdir() if path.name != "config.yaml"]
     assert kills and not any(kill["existed"] for kill in kills), kills
     stages = {Path(kill["path"]).relative_to(killed.resolve() / "results").parts[0] for kill in kills}
-    assert {"data", "models", "checkpoints", "hidden", "metrics", "evaluation", "sentence", "figures",
-            "tables"} <= stages, stages
+    assert {"data", "models", "checkpoints", "hidden", "metrics", "evaluation", "sentence", "figures", "tables",
+            "early_exit", "ablations", "tuned_lens"} <= stages, stages
     assert not list((killed / "results").rglob("*.tmp")), "a killed writer's temporary folder was left behind"
     assert len(kills) > 40 and compare_results(reference, killed) > 100
     assert planned_jobs(snakemake(killed, "-n")) == set()

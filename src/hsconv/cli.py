@@ -124,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--documents-out", default=None, help="every document's outcome per exit (Parquet)")
     stage.add_argument("--stock", action="store_true",
                        help="lm-eval's own HFLM on the model's output (one exit), e.g. for a pruned model")
+    stage.add_argument("--tuned-lens", default=None, help="translators of train-tuned-lens in front of each exit")
+
+    stage = stages.add_parser("train-tuned-lens", help="per-layer affine translators (the tuned-lens baseline)")
+    stage.add_argument("--model-dir", required=True)
+    stage.add_argument("--tokens", required=True, help="packed sequences (pack-tokens)")
+    stage.add_argument("--out", required=True, help="directory for the translators")
+    stage.add_argument("--log-out", required=True, help="held-out KL per layer before and after, training KL (Parquet)")
+    stage.add_argument("--steps", type=int, default=50)
+    stage.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    stage.add_argument("--learning-rate", type=float, default=1e-3)
+    stage.add_argument("--holdout-sequences", type=int, default=4)
+    stage.add_argument("--micro-batch-size", type=_optional_int, default=None, help="sequences per forward pass (none: the batch)")
+    stage.add_argument("--seed", type=int, default=0)
+    stage.add_argument("--device", default="cpu")
 
     stage = stages.add_parser("plot-per-layer", help="Figs. 5, 6, 9, 10: a per-layer lm-eval metric per model")
     stage.add_argument("--table", required=True, help="the gathered per-layer evaluation table (Parquet)")
@@ -166,6 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--bootstrap-samples", type=int, default=1000)
     stage.add_argument("--confidence", type=float, default=0.95)
     stage.add_argument("--seed", type=int, default=0)
+
+    stage = stages.add_parser("tabulate-ablations",
+                              help="S_model, D_L and stock LAMBADA accuracy per distillation setting")
+    stage.add_argument("--convergence", nargs="+", required=True, help="compute-convergence scores per variant")
+    stage.add_argument("--stock", nargs="+", required=True, help="stock lm-eval tables per variant")
+    stage.add_argument("--documents", nargs="+", required=True, help="their per-document outcomes")
+    stage.add_argument("--settings", type=_json, required=True, help="{setting: distillation settings}, as JSON")
+    stage.add_argument("--variants", type=_json, required=True, help="{setting: model variant}, as JSON")
+    stage.add_argument("--out", required=True, help="Parquet; .csv and .md are written beside it")
+    stage.add_argument("--config-hash", required=True)
+    stage.add_argument("--bootstrap-samples", type=int, default=1000)
+    stage.add_argument("--confidence", type=float, default=0.95)
+    stage.add_argument("--seed", type=int, default=0)
+
+    stage = stages.add_parser("plot-ablations", help="S_model, D_L and accuracy per setting, one row per model")
+    stage.add_argument("--table", required=True, help="the ablation table")
+    stage.add_argument("--pdf", required=True)
+    stage.add_argument("--png", required=True)
+    stage.add_argument("--model", dest="models", type=_label, nargs="+", required=True, help="NAME=LABEL, in order")
+    stage.add_argument("--final-norm", default="pre_norm", choices=("pre_norm", "hf"))
 
     stage = stages.add_parser("compute-convergence", help="D_l per layer and S_model from the per-token table")
     stage.add_argument("--hidden", required=True)
@@ -273,7 +307,12 @@ def run(args: argparse.Namespace) -> None:
         evaluate_per_layer(args.model_dir, datasets, args.out, args.json_out, args.model, args.variant,
                            layers=args.layers or None, batch_size=args.batch_size, dtype=args.dtype,
                            device=args.device, bootstrap_iters=args.bootstrap_iters, limits=limits,
-                           documents_out=args.documents_out, stock=args.stock)
+                           documents_out=args.documents_out, stock=args.stock, tuned_lens=args.tuned_lens)
+    elif args.stage == "train-tuned-lens":
+        from hsconv.tuned_lens import train_tuned_lens
+
+        train_tuned_lens(args.model_dir, args.tokens, args.out, args.log_out, args.steps, args.batch_size,
+                         args.learning_rate, args.holdout_sequences, args.seed, args.device, args.micro_batch_size)
     elif args.stage == "plot-per-layer":
         from hsconv.figures.per_layer import plot_per_layer
 
@@ -296,6 +335,16 @@ def run(args: argparse.Namespace) -> None:
 
         tabulate_paired_differences(args.documents, Path(args.out).with_suffix(""), args.config_hash,
                                     args.bootstrap_samples, args.confidence, args.seed)
+    elif args.stage == "tabulate-ablations":
+        from hsconv.ablations import tabulate_ablations
+
+        tabulate_ablations(args.convergence, args.stock, args.documents, args.settings, args.variants,
+                           Path(args.out).with_suffix(""), args.config_hash, args.bootstrap_samples,
+                           args.confidence, args.seed)
+    elif args.stage == "plot-ablations":
+        from hsconv.figures.ablations import plot_ablations
+
+        plot_ablations(args.table, args.pdf, args.png, dict(args.models), args.final_norm)
     elif args.stage == "compute-convergence":
         from hsconv.metrics import compute_convergence
 

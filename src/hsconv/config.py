@@ -76,6 +76,17 @@ def check_config(config: dict) -> None:
             raise ConfigError(f"figures.early_exit: evaluation.datasets has no data set of kind {needed}")
     if "fig7" in config["figures"]:
         _require_known("model", [config["figures"]["fig7"]["model"]], config["models"], "figures.fig7.model")
+    tuned_lens = config.get("tuned_lens", {})
+    _require_known("model", tuned_lens.get("models", []), config["models"], "tuned_lens.models")
+    if tuned_lens.get("models") and not evaluation.get("datasets"):
+        raise ConfigError("tuned_lens.models: the tuned lens is judged by the per-layer evaluation; "
+                          "evaluation.datasets is empty")
+    sequences = config["packing"]["token_budget"] // config["packing"]["sequence_length"]
+    if tuned_lens.get("models") and sequences <= tuned_lens["holdout_sequences"]:
+        raise ConfigError(f"tuned_lens.holdout_sequences={tuned_lens['holdout_sequences']} leaves none of the "
+                          f"{sequences} packed sequences to train on")
+    if config.get("ablations", {}).get("models"):
+        _check_ablations(config)
     sentence = config["sentence"]
     if sentence["target"] not in sentence["text"]:
         raise ConfigError(f"sentence.target {sentence['target']!r} does not occur in sentence.text "
@@ -98,3 +109,34 @@ def _check_distill(config: dict) -> None:
     if sequences < distill["batch_size"]:
         raise ConfigError(f"packing.token_budget gives {sequences} sequences of {packing['sequence_length']} tokens, "
                           f"fewer than one batch (distill.batch_size={distill['batch_size']})")
+
+
+def trainer_settings(distill: dict) -> dict:
+    """The trainer's settings: the distill section less what only the workflow uses (launcher, resources)."""
+    return {key: value for key, value in distill.items() if key not in ("launcher", "resources")}
+
+
+def _check_ablations(config: dict) -> None:
+    from hsconv.ablations import FACTORS, ablation_settings
+    from hsconv.distill.train import DistillSettings, TrainingError
+
+    ablations = config["ablations"]
+    _require_known("model", ablations["models"], config["models"], "ablations.models")
+    _require_known("data set", [ablations["dataset"]], config["datasets"], "ablations.dataset")
+    kind = config["datasets"][ablations["dataset"]]["kind"]
+    if kind != "lambada":
+        raise ConfigError(f"ablations.dataset: {ablations['dataset']!r} is of kind {kind!r}; the ablations report "
+                          f"LAMBADA accuracy, so it must be of kind lambada")
+    varied = sorted(set(ablations["distill"]) & set(FACTORS))
+    if varied:
+        raise ConfigError(f"ablations.distill: {', '.join(varied)} is an ablation factor; set the reference's value "
+                          f"in distill and the values to try in ablations.factors")
+    if not any(ablations["factors"].values()):
+        raise ConfigError("ablations.factors: no values to try; list some (e.g. alpha: [0, 0.5, 1, 2])")
+    settings = ablation_settings(trainer_settings(config["distill"]), ablations["factors"], ablations["distill"])
+    for name, values in settings.items():
+        try:
+            DistillSettings.from_dict(values)
+        except (TrainingError, ValueError, TypeError) as error:
+            where = "ablations.distill" if name == "reference" else f"ablations.factors ({name})"
+            raise ConfigError(f"{where}: {error}") from None

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from hsconv.io import atomic_path, write_table
-from hsconv.models import MANIFEST, _save_hf, load_model
+from hsconv.models import MANIFEST, save_hf, load_model
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def prune_model(model_dir: str | os.PathLike, keep_layers: int | None, out_dir: 
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
-        _save_hf(model, loaded.tokenizer, tmp)
+        save_hf(model, loaded.tokenizer, tmp)
         manifest = {"name": f"{loaded.name}-first{keep_layers}", "weights": None,
                     "source": {"kind": "pruned", "from": str(model_dir), "keep_layers": keep_layers,
                                "of_layers": total}}

@@ -129,10 +129,10 @@ def prepare_model(name: str, source: dict, out_dir: str | Path) -> Path:
             manifest["weights"] = str(Path(source["path"]).expanduser().resolve())
         elif kind == "gguf":
             model, tokenizer = _load_gguf(gguf_path(source))
-            _save_hf(model, tokenizer, tmp)
+            save_hf(model, tokenizer, tmp)
         elif kind == "tiny":
             model, tokenizer = build_tiny_model(source)
-            _save_hf(model, tokenizer, tmp)
+            save_hf(model, tokenizer, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("prepared model %s (%s) in %s", name, kind, out_dir)
     return out_dir
@@ -213,7 +213,7 @@ def _load_gguf(path: Path):
     return model, tokenizer
 
 
-def _save_hf(model, tokenizer, directory: Path) -> None:
+def save_hf(model, tokenizer, directory: Path) -> None:
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 

@@ -1,12 +1,14 @@
 # Helpers that turn the config into paths, wildcards and params. Rules stay declarative; all logic is in hsconv.
 import json
 import os
+import re
 import shlex
 
 from snakemake.exceptions import WorkflowError
 
 from hsconv import cluster
-from hsconv.config import FIGURE_TARGETS, PER_LAYER_FIGURES, ConfigError, check_config
+from hsconv.ablations import ABLATION_PREFIX, REFERENCE, ablation_settings
+from hsconv.config import FIGURE_TARGETS, PER_LAYER_FIGURES, ConfigError, check_config, trainer_settings
 from hsconv.fingerprint import code_fingerprint
 from hsconv.io import stable_hash
 
@@ -24,10 +26,29 @@ TOKENIZERS = {}
 for _name, _model in config["models"].items():
     TOKENIZERS.setdefault(_model.get("tokenizer", _name), _name)
 
+# Ablations: {setting: its trainer settings} and {setting: the variant holding its model}. A reference with the main
+# run's settings is the main distilled model, so it is not trained twice.
+ABLATIONS = config.get("ablations", {})
+ABLATION_MODELS = ABLATIONS.get("models", [])
+ABLATION_SETTINGS = (ablation_settings(trainer_settings(config["distill"]), ABLATIONS["factors"], ABLATIONS["distill"])
+                     if ABLATION_MODELS else {})
+ABLATION_VARIANTS = {
+    name: "distilled" if (name == REFERENCE and "distilled" in VARIANTS
+                          and settings == trainer_settings(config["distill"])) else ABLATION_PREFIX + name
+    for name, settings in ABLATION_SETTINGS.items()}
+# Models whose base is also read through a tuned lens (the baseline beside self-distillation in Figs. 5 and 6).
+TUNED_LENS_MODELS = config.get("tuned_lens", {}).get("models", [])
+TRAINED_ABLATIONS = [name for name, variant in ABLATION_VARIANTS.items() if variant.startswith(ABLATION_PREFIX)]
+
+
+def regex_alternatives(names):
+    return "|".join(map(re.escape, names)) or "(?!)"  # nothing configured: match nothing
+
 
 wildcard_constraints:
     model="|".join(MODELS),
-    variant="|".join(VARIANTS),
+    variant=regex_alternatives([*VARIANTS, *(ABLATION_PREFIX + name for name in TRAINED_ABLATIONS)]),
+    setting=regex_alternatives(TRAINED_ABLATIONS),
     dataset="|".join(config["datasets"]),
     tokenizer="|".join(TOKENIZERS),
 
@@ -124,6 +145,16 @@ def variant_model_dir(wildcards):
     return f"results/models/{wildcards.model}/{wildcards.variant}"
 
 
+def evaluated_model_dir(wildcards):
+    """The model an evaluation reads: the tuned lens reads the base model."""
+    variant = "base" if wildcards.variant == "tuned_lens" else wildcards.variant
+    return f"results/models/{wildcards.model}/{variant}"
+
+
+def tuned_lens_dir(wildcards):
+    return [f"results/tuned_lens/{wildcards.model}/lens"] if wildcards.variant == "tuned_lens" else []
+
+
 def model_tokens(wildcards):
     """The packed corpus of the model's tokenizer group."""
     tokenizer = config["models"][wildcards.model].get("tokenizer", wildcards.model)
@@ -131,9 +162,11 @@ def model_tokens(wildcards):
 
 
 def distill_settings_json():
-    """The trainer's settings: the distill section less what only the workflow uses (launcher, resources)."""
-    settings = {key: value for key, value in config["distill"].items() if key not in ("launcher", "resources")}
-    return json.dumps(settings, sort_keys=True)
+    return json.dumps(trainer_settings(config["distill"]), sort_keys=True)
+
+
+def ablation_settings_json(wildcards):
+    return json.dumps(ABLATION_SETTINGS[wildcards.setting], sort_keys=True)
 
 
 def distill_launcher():
@@ -186,4 +219,6 @@ def all_targets():
         *(["results/tables/paired_differences.csv"]
           if config["evaluation"]["datasets"] and "distilled" in VARIANTS else []),
         *(["results/tables/sentence_lens.csv", "results/tables/sentence_pca.csv"] if TRACED_MODELS else []),
+        *(["results/tables/ablations.csv", "results/figures/ablations.pdf", "results/figures/ablations.png"]
+          if ABLATION_MODELS else []),
     ]

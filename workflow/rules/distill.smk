@@ -1,4 +1,10 @@
 DISTILL = config["distill"]
+# One command for the main run and every ablation run; they differ only in settings and paths.
+DISTILL_COMMAND = (
+    "OMP_NUM_THREADS={threads} {params.launcher} distill --name {wildcards.model} --model-dir {input.model}"
+    " --tokens {input.tokens} --out {output.model} --log-out {output.steps} --layers-out {output.layers}"
+    " --checkpoints {params.checkpoints} --device {params.device} --settings '{params.settings}' > {log} 2>&1"
+)
 
 
 rule distill:
@@ -31,9 +37,37 @@ rule distill:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} {params.launcher} distill --name {wildcards.model} --model-dir {input.model}"
-        " --tokens {input.tokens} --out {output.model} --log-out {output.steps} --layers-out {output.layers}"
-        " --checkpoints {params.checkpoints} --device {params.device} --settings '{params.settings}' > {log} 2>&1"
+        DISTILL_COMMAND
+
+
+rule distill_ablation:
+    """One ablation setting's self-distillation (see hsconv.ablations): the main run's job with one factor changed
+    and the ablations' shared budget."""
+    input:
+        model="results/models/{model}/base",
+        tokens=model_tokens,
+    output:
+        model=directory("results/models/{model}/ablation-{setting}"),
+        steps="results/training/{model}/ablation-{setting}/steps.parquet",
+        layers="results/training/{model}/ablation-{setting}/layers.parquet",
+    params:
+        settings=ablation_settings_json,
+        launcher=distill_launcher(),
+        device=model_setting("device"),
+        checkpoints="results/checkpoints/{model}/ablation-{setting}",
+        code=code_fingerprint("hsconv.distill.train", "hsconv.cluster"),
+    log:
+        "results/logs/distill_ablation/{model}/{setting}.log",
+    benchmark:
+        "results/benchmarks/distill_ablation/{model}/{setting}.tsv"
+    threads: DISTILL["resources"]["threads"]
+    resources:
+        **distill_resources(),
+        mem_mb=distill_mem_mb,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        DISTILL_COMMAND
 
 
 rule plot_training:

@@ -98,9 +98,11 @@ rule plot_early_exit:
 
 
 rule paired_differences:
-    """Distilled − base at every exit, with a paired bootstrap interval over the same documents."""
+    """Distilled − base (and tuned lens − base) at every exit, with a paired bootstrap interval over the same
+    documents."""
     input:
         expand("results/evaluation/{model}/{variant}/per_document.parquet", model=MODELS, variant=VARIANTS),
+        expand("results/evaluation/{model}/tuned_lens/per_document.parquet", model=TUNED_LENS_MODELS),
     output:
         parquet="results/tables/paired_differences.parquet",
         csv=report("results/tables/paired_differences.csv", caption="../report/paired_table.rst",

@@ -3,16 +3,21 @@ EVALUATION = config["evaluation"]
 
 rule evaluate_layers:
     """Per-layer LAMBADA accuracy and WikiText perplexity for one model and variant: lm-eval's stock tasks, scored at
-    every exit through the logit lens, all exits from one forward pass per request batch."""
+    every exit through the logit lens, all exits from one forward pass per request batch. Variant `tuned_lens` is the
+    base model read through its tuned lens (rules/tuned_lens.smk)."""
     input:
-        model=variant_model_dir,
+        model=evaluated_model_dir,
+        lens=tuned_lens_dir,
         texts=expand("results/data/eval/{dataset}.parquet", dataset=EVALUATED_DATASETS),
     output:
         table="results/evaluation/{model}/{variant}/per_layer.parquet",
         json="results/evaluation/{model}/{variant}/lm_eval.json",
         documents="results/evaluation/{model}/{variant}/per_document.parquet",
+    wildcard_constraints:
+        variant=regex_alternatives([*VARIANTS, *ABLATION_VARIANTS.values(), "tuned_lens"]),
     params:
         datasets=evaluation_dataset_args,
+        lens=lambda wildcards, input: f"--tuned-lens {input.lens}" if input.lens else "",
         limits=" ".join(f"{name}={limit}" for name, limit in EVALUATION["limits"].items()),
         layers=" ".join(map(str, EVALUATION["layers"] or [])),
         batch_size=EVALUATION["batch_size"],
@@ -32,7 +37,7 @@ rule evaluate_layers:
     shell:
         "OMP_NUM_THREADS={threads} hsconv evaluate-layers --model-dir {input.model} --dataset {params.datasets}"
         " --limit {params.limits} --layers {params.layers} --out {output.table} --json-out {output.json}"
-        " --documents-out {output.documents}"
+        " --documents-out {output.documents} {params.lens}"
         " --model {wildcards.model} --variant {wildcards.variant} --batch-size {params.batch_size}"
         " --dtype {params.dtype} --device {params.device} --bootstrap-iters {params.bootstrap_iters} > {log} 2>&1"
 
@@ -41,6 +46,7 @@ rule tabulate_evaluation:
     """All models' and variants' per-layer lm-eval metrics in one tidy table."""
     input:
         expand("results/evaluation/{model}/{variant}/per_layer.parquet", model=MODELS, variant=VARIANTS),
+        expand("results/evaluation/{model}/tuned_lens/per_layer.parquet", model=TUNED_LENS_MODELS),
     output:
         parquet="results/tables/per_layer_evaluation.parquet",
         csv="results/tables/per_layer_evaluation.csv",

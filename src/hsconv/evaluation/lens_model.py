@@ -32,7 +32,8 @@ class ExitLayerError(ValueError):
 
 @register_model(MODEL_NAME)
 class LogitLensLM(HFLM):
-    def __init__(self, pretrained, exit_layer: int | None = None, head_chunk_tokens: int = 1024, **kwargs):
+    def __init__(self, pretrained, exit_layer: int | None = None, head_chunk_tokens: int = 1024,
+                 tuned_lens: str | None = None, **kwargs):
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise ValueError(f"the logit lens needs a decoder-only model; {type(self.model).__name__} is "
@@ -41,6 +42,15 @@ class LogitLensLM(HFLM):
         self.head = self.model.get_output_embeddings()
         self.num_layers = self.model.config.num_hidden_layers
         self.head_chunk_tokens = head_chunk_tokens
+        # With a tuned lens, exit l reads LMHead(FinalNorm(T_l(h_l))) instead (hsconv.tuned_lens).
+        self.tuned_lens = None
+        if tuned_lens is not None:
+            from hsconv.tuned_lens import TunedLens
+
+            self.tuned_lens = TunedLens.load(tuned_lens).to(self.device)
+            if self.tuned_lens.num_layers != self.num_layers:
+                raise ValueError(f"the tuned lens in {tuned_lens} has {self.tuned_lens.num_layers} translators; "
+                                 f"the model has {self.num_layers} layers")
         self._memo: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.forward_passes = 0
         self.exit_layer = self.num_layers if exit_layer is None else exit_layer
@@ -101,6 +111,8 @@ class LogitLensLM(HFLM):
         greedy = np.empty((self.num_layers + 1, count), dtype=bool)
         for layer, state in enumerate(states):
             selected = state[rows.to(state.device), positions.to(state.device)]
+            if self.tuned_lens is not None:
+                selected = self.tuned_lens(layer, selected)
             for start in range(0, count, self.head_chunk_tokens):
                 chunk = slice(start, start + self.head_chunk_tokens)
                 logits = self.head(self.final_norm(selected[chunk])).to(self.softmax_dtype)

@@ -83,13 +83,15 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
                        json_out: str | os.PathLike, model: str, variant: str, layers: list[int] | None = None,
                        batch_size: int = 8, dtype: str = "float32", device: str = "cpu",
                        bootstrap_iters: int = 1000, limits: dict[str, int] | None = None,
-                       documents_out: str | os.PathLike | None = None, stock: bool = False) -> pd.DataFrame:
+                       documents_out: str | os.PathLike | None = None, stock: bool = False,
+                       tuned_lens: str | os.PathLike | None = None) -> pd.DataFrame:
     """Evaluate every exit (or ``layers``) on ``datasets`` ({name: (kind, texts parquet)}), each cut to its first
     ``limits[name]`` documents where given; write a tidy table and lm-eval's result JSON, and with ``documents_out``
     every document's outcome per exit (what paired comparisons resample).
 
     ``stock`` evaluates the model as it is with lm-eval's own ``HFLM`` (one exit: its output), which is how a pruned
-    model is checked against the logit lens."""
+    model is checked against the logit lens. ``tuned_lens`` (a directory written by
+    :func:`hsconv.tuned_lens.train_tuned_lens`) puts its translators in front of every exit but the last."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -105,6 +107,8 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
             config = stock_task_config(kind, data_file, task_manager)
             task_names[name] = config["task"]
             configs.append(config)
+        if stock and tuned_lens is not None:
+            raise ValueError("a stock evaluation reads the model's output; a tuned lens reads its layers")
         if stock:
             from lm_eval.models.huggingface import HFLM
 
@@ -116,7 +120,7 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
             exits = [num_layers]
         else:
             lm = LogitLensLM(pretrained=str(weights_dir(Path(model_dir))), dtype=dtype, device=device,
-                             batch_size=batch_size)
+                             batch_size=batch_size, tuned_lens=None if tuned_lens is None else str(tuned_lens))
             num_layers = lm.num_layers
             exits = list(range(num_layers + 1)) if layers is None else layers
             for layer in exits:  # validate all before the first forward pass
@@ -143,6 +147,7 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
                   "limits": limits or {},
                   "dtype": dtype, "device": device, "forward_passes": getattr(lm, "forward_passes", None),
                   "exits": exits, **({"evaluator": "lm-eval HFLM (stock)"} if stock else {}),
+                  **({"tuned_lens": str(tuned_lens)} if tuned_lens is not None else {}),
                   "datasets": {name: {"kind": kind, "texts": str(path)} for name, (kind, path) in datasets.items()}}
     write_parquet(table, out, {"lm_eval": provenance})
     # lm-eval's task configs name the temporary data files and print functions with their memory address; a stable

@@ -9,7 +9,7 @@ import pandas as pd
 
 from hsconv.early_exit import QUALITY_METRICS
 from hsconv.figures.per_layer import METRIC_LABELS, TASK_LABELS, off_scale_exits
-from hsconv.figures.style import apply_style, model_colour, save_figure, variant_style
+from hsconv.figures.style import apply_style, model_colour, save_figure, variant_label, variant_style
 
 
 def plot_early_exit(evaluation_path: str | os.PathLike, exits_path: str | os.PathLike, pdf_out: str | os.PathLike,
@@ -40,13 +40,13 @@ def plot_early_exit(evaluation_path: str | os.PathLike, exits_path: str | os.Pat
                 panel = panel[~panel["layer"].isin(off)]
             for variant, rows in panel.groupby("variant", sort=True):
                 rows = rows.sort_values("layer")
-                axis.plot(rows["layer"] / num_layers, rows["value"], color=model_colour(column), label=variant,
-                          markersize=3, linewidth=1.4, **variant_style(variant))
+                axis.plot(rows["layer"] / num_layers, rows["value"], color=model_colour(column),
+                          label=variant_label(variant), markersize=3, linewidth=1.4, **variant_style(variant))
                 chosen = exits[(exits["model"] == name) & (exits["variant"] == variant) & (exits["task"] == task)]
                 for point in chosen.itertuples():
                     axis.plot(point.fraction_of_layers, point.value, marker="*", markersize=13, color="black",
                               markerfacecolor=model_colour(column), linestyle="none",
-                              label=f"{variant}: first exit within {tolerance:.0%} (layer {point.layer})")
+                              label=f"{variant_label(variant)}: first exit within {tolerance:.0%} (layer {point.layer})")
             if log_scale:
                 axis.set_yscale("log")
             axis.set_xlabel(f"fraction of the {num_layers} decoder layers kept ($l/L$)")

@@ -7,7 +7,7 @@ import os
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from hsconv.figures.style import apply_style, model_colour, save_figure, variant_style
+from hsconv.figures.style import apply_style, model_colour, save_figure, variant_label, variant_style
 
 METRIC_LABELS = {
     "acc": ("accuracy", False),
@@ -48,8 +48,8 @@ def plot_per_layer(table_path: str | os.PathLike, pdf_out: str | os.PathLike, pn
         panel = table[table["model"] == name]
         for variant, rows in panel.groupby("variant", sort=True):
             rows = rows.sort_values("layer")
-            axis.plot(rows["layer"], rows["value"], color=model_colour(index), label=variant, markersize=3.5,
-                      linewidth=1.5, **variant_style(variant))
+            axis.plot(rows["layer"], rows["value"], color=model_colour(index), label=variant_label(variant),
+                      markersize=3.5, linewidth=1.5, **variant_style(variant))
             if rows["stderr"].notna().any():
                 axis.fill_between(rows["layer"], rows["value"] - 1.96 * rows["stderr"],
                                   rows["value"] + 1.96 * rows["stderr"], color=model_colour(index), alpha=0.2,

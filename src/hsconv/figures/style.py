@@ -13,8 +13,10 @@ import seaborn as sns  # noqa: E402
 
 from hsconv.io import atomic_path  # noqa: E402
 
-VARIANT_LINESTYLES = {"base": "-", "distilled": "--"}
-VARIANT_MARKERS = {"base": "o", "distilled": "s"}
+VARIANT_LINESTYLES = {"base": "-", "distilled": "--", "tuned_lens": ":"}
+VARIANT_MARKERS = {"base": "o", "distilled": "s", "tuned_lens": "^"}
+# The tuned lens is the base model read through learned translators (hsconv.tuned_lens), not a third model.
+VARIANT_LABELS = {"tuned_lens": "base, tuned lens"}
 # Colour-blind safe, and the markers keep variants apart in greyscale.
 PALETTE = sns.color_palette("colorblind")
 
@@ -26,6 +28,10 @@ def apply_style() -> None:
 
 def model_colour(index: int):
     return PALETTE[index % len(PALETTE)]
+
+
+def variant_label(variant: str) -> str:
+    return VARIANT_LABELS.get(variant, variant)
 
 
 def variant_style(variant: str) -> dict:
