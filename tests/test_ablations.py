@@ -98,4 +98,31 @@ def test_ablation_figure_plots_its_table(tmp_path):
         assert axis.lines[-1].get_xdata()[0] == pytest.approx(reference)
     labels = {tick: label.get_text() for tick, label in zip(s_axis.get_yticks(), s_axis.get_yticklabels())}
     assert labels == {2: "pretrained (no distillation)", 1: "reference setting", 0: "α = 0"}
-    assert s_axis.get_title(loc="left") == "model m: 2 runs" and "after final norm" in figure.texts[0].get_text()
+    assert s_axis.get_title(loc="left") == ("model m: 2 distillation runs; reference α = 1, k = 0.25, "
+                                            "KL (q_l ‖ q_target), $h_L$ before final norm") and "after final norm" in figure.texts[0].get_text()
+
+
+@pytest.mark.parametrize("ablations, message", [
+    ({"distill": {"alpha": 2.0}}, "ablations.distill: alpha is an ablation factor"),
+    ({"factors": {"alpha": []}}, "ablations.factors: no values to try"),
+    ({"models": ["gpt-5"]}, "ablations.models: unknown model ['gpt-5']"),
+    ({"factors": {"k": [0.0]}, "distill": {"batch_size": 6}},
+     "ablations.distill: distill.batch_size=6 is not a multiple of micro_batch_size"),
+])
+def test_ablation_configs_that_cannot_run_are_named(ablations, message):
+    import copy
+    import re
+
+    import yaml
+    from snakemake.utils import validate
+
+    from conftest import REPO
+    from hsconv.config import ConfigError, check_config
+
+    config = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
+    config["ablations"].update(copy.deepcopy(ablations))
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    for source in [*config["datasets"].values(), config["corpus"]["source"]]:
+        source["path"] = str((REPO / source["path"]).resolve())
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_config(config)

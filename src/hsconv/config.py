@@ -133,6 +133,10 @@ def _check_ablations(config: dict) -> None:
                           f"in distill and the values to try in ablations.factors")
     if not any(ablations["factors"].values()):
         raise ConfigError("ablations.factors: no values to try; list some (e.g. alpha: [0, 0.5, 1, 2])")
+    try:  # the shared overrides must make a runnable distillation on their own
+        _check_distill({**config, "distill": {**config["distill"], **ablations["distill"]}})
+    except ConfigError as error:
+        raise ConfigError(f"ablations.distill: {error}") from None
     settings = ablation_settings(trainer_settings(config["distill"]), ablations["factors"], ablations["distill"])
     for name, values in settings.items():
         try:

@@ -23,6 +23,12 @@ def setting_label(row) -> str:
     return FACTOR_LABELS[row.factor].format(VALUE_LABELS.get(row.value, row.value))
 
 
+def reference_description(row) -> str:
+    direction = VALUE_LABELS.get(row.kl_direction, row.kl_direction)
+    return (f"α = {row.alpha:g}, k = {row.k:g}, KL {direction}, "
+            f"$h_L$ {VALUE_LABELS.get(row.movement_convention, row.movement_convention)}")
+
+
 def plot_ablations(table_path: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
                    models: dict[str, str], final_norm: str = "pre_norm") -> plt.Figure:
     """Three panels per model: S_model (its bootstrap interval), D_L, and the LAMBADA accuracy difference from the
@@ -34,7 +40,7 @@ def plot_ablations(table_path: str | os.PathLike, pdf_out: str | os.PathLike, pn
         raise ValueError(f"{table_path} has no {final_norm} rows for model(s) {missing}")
     apply_style()
     settings_per_model = max(len(table[table["model"] == name]) for name in models)
-    figure, axes = plt.subplots(len(models), 3, figsize=(12, 0.9 + 0.32 * settings_per_model * len(models)),
+    figure, axes = plt.subplots(len(models), 3, figsize=(13, len(models) * (1.4 + 0.34 * settings_per_model)),
                                 squeeze=False, sharey="row")
     for row_index, (name, model_label) in enumerate(models.items()):
         rows = table[table["model"] == name].reset_index(drop=True)
@@ -62,8 +68,10 @@ def plot_ablations(table_path: str | os.PathLike, pdf_out: str | os.PathLike, pn
                          label="reference setting")
             axis.set_xlabel(xlabel)
             axis.set_yticks(list(positions), labels)
+            axis.set_ylim(-0.6, len(rows) - 0.4)
             if column == 0:
-                axis.set_title(f"{model_label}: {len(rows) - 1} runs", fontsize=10, loc="left")
+                axis.set_title(f"{model_label}: {len(rows) - 1} distillation runs; reference "
+                               f"{reference_description(reference)}", fontsize=9, loc="left")
             if column == 2:
                 axis.text(0.98, 0.02, f"accuracy of the reference: {reference['lambada_acc']:.1%}",
                           transform=axis.transAxes, ha="right", va="bottom", fontsize=7)
