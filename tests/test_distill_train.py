@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hsconv.corpus import pack_tokens, sample_corpus
+from hsconv.corpus import CorpusError, pack_tokens, sample_corpus
 from hsconv.distill.train import DistillSettings, TrainingError, distill, lr_factor
 from hsconv.models import load_model, prepare_model
 
@@ -125,11 +125,11 @@ def test_bad_settings_and_data_are_refused_before_training(tmp_path, corpus):
         DistillSettings.from_dict({"learning_rat": 1e-3})
     long_tokens = tmp_path / "long.parquet"
     pack_tokens(corpus, model_dir, long_tokens, 256, 256 * 4)  # the tiny model's context is 128
-    with pytest.raises(TrainingError, match="more than the context length of model 'tiny' \\(128\\)"):
+    with pytest.raises(CorpusError, match="more than the context length of model 'tiny' \\(128\\)"):
         distill(settings=DistillSettings.from_dict({"batch_size": 4}), **{**common, "tokens_path": long_tokens})
     empty = tmp_path / "empty.parquet"
     pd.read_parquet(tokens).head(0).to_parquet(empty)
-    with pytest.raises(TrainingError, match="holds no sequences"):
+    with pytest.raises(CorpusError, match="holds no sequences"):
         distill(settings=DistillSettings.from_dict({}), **{**common, "tokens_path": empty})
     assert not (tmp_path / "m").exists()
 

@@ -161,6 +161,18 @@ def read_corpus(corpus_dir: str | os.PathLike, verify: bool = True) -> Iterator[
         yield from zip(table.column("source_index").to_pylist(), table.column("text").to_pylist())
 
 
+def read_sequences(tokens_path: str | os.PathLike, max_length: int, model_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token matrix and real-token counts from the packed Parquet; refuses an empty file or too-long sequences."""
+    table = pd.read_parquet(tokens_path)
+    if table.empty:
+        raise CorpusError(f"{tokens_path} holds no sequences")
+    ids = np.stack(table["input_ids"].to_numpy()).astype(np.int64)
+    if ids.shape[1] > max_length:
+        raise CorpusError(f"sequences in {tokens_path} have {ids.shape[1]} tokens, more than the context length "
+                            f"of model {model_name!r} ({max_length}); lower packing.sequence_length")
+    return ids, table["n_tokens"].to_numpy().astype(np.int64)
+
+
 def pack_tokens(corpus_dir: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
                 sequence_length: int, token_budget: int, boundary: str = "cut", batch_documents: int = 256) -> dict:
     """Tokenise documents, join them with EOS, and pack the stream into rows of ``sequence_length`` tokens.

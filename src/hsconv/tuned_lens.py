@@ -88,7 +88,7 @@ def train_tuned_lens(model_dir: str | os.PathLike, tokens_path: str | os.PathLik
     ``holdout_sequences`` held out) and write them to ``out_dir``; ``log_out`` gets each layer's held-out KL for the
     logit lens (step 0) and the trained tuned lens, and the training KL per step. ``micro_batch_size`` sequences go
     through the model at a time (gradients accumulate), which bounds the vocabulary-sized logits in memory."""
-    from hsconv.distill.train import read_sequences
+    from hsconv.corpus import read_sequences
     from hsconv.models import context_length, load_model
 
     started = time.perf_counter()

@@ -25,6 +25,7 @@ import torch
 
 from hsconv.distill.loss import layer_weights
 from hsconv.distill.objective import LossSettings, SelfDistillation
+from hsconv.corpus import read_sequences
 from hsconv.io import atomic_path, sha256_file, stable_hash, write_parquet
 from hsconv.models import MANIFEST, context_length, load_model, read_manifest
 
@@ -142,18 +143,6 @@ def _deepspeed_config(settings: TrainSettings, accumulation: int, bf16: bool) ->
                                                            "betas": list(settings.adam_betas),
                                                            "weight_decay": settings.weight_decay}}
     return config
-
-
-def read_sequences(tokens_path: str | os.PathLike, max_length: int, model_name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Token matrix and real-token counts from the packed Parquet; refuses an empty file or too-long sequences."""
-    table = pd.read_parquet(tokens_path)
-    if table.empty:
-        raise TrainingError(f"{tokens_path} holds no sequences")
-    ids = np.stack(table["input_ids"].to_numpy()).astype(np.int64)
-    if ids.shape[1] > max_length:
-        raise TrainingError(f"sequences in {tokens_path} have {ids.shape[1]} tokens, more than the context length "
-                            f"of model {model_name!r} ({max_length}); lower packing.sequence_length")
-    return ids, table["n_tokens"].to_numpy().astype(np.int64)
 
 
 def _first_non_finite(terms) -> str | None:
