@@ -39,9 +39,11 @@ def _write_inputs(directory, accuracy_per_variant):
                                      "last_layer_movement": 0.2 - 0.01 * index, "previous_layer_movement": 0.01,
                                      "last_layer_ratio": 1.0, "num_layers": 4, "n_tokens": 50, "n_documents": 5}
                                     for norm, shift in (("hf", 0.0), ("pre_norm", 0.05))])
-        stock = pd.DataFrame([{"model": "m", "variant": variant, "layer": 4, "task": "lambada", "metric": "acc",
-                               "value": float(np.mean(outcomes)), "stderr": 0.1}])
-        documents = pd.DataFrame({"model": "m", "variant": variant, "task": "lambada", "layer": 4,
+        # rows named by the data set, as lm-eval names them (the default's is `lambada_ablations`)
+        stock = pd.DataFrame([{"model": "m", "variant": variant, "layer": 4, "task": "lambada_ablations",
+                               "metric": metric, "value": value, "stderr": 0.1}
+                              for metric, value in (("acc", float(np.mean(outcomes))), ("perplexity", 40.0))])
+        documents = pd.DataFrame({"model": "m", "variant": variant, "task": "lambada_ablations", "layer": 4,
                                   "doc_id": range(len(outcomes)), "acc": np.array(outcomes, dtype=float),
                                   "loglikelihood": -1.0})
         for kind, frame in (("convergence", convergence), ("stock", stock), ("documents", documents)):

@@ -79,14 +79,15 @@ def tabulate_ablations(convergence_paths: list[str], stock_paths: list[str], doc
     convergence = pd.concat([pd.read_parquet(path) for path in convergence_paths], ignore_index=True)
     stock = pd.concat([pd.read_parquet(path) for path in stock_paths], ignore_index=True)
     documents = pd.concat([pd.read_parquet(path) for path in document_paths], ignore_index=True)
-    documents = documents[documents["task"] == "lambada"]
+    # One LAMBADA data set was evaluated; lm-eval names its rows by the data set (any name), so select by metric.
+    documents = documents[documents["acc"].notna()].assign(task="lambada")
     setting_of = {"base": "base", **{variant: setting for setting, variant in variants.items()}}
     reference_variant = variants[REFERENCE]
     # The output is the only exit a stock evaluation has, and the number of layers differs across models; compare
     # each model's variants at their common output layer.
     differences = paired_differences(documents, baseline=reference_variant, samples=samples, confidence=confidence,
                                      seed=seed)
-    accuracy = stock[(stock["task"] == "lambada") & (stock["metric"] == "acc")]
+    accuracy = stock[stock["metric"] == "acc"]
     description = describe_settings({name: settings[name] for name in variants}, settings[REFERENCE])
     description = pd.concat([description, pd.DataFrame([{"setting": "base", "factor": "pretrained", "value": ""}])],
                             ignore_index=True)
