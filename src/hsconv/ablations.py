@@ -83,8 +83,7 @@ def tabulate_ablations(convergence_paths: list[str], stock_paths: list[str], doc
     documents = documents[documents["acc"].notna()].assign(task="lambada")
     setting_of = {"base": "base", **{variant: setting for setting, variant in variants.items()}}
     reference_variant = variants[REFERENCE]
-    # The output is the only exit a stock evaluation has, and the number of layers differs across models; compare
-    # each model's variants at their common output layer.
+    # A stock evaluation has one exit, the model's output, so each variant is compared at its only layer.
     differences = paired_differences(documents, baseline=reference_variant, samples=samples, confidence=confidence,
                                      seed=seed)
     accuracy = stock[stock["metric"] == "acc"]
