@@ -5,11 +5,14 @@ disk and time, against recomputing the teacher in every step.
 
 On B × T real tokens, the student is the pretrained model itself after a few plain gradient steps of ζ on another
 batch (so that every exit, the last included, has a KL to the teacher, as during training). For each k, the teacher's
-log-distribution is replaced by its top-k entries plus one bucket holding the left-over mass
-(``hsconv.distill.loss.top_k_target``), and ζ1 and each exit's KL are computed in float64 against the exact
-ones, in both KL directions. The cache's size is k · (4-byte id + 2-byte float16 value) + 4 bytes per token. The
-teacher's cost per token is timed (its forward pass with the head and log-softmax), and so is reading a cache of
-the same tokens back from a file, so the two can be set against each other and against a whole training step.
+log-distribution is replaced by its top-k entries plus the log of the left-over mass
+(``hsconv.distill.loss.top_k_target``), and ζ1 and each exit's KL are computed in float64 against the exact ones, in
+both KL directions, two ways: *folded*, both distributions folded onto the k tokens and one bucket for the rest (what
+training with ``teacher_top_k`` computes, ``hsconv.distill.loss.folded_kl``), and *spread*, the left-over mass spread
+evenly over the other V − k tokens (``dense_from_top_k``). The cache's size is the trainer's format, k · (4-byte id +
+4-byte float32 value) + 4 bytes per token (``hsconv.distill.teacher``). The teacher's cost per token is timed (its
+forward pass with the head and log-softmax), and so is reading the same tokens' rows back from a written cache, so
+the two can be set against each other and against a whole training step.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ def measure(model_dir: str, tokens: str, ks=(16, 64, 256, 1024), batch: int = 4,
     import torch
     import torch.nn.functional as F
 
-    from hsconv.distill.loss import dense_from_top_k, layer_weights, top_k_target
+    from hsconv.distill.loss import TopKTarget, dense_from_top_k, folded_kl, layer_weights, top_k_target
+    from hsconv.distill.teacher import TeacherCache, write_teacher_cache
     from hsconv.distill.objective import LossSettings, SelfDistillation
     from hsconv.hidden_states import decoder_states, final_norm_module, lens_states
     from hsconv.models import load_model
@@ -67,15 +71,17 @@ def measure(model_dir: str, tokens: str, ks=(16, 64, 256, 1024), batch: int = 4,
         vocab = teacher_log_probs.shape[-1]
         count = teacher_log_probs.shape[0]
         kl = {direction: {"exact": torch.zeros(num_layers + 1, dtype=torch.float64),
-                          **{k: torch.zeros(num_layers + 1, dtype=torch.float64) for k in ks}}
+                          **{k: torch.zeros(num_layers + 1, dtype=torch.float64) for k in ks},
+                          **{("folded", k): torch.zeros(num_layers + 1, dtype=torch.float64) for k in ks}}
               for direction in ("student_target", "target_student")}
         kept_mass = {k: 0.0 for k in ks}
         for start in range(0, count, chunk):
             exact = teacher_log_probs[start:start + chunk].double()
-            approximations = {}
+            approximations, folded = {}, {}
             for k in ks:
                 values, top_ids, rest = top_k_target(exact, k)
                 approximations[k] = dense_from_top_k(values, top_ids, rest, vocab)
+                folded[k] = TopKTarget(values, top_ids, rest)
                 kept_mass[k] += values.exp().sum().item()
             for layer, state in enumerate(states):
                 log_q = F.log_softmax(head(norm(state[start:start + chunk])).double(), -1)
@@ -84,57 +90,81 @@ def measure(model_dir: str, tokens: str, ks=(16, 64, 256, 1024), batch: int = 4,
                     kl["student_target"][name][layer] += (q * (log_q - log_p)).sum()
                     kl["target_student"][name][layer] += (exact.exp() * (log_p - log_q)).sum() if name == "exact" \
                         else (log_p.exp() * (log_p - log_q)).sum()
+                for k, target in folded.items():
+                    for direction in ("student_target", "target_student"):
+                        kl[direction][("folded", k)][layer] += folded_kl(log_q, target, direction).sum()
     results = {}
     for direction, values in kl.items():
         exact_kl = values["exact"] / count
         exact_zeta1 = float((weights * exact_kl).sum())
         results[direction] = {"exact_zeta1": exact_zeta1, "exact_kl": exact_kl.tolist(), "k": {}}
         for k in ks:
-            approx_kl = values[k] / count
-            zeta1 = float((weights * approx_kl).sum())
-            results[direction]["k"][str(k)] = {
-                "zeta1": zeta1, "relative_error": (zeta1 - exact_zeta1) / exact_zeta1,
-                "max_layer_relative_error": float(((approx_kl - exact_kl).abs() / exact_kl.clamp_min(1e-12)).max())}
+            for key, label in ((k, "k"), (("folded", k), "folded")):
+                approx_kl = values[key] / count
+                zeta1 = float((weights * approx_kl).sum())
+                results[direction].setdefault(label, {})[str(k)] = {
+                    "zeta1": zeta1, "relative_error": (zeta1 - exact_zeta1) / exact_zeta1,
+                    "max_layer_relative_error": float(((approx_kl - exact_kl).abs() /
+                                                       exact_kl.clamp_min(1e-12)).max())}
 
-    # A cache of the same tokens written and read back (float16 values, int32 ids, float32 rest).
-    read_seconds, bytes_per_token = {}, {}
+    # The trainer's cache (hsconv.distill.teacher) of the same rows, written and read back as a training step does.
+    read_seconds, bytes_per_token, write_seconds = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
+        token_file = Path(tmp) / "tokens.parquet"
+        table = pd.read_parquet(tokens).iloc[batch:2 * batch].reset_index(drop=True)
+        table["input_ids"] = [row[:seq] for row in table["input_ids"]]
+        table["n_tokens"] = np.minimum(table["n_tokens"], seq)
+        table.to_parquet(token_file)
         for k in ks:
-            values, top_ids, rest = top_k_target(teacher_log_probs, k)
-            path = Path(tmp) / f"cache{k}.npz"
-            np.savez(path, values=values.half().numpy(), ids=top_ids.int().numpy(), rest=rest.float().numpy())
-            bytes_per_token[str(k)] = path.stat().st_size / count
+            started = time.perf_counter()
+            write_teacher_cache(model_dir, token_file, Path(tmp) / f"cache{k}", k, batch_size=batch)
+            write_seconds[str(k)] = time.perf_counter() - started
+            bytes_per_token[str(k)] = sum(path.stat().st_size for path in (Path(tmp) / f"cache{k}").glob("*.npy")) \
+                / count
             times = []
             for _ in range(repeats):
                 started = time.perf_counter()
-                with np.load(path) as cache:
-                    loaded = {name: torch.from_numpy(cache[name]) for name in ("values", "ids", "rest")}
-                    dense_from_top_k(loaded["values"].float(), loaded["ids"].long(), loaded["rest"], vocab)
+                cache = TeacherCache(Path(tmp) / f"cache{k}")
+                cache.rows(np.arange(batch))
                 times.append(time.perf_counter() - started)
             read_seconds[str(k)] = times
     return {"model_dir": model_dir, "tokens": count, "batch": batch, "seq": seq, "warm_steps": warm_steps,
             "vocab": vocab, "ks": list(ks), "kl": results, "kept_mass": {str(k): m / count for k, m in kept_mass.items()},
             "teacher_seconds": teacher_seconds, "read_seconds": read_seconds, "bytes_per_token": bytes_per_token,
+            "write_seconds": write_seconds,
             "threads": torch.get_num_threads()}
 
 
 def markdown(result: dict) -> str:
     count = result["tokens"]
-    lines = ["| k | mass kept (mean) | ζ1 rel. error, KL(q_l‖p) | worst exit | ζ1 rel. error, KL(p‖q_l) | worst exit "
-             "| cache per 1M tokens | read + expand, µs/token |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| k | mass kept (mean) | ζ1 rel. error, KL(q_l‖p): folded / spread | worst exit, folded | "
+             "ζ1 rel. error, KL(p‖q_l): folded / spread | worst exit, folded | cache per 1M tokens | "
+             "read a batch's rows, µs/token |", "|---|---|---|---|---|---|---|---|"]
     for k in map(str, result["ks"]):
-        st, ts = result["kl"]["student_target"]["k"][k], result["kl"]["target_student"]["k"][k]
-        lines.append(f"| {k} | {result['kept_mass'][k]:.4f} | {st['relative_error']:+.2e} | "
-                     f"{st['max_layer_relative_error']:.2e} | {ts['relative_error']:+.2e} | "
-                     f"{ts['max_layer_relative_error']:.2e} | {result['bytes_per_token'][k] * 1e6 / 1e9:.2f} GB | "
-                     f"{spread([1e6 * s / count for s in result['read_seconds'][k]])} |")
+        st, ts = (result["kl"][direction] for direction in ("student_target", "target_student"))
+        folded = "folded" in st
+        lines.append(
+            f"| {k} | {result['kept_mass'][k]:.4f} | "
+            f"{st['folded'][k]['relative_error']:+.2e} / {st['k'][k]['relative_error']:+.2e} | "
+            f"{st['folded'][k]['max_layer_relative_error']:.2e} | "
+            f"{ts['folded'][k]['relative_error']:+.2e} / {ts['k'][k]['relative_error']:+.2e} | "
+            f"{ts['folded'][k]['max_layer_relative_error']:.2e} | "
+            f"{result['bytes_per_token'][k] * 1e6 / 1e9:.2f} GB | "
+            f"{spread([1e6 * s / count for s in result['read_seconds'][k]])} |" if folded else
+            f"| {k} | {result['kept_mass'][k]:.4f} | — / {st['k'][k]['relative_error']:+.2e} | — | "
+            f"— / {ts['k'][k]['relative_error']:+.2e} | — | {result['bytes_per_token'][k] * 1e6 / 1e9:.2f} GB | "
+            f"{spread([1e6 * s / count for s in result['read_seconds'][k]])} |")
     teacher = [1e6 * s / count for s in result["teacher_seconds"]]
     lines.append("")
     lines.append(f"{count:,} tokens ({result['batch']} × {result['seq']}), V = {result['vocab']:,}; the student had "
                  f"{result['warm_steps']} steps of ζ; exact ζ1 {result['kl']['student_target']['exact_zeta1']:.4f} "
                  f"(KL(q_l‖p)) and {result['kl']['target_student']['exact_zeta1']:.4f} (KL(p‖q_l)). The teacher "
-                 f"recomputed (forward, head, log-softmax) costs {spread(teacher)} µs per token; a dense float16 "
-                 f"cache would be {result['vocab'] * 2 / 1e3:,.0f} GB per million tokens.")
+                 f"recomputed (forward, head, log-softmax) costs {spread(teacher)} µs per token; a dense float32 "
+                 f"cache would be {result['vocab'] * 4 / 1e3:,.0f} GB per million tokens.")
+    if "write_seconds" in result:
+        lines.append(f"Writing the cache (one teacher pass, top-k, to disk) took "
+                     + ", ".join(f"{1e6 * seconds / count:,.0f} µs/token at k = {k}"
+                                 for k, seconds in result["write_seconds"].items()) + ".")
     return "\n".join(lines)
 
 

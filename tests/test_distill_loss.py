@@ -180,3 +180,80 @@ def test_top_k_target_keeps_the_largest_entries_and_the_rest_as_one_bucket():
     # keeping every token reproduces the distribution exactly
     full = dense_from_top_k(*top_k_target(log_probs, 39), 40)
     assert (full - log_probs).abs().max() < 1e-6
+
+
+def cached_loss_and_grads(student, target, top_k: int, **settings):
+    """ζ against the target's top-k cache (formed as the cache stage forms it: last normalised state, head)."""
+    from hsconv.distill.loss import TopKTarget, top_k_target
+
+    input_ids, mask = batch()
+    with torch.no_grad():
+        hidden = decoder_states(target, input_ids, mask)["states"][-1]
+        log_probs = torch.log_softmax(target.get_output_embeddings()(hidden), dim=-1)
+    cached = TopKTarget(*top_k_target(log_probs, top_k))
+    student.zero_grad()
+    result = decoder_states(student, input_ids, mask)
+    pre_norm = result["states"][:-1] + [result["pre_norm_last"]]
+    terms = self_distillation_loss(pre_norm, final_norm_module(student), student.get_output_embeddings(), None,
+                                   None, mask, cached_target=cached, **settings)
+    terms.total.backward()
+    return terms, {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}, cached
+
+
+@pytest.mark.parametrize("direction", ["student_target", "target_student"])
+def test_cached_target_with_one_token_in_the_bucket_is_the_exact_loss(direction):
+    """k = V − 1: the folded bucket holds one token, so the folded KL is the KL, and ζ and every gradient equal the
+    recomputed target's."""
+    student, target = make_pair(tied=False)
+    vocab = target.get_output_embeddings().weight.shape[0]
+    settings = dict(alpha=0.7, k=0.25, direction=direction, chunk_tokens=4)
+    exact, exact_grads = loss_and_grads(self_distillation_loss, student, target, **settings)
+    cached, cached_grads, _ = cached_loss_and_grads(student, target, vocab - 1, **settings)
+    torch.testing.assert_close(cached.kl, exact.kl, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cached.total, exact.total, rtol=1e-9, atol=1e-12)
+    for name, gradient in exact_grads.items():
+        torch.testing.assert_close(cached_grads[name], gradient, rtol=1e-7, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("direction", ["student_target", "target_student"])
+def test_cached_top_k_loss_equals_autograd_of_the_folded_kl(direction):
+    """k = 5 of 256: the closed-form folded KL and its gradient against plain autograd through the materialised
+    log-softmax of every exit (float64), and below the exact loss only by what the folding loses."""
+    from hsconv.distill.loss import folded_kl
+
+    student, target = make_pair(tied=True)
+    settings = dict(alpha=0.0, k=0.25, direction=direction, chunk_tokens=5)
+    terms, grads, cached = cached_loss_and_grads(student, target, 5, **settings)
+
+    input_ids, mask = batch()
+    student.zero_grad()
+    result = decoder_states(student, input_ids, mask)
+    norm, head = final_norm_module(student), student.get_output_embeddings()
+    states = result["states"][:-1] + [result["pre_norm_last"]]
+    selected = cached.select(mask.bool())
+    kl = torch.stack([folded_kl(torch.log_softmax(head(norm(state[mask.bool()])), -1), selected, direction).mean()
+                      for state in states])
+    zeta1 = (layer_weights(3, 0.25) * kl).sum()
+    zeta1.backward()
+    torch.testing.assert_close(terms.kl, kl.detach(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(terms.zeta1, zeta1.detach(), rtol=1e-9, atol=1e-12)
+    for name, parameter in student.named_parameters():
+        if parameter.grad is not None:
+            torch.testing.assert_close(grads[name], parameter.grad, rtol=1e-7, atol=1e-12, msg=name)
+    # Folding never raises a KL (the data-processing inequality), and here it lowers every exit's.
+    exact, _ = loss_and_grads(self_distillation_loss, student, target, **settings)
+    assert torch.all(terms.kl < exact.kl)
+
+
+def test_cached_and_recomputed_targets_are_not_both_given():
+    from hsconv.distill.loss import TopKTarget
+
+    student, target = make_pair(tied=True)
+    input_ids, mask = batch()
+    states = decoder_states(student, input_ids, mask)
+    pre_norm = states["states"][:-1] + [states["pre_norm_last"]]
+    cached = TopKTarget(torch.zeros(2, 11, 3), torch.zeros(2, 11, 3, dtype=torch.long), torch.zeros(2, 11))
+    with pytest.raises(ValueError, match="either the target's hidden states and head or a cached target"):
+        self_distillation_loss(pre_norm, final_norm_module(student), student.get_output_embeddings(),
+                               states["states"][-1], target.get_output_embeddings(), mask, alpha=1.0, k=0.25,
+                               cached_target=cached)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -36,14 +37,14 @@ def make_model(root, corpus, name="tiny", sequence_length=64, **source):
     return model_dir, tokens
 
 
-def run_distill(root, model_dir, tokens, tag, settings=SETTINGS, env=None):
+def run_distill(root, model_dir, tokens, tag, settings=SETTINGS, env=None, extra=()):
     outputs = {"out": root / tag / "model", "log_out": root / tag / "steps.parquet",
                "layers_out": root / tag / "layers.parquet", "checkpoints": root / tag / "checkpoints"}
     command = [sys.executable, "-m", "hsconv.cli", "distill", "--model-dir", str(model_dir), "--tokens", str(tokens),
                "--settings", json.dumps(settings), "--name", tag]
     for key, path in outputs.items():
         command += [f"--{key.replace('_', '-')}", str(path)]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    result = subprocess.run([*command, *extra], capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
     return result, outputs
 
 
@@ -178,3 +179,58 @@ def test_an_unfinished_checkpoint_is_skipped_without_error(tmp_path):
     (tmp_path / "step0000002" / "model.pt").write_bytes(b"half")
     assert checkpoints.problem("step0000002") == "it was not finished (no checksums)"
     assert checkpoints.newest_intact() is None  # nothing finished: start from the pretrained model
+
+
+def test_teacher_cache_trains_without_a_target_model_and_matches_recomputing_it(tmp_path, corpus):
+    """A cache of the frozen model's top V − 1 tokens (one token folded) stands for the recomputed target: the
+    same losses and weights; a cache of few tokens trains too; a cache of other rows or k is refused by name."""
+    from hsconv.distill.teacher import TeacherCacheError, write_teacher_cache
+
+    model_dir, tokens = make_model(tmp_path, corpus)
+    vocab = load_model(model_dir).model.get_output_embeddings().weight.shape[0]
+    settings = {**SETTINGS, "max_steps": 3}
+    recomputed, recomputed_out = run_distill(tmp_path, model_dir, tokens, "recomputed", settings=settings)
+    assert recomputed.returncode == 0, recomputed.stderr[-3000:]
+
+    cache = tmp_path / "cache"
+    manifest = write_teacher_cache(model_dir, tokens, cache, vocab - 1, batch_size=4)
+    # What the cache holds is the model's own output distribution, largest first.
+    rows = pd.read_parquet(tokens)
+    ids = torch.tensor(rows["input_ids"].iloc[5]).long()[None]
+    with torch.no_grad():
+        expected = torch.log_softmax(load_model(model_dir).model(ids).logits[0], -1)
+    values, top_ids = np.load(cache / "values.npy")[5], np.load(cache / "ids.npy")[5]
+    torch.testing.assert_close(torch.from_numpy(values), expected.gather(-1, torch.from_numpy(top_ids).long()),
+                               rtol=1e-5, atol=1e-5)
+    assert (np.diff(values, axis=-1) <= 0).all() and manifest["rows"] == len(rows)
+
+    cached, cached_out = run_distill(tmp_path, model_dir, tokens, "cached",
+                                     settings={**settings, "teacher_top_k": vocab - 1})
+    assert cached.returncode == 1 and "teacher_top_k is set but no teacher cache was given" in cached.stderr
+    cached, cached_out = run_distill(tmp_path, model_dir, tokens, "cached", settings={**settings,
+                                     "teacher_top_k": vocab - 1}, extra=["--teacher-cache", str(cache)])
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    columns = ["zeta", "zeta1", "zeta2", "grad_norm"]
+    pd.testing.assert_frame_equal(pd.read_parquet(cached_out["log_out"])[columns],
+                                  pd.read_parquet(recomputed_out["log_out"])[columns], rtol=1e-5)
+    expected, actual = (load_file(out["out"] / "model.safetensors") for out in (recomputed_out, cached_out))
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=1e-5, msg=name)
+    assert load_model(cached_out["out"]).manifest["training"]["teacher_cache"]["top_k"] == vocab - 1
+
+    small = tmp_path / "cache8"
+    write_teacher_cache(model_dir, tokens, small, 8)
+    result, folded_out = run_distill(tmp_path, model_dir, tokens, "k8", settings={**settings, "teacher_top_k": 8},
+                                     extra=["--teacher-cache", str(small)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    folded = pd.read_parquet(folded_out["log_out"])
+    assert (folded["zeta1"] < pd.read_parquet(recomputed_out["log_out"])["zeta1"]).all()  # folding lowers KL
+
+    wrong_k, _ = run_distill(tmp_path, model_dir, tokens, "k16", settings={**settings, "teacher_top_k": 16},
+                             extra=["--teacher-cache", str(small)])
+    assert wrong_k.returncode == 1 and "keeps the top 8 tokens, the settings ask for teacher_top_k=16" in wrong_k.stderr
+    other_tokens = tmp_path / "other.parquet"
+    pack_tokens(corpus, model_dir, other_tokens, 64, 64 * 40)
+    with pytest.raises(TeacherCacheError, match="written for other packed rows"):
+        distill(model_dir, other_tokens, tmp_path / "m", tmp_path / "l.parquet", tmp_path / "x.parquet",
+                tmp_path / "c", DistillSettings.from_dict({**settings, "teacher_top_k": 8}), teacher_cache=small)

@@ -188,6 +188,20 @@ def test_the_main_distilled_model_is_the_reference_when_the_ablations_change_not
 
 
 @pytest.mark.slow
+def test_a_teacher_cache_is_written_once_per_model_and_read_by_every_distillation(tmp_path):
+    write_config(tmp_path, lambda c: c["distill"].update(teacher_top_k=16))
+    planned = planned_counts(snakemake(tmp_path, "-n"))
+    # one cache per model (the Llama's main and ablation runs share its cache), none recomputes the teacher
+    assert planned["cache_teacher"] == 2 and planned["distill"] == 2 and planned["distill_ablation"] == 2
+    result = snakemake(tmp_path, "results/models/tiny-llama/distilled")
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "results/teacher/tiny-llama/top16/manifest.json").read_text())
+    assert manifest["top_k"] == 16 and manifest["model"] == "tiny-llama"
+    trained = json.loads((tmp_path / "results/models/tiny-llama/distilled/hsconv_model.json").read_text())
+    assert trained["training"]["teacher_cache"]["top_k"] == 16
+
+
+@pytest.mark.slow
 def test_second_dry_run_plans_nothing(finished_run):
     result = snakemake(finished_run, "-n")
     assert result.returncode == 0 and planned_jobs(result) == set(), result.stdout[-2000:]

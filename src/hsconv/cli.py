@@ -97,7 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--settings", type=_json, default={}, help="the config's distill section, as JSON")
     stage.add_argument("--device", default="cpu")
     stage.add_argument("--name", default=None, help="the model's name, for logs and messages")
+    stage.add_argument("--teacher-cache", default=None,
+                       help="read the frozen model's distribution from this cache (cache-teacher; needs "
+                            "teacher_top_k in --settings) instead of running the frozen model")
     stage.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by `deepspeed`
+
+    stage = stages.add_parser("cache-teacher", help="the frozen model's top-k distribution over the packed rows, "
+                                                    "written once for every distillation on them")
+    stage.add_argument("--model-dir", required=True)
+    stage.add_argument("--tokens", required=True, help="packed tokens (Parquet) from pack-tokens")
+    stage.add_argument("--out", required=True, help="cache directory to write")
+    stage.add_argument("--top-k", type=int, required=True, help="tokens kept per position")
+    stage.add_argument("--batch-size", type=int, default=8)
+    stage.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    stage.add_argument("--device", default="cpu")
 
     stage = stages.add_parser("plot-training", help="loss curves of a distillation run")
     stage.add_argument("--log", required=True)
@@ -291,7 +304,13 @@ def run(args: argparse.Namespace) -> None:
         from hsconv.distill.train import DistillSettings, distill
 
         distill(args.model_dir, args.tokens, args.out, args.log_out, args.layers_out, args.checkpoints,
-                DistillSettings.from_dict(args.settings), device=args.device, name=args.name)
+                DistillSettings.from_dict(args.settings), device=args.device, name=args.name,
+                teacher_cache=args.teacher_cache)
+    elif args.stage == "cache-teacher":
+        from hsconv.distill.teacher import write_teacher_cache
+
+        write_teacher_cache(args.model_dir, args.tokens, args.out, args.top_k, batch_size=args.batch_size,
+                            dtype=args.dtype, device=args.device)
     elif args.stage == "plot-training":
         from hsconv.figures.training import plot_training
 

@@ -169,6 +169,22 @@ def ablation_settings_json(wildcards):
     return json.dumps(ABLATION_SETTINGS[wildcards.setting], sort_keys=True)
 
 
+def teacher_cache_input(settings: dict):
+    """The teacher cache a distillation with these settings reads (none when it recomputes the teacher)."""
+    def teacher(wildcards):
+        k = settings.get("teacher_top_k")
+        return [] if k is None else [f"results/teacher/{wildcards.model}/top{k}"]
+    return teacher
+
+
+def ablation_teacher_cache(wildcards):
+    return teacher_cache_input(ABLATION_SETTINGS[wildcards.setting])(wildcards)
+
+
+def teacher_cache_arg(wildcards, input):
+    return f"--teacher-cache {input.teacher}" if input.teacher else ""
+
+
 def distill_launcher():
     """One process on CPU or one GPU; one per GPU (torchrun) on a node; one torchrun per node through srun."""
     resources = config["distill"]["resources"]

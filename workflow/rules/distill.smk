@@ -3,8 +3,38 @@ DISTILL = config["distill"]
 DISTILL_COMMAND = (
     "OMP_NUM_THREADS={threads} {params.launcher} distill --name {wildcards.model} --model-dir {input.model}"
     " --tokens {input.tokens} --out {output.model} --log-out {output.steps} --layers-out {output.layers}"
-    " --checkpoints {params.checkpoints} --device {params.device} --settings '{params.settings}' > {log} 2>&1"
+    " --checkpoints {params.checkpoints} --device {params.device} --settings '{params.settings}' {params.teacher}"
+    " > {log} 2>&1"
 )
+
+
+rule cache_teacher:
+    """The frozen model's top-k distribution over the packed corpus, computed once for every distillation of the
+    model that sets distill.teacher_top_k (hsconv.distill.teacher)."""
+    input:
+        model="results/models/{model}/base",
+        tokens=model_tokens,
+    output:
+        directory("results/teacher/{model}/top{k}"),
+    params:
+        device=model_setting("device"),
+        # the dtype the trainer would run the frozen model in
+        dtype=lambda wildcards: "bfloat16" if DISTILL["precision"] == "bfloat16" or (
+            DISTILL["precision"] == "auto" and model_setting("device")(wildcards).startswith("cuda")) else "float32",
+        code=code_fingerprint("hsconv.distill.teacher"),
+    log:
+        "results/logs/cache_teacher/{model}/top{k}.log",
+    wildcard_constraints:
+        k=r"\d+",
+    threads: DISTILL["resources"]["threads"]
+    resources:
+        **cluster.distill_resources(min(1, DISTILL["resources"]["gpus"]), 1, DISTILL["resources"]["runtime"]),
+        mem_mb=DISTILL["resources"]["mem_mb"],
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsconv cache-teacher --model-dir {input.model} --tokens {input.tokens}"
+        " --out {output} --top-k {wildcards.k} --device {params.device} --dtype {params.dtype} > {log} 2>&1"
 
 
 rule distill:
@@ -16,16 +46,18 @@ rule distill:
     input:
         model="results/models/{model}/base",
         tokens=model_tokens,
+        teacher=teacher_cache_input(DISTILL),
     output:
         model=directory("results/models/{model}/distilled"),
         steps="results/training/{model}/steps.parquet",
         layers="results/training/{model}/layers.parquet",
     params:
         settings=distill_settings_json(),
+        teacher=teacher_cache_arg,
         launcher=distill_launcher(),
         device=model_setting("device"),
         checkpoints="results/checkpoints/{model}",
-        code=code_fingerprint("hsconv.distill.train", "hsconv.cluster"),
+        code=code_fingerprint("hsconv.distill.train", "hsconv.distill.teacher", "hsconv.cluster"),
     log:
         "results/logs/distill/{model}.log",
     benchmark:
@@ -46,16 +78,18 @@ rule distill_ablation:
     input:
         model="results/models/{model}/base",
         tokens=model_tokens,
+        teacher=ablation_teacher_cache,
     output:
         model=directory("results/models/{model}/ablation-{setting}"),
         steps="results/training/{model}/ablation-{setting}/steps.parquet",
         layers="results/training/{model}/ablation-{setting}/layers.parquet",
     params:
         settings=ablation_settings_json,
+        teacher=teacher_cache_arg,
         launcher=distill_launcher(),
         device=model_setting("device"),
         checkpoints="results/checkpoints/{model}/ablation-{setting}",
-        code=code_fingerprint("hsconv.distill.train", "hsconv.cluster"),
+        code=code_fingerprint("hsconv.distill.train", "hsconv.distill.teacher", "hsconv.cluster"),
     log:
         "results/logs/distill_ablation/{model}/{setting}.log",
     benchmark:

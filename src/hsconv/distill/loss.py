@@ -13,6 +13,10 @@ three times per (chunk, layer), as autograd would, with no recomputation.
 
 :func:`reference_loss` is the plain autograd version (every logit materialised), kept as the reference the tests
 and the benchmark compare against.
+
+The target can also come from a cache (:mod:`hsconv.distill.teacher`): the frozen model's k largest log-probabilities
+per token and the log of the mass left over. KL is then taken between the two distributions folded onto k + 1
+outcomes (the cached tokens and one bucket for all others), in closed form with its gradient, like the dense one.
 """
 
 from __future__ import annotations
@@ -77,6 +81,30 @@ def top_k_target(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return values, ids, rest.clamp_min(math.log(torch.finfo(torch.float32).tiny))
 
 
+@dataclass
+class TopKTarget:
+    """A cached teacher for a batch: the k largest log-probabilities per token (…, k), their token ids (…, k) and
+    the log of the mass over all other tokens (…)."""
+
+    values: torch.Tensor
+    ids: torch.Tensor
+    rest: torch.Tensor
+
+    def select(self, mask: torch.Tensor) -> "TopKTarget":
+        return TopKTarget(self.values[mask], self.ids[mask], self.rest[mask])
+
+
+def folded_kl(log_q: torch.Tensor, target: TopKTarget, direction: str) -> torch.Tensor:
+    """KL between the student's distribution and the cached teacher's, both folded onto the teacher's k tokens plus
+    one bucket for the rest: the plain autograd version (a reference for the fused kernel, and for benchmarks)."""
+    q_top = log_q.gather(-1, target.ids)
+    q_rest = torch.logsumexp(log_q.scatter(-1, target.ids, float("-inf")), dim=-1)
+    student = torch.cat([q_top, q_rest.unsqueeze(-1)], dim=-1)
+    teacher = torch.cat([target.values, target.rest.unsqueeze(-1)], dim=-1).to(student.dtype)
+    first, second = (student, teacher) if direction == "student_target" else (teacher, student)
+    return (first.exp() * (first - second)).sum(-1)
+
+
 def dense_from_top_k(values: torch.Tensor, ids: torch.Tensor, rest: torch.Tensor, vocab: int) -> torch.Tensor:
     """The full log-distribution a top-k cache stands for: the kept entries as they were, the left-over mass
     spread evenly over the other V − k tokens (one bucket), so that it sums to one."""
@@ -104,6 +132,32 @@ def _kl_and_logit_grad(student_logits: torch.Tensor, target: dict, direction: st
     return kl, log_ratio.sub_(kl.unsqueeze(-1)).mul_(q)
 
 
+def _folded_kl_and_logit_grad(student_logits: torch.Tensor, target: dict, direction: str):
+    """:func:`_kl_and_logit_grad` against a cached top-k teacher, both distributions folded onto the k cached tokens
+    and one bucket R for the others (Q_R, P_R: the student's and the teacher's mass there).
+
+    student_target = Σ_k q log(q/p) + Q_R log(Q_R/P_R):  ∂/∂z = q ⊙ (r − KL), r = log(q/p) on the k, log(Q_R/P_R) off.
+    target_student = Σ_k p log(p/q) + P_R log(P_R/Q_R):  ∂/∂z = q − p̂, p̂ = p on the k, q · P_R/Q_R off them.
+    Q_R is a log-sum-exp over the other tokens, not 1 − Σ_k q, which cancels when the k hold nearly all the mass.
+    """
+    ids, logp_top, logp_rest = target["ids"], target["logp_top"], target["log_rest"]
+    logq = torch.log_softmax(student_logits, dim=-1)
+    del student_logits
+    logq_top = logq.gather(-1, ids)
+    floor = math.log(torch.finfo(logq.dtype).tiny)
+    logq_rest = torch.logsumexp(logq.scatter(-1, ids, float("-inf")), dim=-1).clamp_min(floor)
+    q = logq.exp_()
+    if direction == "target_student":
+        p_top = logp_top.exp()
+        kl = (p_top * (logp_top - logq_top)).sum(-1) + logp_rest.exp() * (logp_rest - logq_rest)
+        grad = q.mul_((1.0 - (logp_rest - logq_rest).exp()).unsqueeze(-1))
+        return kl, grad.scatter_(-1, ids, logq_top.exp() - p_top)
+    log_ratio = (logq_rest - logp_rest).unsqueeze(-1).expand_as(q).clone()
+    log_ratio.scatter_(-1, ids, logq_top - logp_top)
+    kl = _rowwise_dot(q, log_ratio)
+    return kl, log_ratio.sub_(kl.unsqueeze(-1)).mul_(q)
+
+
 def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Σ_v a[t, v] b[t, v] without a vocabulary-sized temporary."""
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
@@ -122,13 +176,14 @@ class FusedLogitLensKL(torch.autograd.Function):
 
     Inputs: ``normed`` (L+1, N, d): every layer's state after the final norm (the tokens already masked);
     ``head_weight`` (V, d) and ``head_bias`` (V or None); ``target_hidden`` (N, d) and ``target_weight``/``bias``:
-    the frozen model's last normalised state and head, from which q_target is formed one chunk at a time.
+    the frozen model's last normalised state and head, from which q_target is formed one chunk at a time; or, in
+    their place (all three None), ``cached``: a :class:`TopKTarget` of the N tokens, against which KL is folded.
     Returns ζ1 and the per-layer mean KL (not differentiable).
     """
 
     @staticmethod
     def forward(ctx, normed, head_weight, head_bias, target_hidden, target_weight, target_bias, weights,
-                direction, chunk_tokens):
+                direction, chunk_tokens, cached=None):
         layers, tokens, _ = normed.shape
         # Logits and softmax in float32 at least (bf16 logits lose the small probabilities KL depends on).
         compute = torch.promote_types(normed.dtype, torch.float32)
@@ -142,12 +197,17 @@ class FusedLogitLensKL(torch.autograd.Function):
         scale = weights.to(compute) / tokens
         for start in range(0, tokens, chunk_tokens):
             stop = min(start + chunk_tokens, tokens)
-            target = _target_chunk(F.linear(target_hidden[start:stop], target_weight, target_bias).to(compute),
-                                   direction)
+            if cached is None:
+                target = _target_chunk(F.linear(target_hidden[start:stop], target_weight, target_bias).to(compute),
+                                       direction)
+                kl_and_grad = _kl_and_logit_grad
+            else:
+                target = {"ids": cached.ids[start:stop], "logp_top": cached.values[start:stop].to(compute),
+                          "log_rest": cached.rest[start:stop].to(compute)}
+                kl_and_grad = _folded_kl_and_logit_grad
             for layer in range(layers):
                 x = normed[layer, start:stop]
-                kl, grad_logits = _kl_and_logit_grad(F.linear(x, head_weight, head_bias).to(compute), target,
-                                                     direction)
+                kl, grad_logits = kl_and_grad(F.linear(x, head_weight, head_bias).to(compute), target, direction)
                 kl_sums[layer] += kl.sum().double()
                 grad_logits = grad_logits.mul_(scale[layer]).to(head_weight.dtype)
                 if grad_normed is not None:
@@ -173,7 +233,7 @@ class FusedLogitLensKL(torch.autograd.Function):
         return (grad_normed * g.to(grad_normed.dtype) if has_normed else None,
                 (grad_weight * g).to(ctx.weight_dtype) if has_weight else None,
                 (grad_bias * g).to(ctx.weight_dtype) if has_bias else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def relative_steps(states: list[torch.Tensor]) -> torch.Tensor:
@@ -200,28 +260,37 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
                            mask: torch.Tensor, alpha: float, k: float, direction: str = "student_target",
                            movement_convention: str = "hf", chunk_tokens: int = 256,
                            exit_samples: int | None = None, exit_sampling: str = "uniform",
-                           generator: torch.Generator | None = None) -> LossTerms:
+                           generator: torch.Generator | None = None,
+                           cached_target: TopKTarget | None = None) -> LossTerms:
     """ζ for one batch.
 
     ``pre_norm_states``: h_0..h_L of the student, all before the final norm (B, T, d each); ``target_hidden``:
     the frozen model's last state after its final norm (B, T, d); ``mask`` (B, T): the real tokens.
+    ``cached_target`` (B, T, k) replaces ``target_hidden`` and ``target_head`` (both None then): ζ1 against the
+    frozen model's cached top-k distribution, folded (see :func:`folded_kl`).
     ``movement_convention`` chooses h_L in ζ2: after the final norm (``hf``, as ``output_hidden_states`` gives it)
     or before it. q_L is always LMHead(FinalNorm(pre-norm h_L)): the final norm is never applied twice.
     ``exit_samples``/``exit_sampling``: ζ1 on a random subset of the exits (:func:`sample_exits`); ζ2 stays exact.
     """
     check_settings(direction, movement_convention)
     num_layers = len(pre_norm_states) - 1
-    weights = layer_weights(num_layers, k, dtype=torch.float64).to(target_hidden.device)
+    if (cached_target is None) == (target_hidden is None):
+        raise ValueError("give either the target's hidden states and head or a cached target, not both")
+    device = pre_norm_states[0].device
+    weights = layer_weights(num_layers, k, dtype=torch.float64).to(device)
     mask = mask.bool()
     tokens = int(mask.sum())
     if tokens == 0:
         raise ValueError("the batch has no real tokens (every position is padding)")
     chosen, coefficients = sample_exits(weights, exit_samples, exit_sampling, generator)
     normed = torch.stack([final_norm(pre_norm_states[layer][mask]) for layer in chosen.tolist()])
-    zeta1, chosen_kl = FusedLogitLensKL.apply(normed, head.weight, head.bias, target_hidden[mask].detach(),
-                                              target_head.weight.detach(),
-                                              None if target_head.bias is None else target_head.bias.detach(),
-                                              coefficients.to(target_hidden.device), direction, chunk_tokens)
+    if cached_target is None:
+        target = (target_hidden[mask].detach(), target_head.weight.detach(),
+                  None if target_head.bias is None else target_head.bias.detach(), None)
+    else:
+        target = (None, None, None, cached_target.select(mask.to(cached_target.values.device)))
+    zeta1, chosen_kl = FusedLogitLensKL.apply(normed, head.weight, head.bias, *target[:3], coefficients.to(device),
+                                              direction, chunk_tokens, target[3])
     kl = torch.full((num_layers + 1,), float("nan"), dtype=chosen_kl.dtype, device=chosen_kl.device)
     kl[chosen.to(kl.device)] = chosen_kl
     if movement_convention == "hf":

@@ -222,9 +222,17 @@ class _Checkpoints:
 
 def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_dir: str | os.PathLike,
             log_out: str | os.PathLike, layers_out: str | os.PathLike, checkpoint_dir: str | os.PathLike,
-            settings: DistillSettings, device: str = "cpu", name: str | None = None) -> dict:
-    """Train, save the distilled model to ``out_dir`` and the per-step and per-layer logs; returns a summary."""
+            settings: DistillSettings, device: str = "cpu", name: str | None = None,
+            teacher_cache: str | os.PathLike | None = None) -> dict:
+    """Train, save the distilled model to ``out_dir`` and the per-step and per-layer logs; returns a summary.
+
+    ``teacher_cache`` (with the ``teacher_top_k`` setting): a directory written by ``hsconv cache-teacher`` for
+    these packed rows; the frozen model's distribution is read from it and no target model is loaded."""
     train, loss_settings = settings.train, settings.loss
+    if (teacher_cache is None) != (loss_settings.teacher_top_k is None):
+        raise TrainingError("teacher_top_k is set but no teacher cache was given (--teacher-cache)"
+                            if teacher_cache is None else
+                            "a teacher cache was given but teacher_top_k is not set")
     # Everything that can be wrong with the settings or data is checked before any process group exists.
     world = int(os.environ.get("WORLD_SIZE", 1))
     accumulation, remainder = divmod(train.batch_size, world * train.micro_batch_size)
@@ -240,6 +248,12 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
                             f"raise packing.token_budget or lower distill.batch_size")
     total_steps = steps_per_epoch * train.epochs
     last_step = min(total_steps, train.max_steps or total_steps)
+    cache = None
+    if teacher_cache is not None:
+        from hsconv.distill.teacher import TeacherCache
+
+        cache = TeacherCache(teacher_cache)
+        cache.check(tokens_path, loss_settings.teacher_top_k, base.model.get_output_embeddings().weight.shape[0])
 
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     rank, world, local_rank = _init_distributed(device_type)
@@ -262,7 +276,9 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
         if train.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.train()
-        target = load_model(model_dir, dtype="bfloat16" if bf16 else "float32", device=str(torch_device)).model
+        target = None
+        if cache is None:
+            target = load_model(model_dir, dtype="bfloat16" if bf16 else "float32", device=str(torch_device)).model
         module = SelfDistillation(student, target, loss_settings)
 
         ds_config = _deepspeed_config(train, accumulation, bf16)
@@ -284,6 +300,8 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
 
         settings_record = {"distill": settings.to_dict(), "world_size": world, "tokens": str(tokens_path),
                            "sequences": int(len(ids)), "sequence_length": int(ids.shape[1])}
+        if cache is not None:
+            settings_record["teacher_cache"] = {key: cache.manifest[key] for key in ("top_k", "tokens_sha256", "dtype")}
         fingerprint = stable_hash(settings_record)
         checkpoints = _Checkpoints(Path(checkpoint_dir) / fingerprint, train.keep_checkpoints)
         step, step_rows, layer_rows = 0, [], []
@@ -318,7 +336,8 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
                 input_ids = torch.from_numpy(ids[rows]).to(engine.device)
                 mask = (torch.arange(ids.shape[1])[None, :] < torch.from_numpy(n_tokens[rows])[:, None]).long()
                 exit_seed = int(np.random.default_rng([train.seed, step, micro, rank]).integers(2**62))
-                terms = engine(input_ids, mask.to(engine.device), exit_seed=exit_seed)
+                cached = None if cache is None else cache.rows(rows, engine.device)
+                terms = engine(input_ids, mask.to(engine.device), exit_seed=exit_seed, cached_target=cached)
                 problem = _first_non_finite(terms)
                 if problem:
                     raise FloatingPointError(f"model {name!r}, step {step + 1}, micro-batch {micro + 1}: non-finite loss "
