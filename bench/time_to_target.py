@@ -32,8 +32,8 @@ from bench.common import ROOT, SHARED, environment
 
 OUT = ROOT / "results" / "benchmarks" / "time_to_target"
 # name: (exit_samples, exit_sampling, optimizer steps, teacher_top_k). The faster settings get more steps.
-SETTINGS = {"all-exits": (None, "uniform", 12, None), "m8-uniform": (8, "uniform", 16, None),
-            "m4-uniform": (4, "uniform", 24, None), "m4-top256": (4, "uniform", 24, 256)}
+SETTINGS = {"all-exits": (None, "uniform", 12, None), "m4-uniform": (4, "uniform", 24, None),
+            "m4-top256": (4, "uniform", 24, 256)}
 REFERENCE = "all-exits"
 
 
@@ -306,7 +306,7 @@ def main() -> None:
                         help=f"a setting (M 'all' for every exit; TOPK a teacher cache); default: {SETTINGS}")
     parser.add_argument("--eval-every", type=int, default=4, help="optimizer steps between snapshots")
     parser.add_argument("--accuracy-passages", type=int, default=200)
-    parser.add_argument("--movement-passages", type=int, default=100)
+    parser.add_argument("--movement-passages", type=int, default=50)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--model-dir", default=None, help="a prepared model (default: the embedded default's)")
