@@ -74,7 +74,7 @@ MEASURE = {
     "distill": distill_measure,
     "extraction": lambda model: extraction.measure(model, lambada=200, repeats=3),
     "eval": lambda model: per_layer_eval.measure(model, lambada=300, wikitext=1, repeats=2),
-    "teacher": lambda model: teacher_cache.measure(model, distill_tokens(model)),
+    "teacher": lambda model: teacher_cache.measure(model, distill_tokens(model), ks=(64, 256)),
 }
 
 

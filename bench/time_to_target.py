@@ -33,7 +33,7 @@ from bench.common import ROOT, SHARED, environment
 OUT = ROOT / "results" / "benchmarks" / "time_to_target"
 # name: (exit_samples, exit_sampling, optimizer steps, teacher_top_k). The faster settings get more steps.
 SETTINGS = {"all-exits": (None, "uniform", 12, None), "m4-uniform": (4, "uniform", 24, None),
-            "m4-top256": (4, "uniform", 24, 256)}
+            "m4-keep-last": (4, "uniform_keep_last", 24, None), "m4-top256": (4, "uniform", 24, 256)}
 REFERENCE = "all-exits"
 
 

@@ -129,7 +129,7 @@ def sampled_zeta1_and_gradient(student, target, draws: int, **settings):
     return torch.tensor(values, dtype=torch.float64), torch.stack(gradients)
 
 
-@pytest.mark.parametrize("scheme", ["uniform", "weighted"])
+@pytest.mark.parametrize("scheme", ["uniform", "weighted", "uniform_keep_last"])
 def test_exit_sampling_is_unbiased_for_the_loss_and_its_gradient(scheme):
     """Over many draws on one batch, the mean sampled ζ1 and gradient match the full ones within their standard
     error; and the draws really differ (a sampler that always returned every exit would pass trivially)."""
@@ -257,3 +257,16 @@ def test_cached_and_recomputed_targets_are_not_both_given():
         self_distillation_loss(pre_norm, final_norm_module(student), student.get_output_embeddings(),
                                states["states"][-1], target.get_output_embeddings(), mask, alpha=1.0, k=0.25,
                                cached_target=cached)
+
+
+def test_keep_last_sampling_always_computes_the_output_exit_at_its_own_weight():
+    from hsconv.distill.loss import sample_exits
+
+    weights = layer_weights(30, k=0.25)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        chosen, coefficients = sample_exits(weights, 4, "uniform_keep_last", generator)
+        assert chosen[-1] == 30 and coefficients[-1] == weights[-1] and len(set(chosen.tolist())) == 4
+        torch.testing.assert_close(coefficients[:-1], weights[chosen[:-1]] * 30 / 3)
+    with pytest.raises(ValueError, match="needs exit_samples >= 2"):
+        sample_exits(weights, 1, "uniform_keep_last", generator)

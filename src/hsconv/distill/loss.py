@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 KL_DIRECTIONS = ("student_target", "target_student")
 MOVEMENT_CONVENTIONS = ("hf", "pre_norm")
-EXIT_SAMPLING = ("uniform", "weighted")
+EXIT_SAMPLING = ("uniform", "weighted", "uniform_keep_last")
 
 
 def layer_weights(num_layers: int, k: float, dtype=torch.float64) -> torch.Tensor:
@@ -44,6 +44,9 @@ def sample_exits(weights: torch.Tensor, samples: int | None, scheme: str = "unif
     ``samples`` None (or ≥ L+1): every exit with coefficient w_l, the exact loss. ``uniform``: m distinct exits drawn
     without replacement, each included with probability m/(L+1), coefficient w_l·(L+1)/m. ``weighted``: m draws with
     replacement, p_l = w_l, each draw contributing w_l/(m·p_l) = 1/m (an exit drawn c times: c/m).
+    ``uniform_keep_last``: the output exit L every time, with its own w_L (the term that holds the model's output to
+    the target is then never missing nor inflated), and m − 1 of the exits 0..L−1 drawn uniformly without
+    replacement, coefficient w_l·L/(m − 1) (m = 1: the output exit alone would be biased, so it needs m ≥ 2).
     """
     exits = weights.shape[0]
     if samples is None or samples >= exits:
@@ -53,6 +56,13 @@ def sample_exits(weights: torch.Tensor, samples: int | None, scheme: str = "unif
     if scheme == "uniform":
         chosen = torch.randperm(exits, generator=generator)[:samples].sort().values
         return chosen, weights[chosen] * (exits / samples)
+    if scheme == "uniform_keep_last":
+        if samples < 2:
+            raise ValueError("exit_sampling uniform_keep_last needs exit_samples >= 2 (the output exit and at least "
+                             "one other)")
+        others = torch.randperm(exits - 1, generator=generator)[:samples - 1].sort().values
+        coefficients = torch.cat([weights[others] * ((exits - 1) / (samples - 1)), weights[-1:]])
+        return torch.cat([others, torch.tensor([exits - 1])]), coefficients
     draws = torch.multinomial(weights.double().cpu(), samples, replacement=True, generator=generator)
     chosen, counts = torch.unique(draws, return_counts=True)
     return chosen, (counts.double() / samples).to(weights)
