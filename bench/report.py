@@ -214,6 +214,7 @@ def render(stored: dict, previous: str = "") -> str:
         parts += ["", f"## {TITLES[section]}", "", f"`python -m bench.report --only {section}` — {record['date']}, "
                   f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}, transformers {env['transformers']}"
                   f"{', ' + env['cuda'] if env['cuda'] else ''}; {record['seconds'] / 60:.1f} min.", "",
+                  *([f"*{record['note']}*", ""] if record.get("note") else []),
                   INTRO[section], "", RENDER[section](record["result"])]
     return "\n".join(parts) + "\n"
 
@@ -225,6 +226,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="sections to measure (default: all)")
     parser.add_argument("--render-only", action="store_true", help="only rewrite BENCHMARKS.md")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
+    parser.add_argument("--note", help="a remark stored with the sections measured now (e.g. the machine was shared)")
     args = parser.parse_args()
     STORE.mkdir(parents=True, exist_ok=True)
     if not args.render_only:
@@ -234,7 +236,8 @@ def main() -> None:
             started = time.perf_counter()
             result = MEASURE[section](model)
             record = {"date": datetime.date.today().isoformat(), "environment": environment(),
-                      "seconds": time.perf_counter() - started, "result": result}
+                      "seconds": time.perf_counter() - started, "result": result,
+                      **({"note": args.note} if args.note else {})}
             (STORE / f"{section}.json").write_text(json.dumps(record, indent=1))
     stored = {path.stem: json.loads(path.read_text()) for path in STORE.glob("*.json")}
     out = Path(args.out)
