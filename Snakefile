@@ -1,5 +1,7 @@
 # hsconv: hidden-state convergence of Transformer language models.
-#   snakemake --cores all                          the embedded default (config.yaml)
+#   snakemake --cores all                          the paper's figures and tables for the embedded default (config.yaml)
+#   snakemake --cores all findings                 the studies beyond the paper too (ablations, tuned lens, early
+#                                                  exit, paired differences); or one of them by its name
 #   snakemake --cores all results/figures/fig3.pdf one target
 #   snakemake --cores all --configfile configs/paper.yaml   a preset replaces config.yaml entirely
 from snakemake.utils import min_version, validate
@@ -30,6 +32,38 @@ include: "workflow/rules/tuned_lens.smk"
 
 
 rule all:
+    """The paper's figures (3-10 as configured), tables and training curves."""
     input:
-        all_targets(),
+        paper_targets(),
     default_target: True
+
+
+rule findings:
+    """Every study beyond the paper: ablations, the tuned-lens baseline, early exit and paired differences."""
+    input:
+        [study_targets(study) for study in STUDIES],
+
+
+rule ablations:
+    """One distillation per loss setting around the configured one (config `ablations`), with its table and figure."""
+    input:
+        study_targets("ablations"),
+
+
+rule tuned_lens:
+    """The tuned-lens baseline (config `tuned_lens`): its per-layer table, its paired differences from the base
+    model's logit lens and Figs. 5/6 (9/10) with it as a third curve, under results/figures/tuned_lens/."""
+    input:
+        study_targets("tuned_lens"),
+
+
+rule early_exit:
+    """The shallowest exit within each tolerance of the output, and pruned models under stock lm-eval."""
+    input:
+        study_targets("early_exit"),
+
+
+rule paired:
+    """Distilled − base at every exit, with paired bootstrap intervals over the same documents."""
+    input:
+        study_targets("paired"),

@@ -3,6 +3,7 @@
     python -m bench.report                      # all sections (about 45 minutes on the 2-core CPU machine)
     python -m bench.report --only distill eval  # rerun some sections, keep the others' stored measurements
     python -m bench.report --render-only        # rewrite BENCHMARKS.md from the stored measurements
+    python -m bench.default_run                 # only the default run (a fresh clone of HEAD, about half an hour)
 
 Measurements are stored as JSON under ``bench/measurements/`` (committed; one file per section, with the machine
 and versions); BENCHMARKS.md is rendered from them, so every number in it comes from a stored measurement (a section
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from bench import data_stage, distill_step, extraction, per_layer_eval, teacher_cache
+from bench import data_stage, default_run, distill_step, extraction, per_layer_eval, teacher_cache
 from bench.common import ROOT, SHARED, environment, matmul_limit, spread
 
 # Committed, so that BENCHMARKS.md can be rendered again anywhere from what it was rendered from.
@@ -31,7 +32,7 @@ MODEL = "smollm2-135m"
 DISTILL_SHAPES = [(4, 64), (4, 256), (8, 512)]  # the first is also run with the naive loss
 DISTILL_EXITS = [4, 8, 16]
 NAIVE_SHAPES = [(4, 64), (1, 256)]
-SECTIONS = ("machine", "data", "distill", "extraction", "eval", "teacher")
+SECTIONS = ("default_run", "machine", "data", "distill", "extraction", "eval", "teacher")
 
 
 def model_dir() -> str:
@@ -75,6 +76,7 @@ MEASURE = {
     "extraction": lambda model: extraction.measure(model, lambada=200, repeats=3),
     "eval": lambda model: per_layer_eval.measure(model, lambada=300, wikitext=1, repeats=2),
     "teacher": lambda model: teacher_cache.measure(model, distill_tokens(model), ks=(64, 256)),
+    "default_run": lambda model: default_run.measure(),
 }
 
 
@@ -86,6 +88,12 @@ def checks(stored: dict) -> dict[str, list[str]]:
     """The issue's goals, each stated with the measured numbers it rests on, per section."""
     goals = {}
     stored = {section: record["result"] for section, record in stored.items()}
+    if "default_run" in stored:
+        run = stored["default_run"]
+        slowest = max(run["jobs"], key=lambda job: job["seconds"])
+        goals["default_run"] = [f"- The default run (`{run['command']}`, fresh clone, after installation): "
+                                f"{run['seconds'] / 60:.1f} min for {len(run['jobs'])} jobs (goal: at most 30); the "
+                                f"longest job is {slowest['rule']} ({slowest['seconds'] / 60:.1f} min)."]
     if "distill" in stored:
         lines = goals.setdefault("distill", [])
         runs = [run for run in stored["distill"]["runs"] if "error" not in run]
@@ -152,7 +160,7 @@ def checks(stored: dict) -> dict[str, list[str]]:
 
 
 # How each section's goal lines begin, to carry them over from an earlier BENCHMARKS.md (see previous_report).
-GOAL_PREFIXES = {"distill": ("- Distillation at", "- Fused at", "- Step memory"), "eval": ("- All-exit",),
+GOAL_PREFIXES = {"default_run": ("- The default run",), "distill": ("- Distillation at", "- Fused at", "- Step memory"), "eval": ("- All-exit",),
                  "extraction": ("- Hidden-state stage",), "teacher": ("- Top-k teacher cache",)}
 
 
@@ -170,6 +178,7 @@ def previous_report(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
 
 
 INTRO = {
+    "default_run": default_run.__doc__.split("\n\n", 2)[2].strip(),
     "machine": "The matrix-multiply limit every percentage below is measured against: a float32 2048 × 2048 "
                "`torch.matmul`, 7 timed repeats after a warm-up, best kept; here run three times in a row.",
     "data": data_stage.__doc__.split("\n\n")[0],
@@ -178,12 +187,12 @@ INTRO = {
     "eval": per_layer_eval.__doc__.split("\n\n", 2)[2].strip(),
     "teacher": teacher_cache.__doc__.split("\n\n", 2)[2].strip(),
 }
-TITLES = {"machine": "The limit: matrix-multiply rate", "data": "Data stage: sampling and packing",
+TITLES = {"default_run": "The default run: `snakemake --cores all`, whole and per job", "machine": "The limit: matrix-multiply rate", "data": "Data stage: sampling and packing",
           "distill": "Self-distillation step: fused per-layer loss vs the naive one",
           "extraction": "Hidden-state extraction vs a bare forward pass",
           "eval": "Per-layer evaluation: all exits through the logit lens vs stock lm-eval",
           "teacher": "Teacher targets: a top-k cache vs recomputing the frozen model"}
-RENDER = {"machine": lambda r: "best GFLOP/s per run: " + spread([m["best_gflops"] for m in r["matmul"]]),
+RENDER = {"default_run": default_run.markdown, "machine": lambda r: "best GFLOP/s per run: " + spread([m["best_gflops"] for m in r["matmul"]]),
           "data": data_stage.markdown, "distill": distill_step.markdown, "extraction": extraction.markdown,
           "eval": per_layer_eval.markdown, "teacher": teacher_cache.markdown}
 
@@ -230,7 +239,7 @@ def main() -> None:
     args = parser.parse_args()
     STORE.mkdir(parents=True, exist_ok=True)
     if not args.render_only:
-        model = model_dir()
+        model = model_dir() if set(args.only or SECTIONS) - {"default_run"} else None
         for section in args.only or SECTIONS:
             print(f"measuring {section} ...", flush=True)
             started = time.perf_counter()

@@ -111,8 +111,11 @@ def test_lens_cells_equal_an_independent_logit_lens(smollm2, smollm2_trace):
         probabilities = torch.softmax(logits.double(), dim=-1)
         cell = lens[(lens["layer"] == layer) & (lens["position"] == position)].iloc[0]
         assert cell["top1_id"] == int(probabilities.argmax())
-        assert cell["top1_prob"] == pytest.approx(float(probabilities.max()), abs=1e-6)
-        assert cell["next_token_prob"] == pytest.approx(float(probabilities[ids[position + 1]]), abs=1e-6)
+        # The stage's float32 logits come from a matrix product over all positions, these from one vector: the
+        # summation order differs, by ~1e-6 relative in logits of size ~20, i.e. up to ~1e-5 in a probability
+        # (1.4e-6 was seen when the machine was loaded, which changes the kernels' blocking).
+        assert cell["top1_prob"] == pytest.approx(float(probabilities.max()), abs=2e-5)
+        assert cell["next_token_prob"] == pytest.approx(float(probabilities[ids[position + 1]]), abs=2e-5)
         assert cell["top1_token"] == smollm2.tokenizer.decode([cell["top1_id"]])
     # exit L reproduces the model's prediction of " the" after " at" (and is not a constant)
     last = lens[(lens["layer"] == 30) & lens["predicts_target"]].sort_values("position")

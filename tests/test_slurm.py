@@ -53,7 +53,7 @@ def partition() -> str:
 
 def local_slurm_profile(directory: Path, partition: str) -> Path:
     """The shipped Slurm profile with its placeholders filled for this one-node cluster (no accounts)."""
-    profile = yaml.safe_load((REPO / "workflow/profiles/slurm/profile.yaml").read_text())
+    profile = yaml.safe_load((REPO / "profiles/slurm/profile.yaml").read_text())
     profile["default-resources"]["slurm_partition"] = partition
     del profile["default-resources"]["slurm_account"]
     profile.update({

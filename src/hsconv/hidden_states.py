@@ -130,7 +130,8 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     layers = np.arange(1, num_layers + 1, dtype=np.int16)
     pieces = []
-    started, tokens_done = time.perf_counter(), 0
+    started, tokens_done, segments_done = time.perf_counter(), 0, 0
+    total_tokens = sum(len(segment.token_ids) for segment in segments)
     for number, batch in enumerate(batches, start=1):
         width = max(len(segments[i].token_ids) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -160,8 +161,12 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
             "movement_pre_norm": pre_norm[rows, positions].reshape(-1).numpy(),
         }))
         tokens_done += int(attention_mask.sum())
+        segments_done += len(batch)
         elapsed = time.perf_counter() - started
-        log.info("batch %d/%d: %d tokens, %.0f tokens/s", number, len(batches), tokens_done, tokens_done / elapsed)
+        # Batches run longest first, so the remaining time is estimated from tokens, not from batches.
+        log.info("batch %d/%d: %d/%d segments of %d documents, %d/%d tokens, %.0f tokens/s, ~%.0f s left", number,
+                 len(batches), segments_done, len(segments), len(documents), tokens_done, total_tokens,
+                 tokens_done / elapsed, (total_tokens - tokens_done) / max(tokens_done / elapsed, 1e-9))
     if not pieces:
         raise ValueError("no documents to measure")
     frame = pd.concat(pieces, ignore_index=True)

@@ -22,8 +22,10 @@ PROVENANCE_KEY = b"hsconv"
 # Testing hook: a folder. A process about to rename its first finished output into place SIGKILLs itself instead,
 # unless that output was killed once already (a marker file in the folder records it, with whether the target
 # existed): each stage is killed once at its worst moment, to prove that it leaves nothing that looks complete and
-# that its rerun writes the same bytes.
+# that its rerun writes the same bytes. Where the folder holds KILL_SELECTION ({job: [its declared outputs]}), only
+# those jobs are killed, each once, just before it renames one of its declared outputs (a sample of the jobs, for CI).
 KILL_BEFORE_RENAME_ENV = "HSCONV_KILL_BEFORE_RENAME"
+KILL_SELECTION = "selected_jobs.json"
 _first_rename_done = False
 _TRACKED_PACKAGES = ("hsconv", "torch", "transformers", "deepspeed", "lm_eval", "pandas", "numpy")
 
@@ -85,11 +87,23 @@ def _maybe_kill_before_rename(path: Path) -> None:
     folder = os.environ.get(KILL_BEFORE_RENAME_ENV)
     if not folder or _first_rename_done:
         return
+    path = path.resolve()
+    selection = Path(folder) / KILL_SELECTION
+    if selection.is_file():
+        jobs = json.loads(selection.read_text())
+        job = next((job for job, outputs in jobs.items()
+                    if any(path == Path(output) or Path(output) in path.parents for output in outputs)), None)
+        if job is None:
+            return  # not a selected job's output (or a selected job's scratch, such as a checkpoint)
+        key = "job " + job
+    else:
+        key = str(path)
     _first_rename_done = True
-    marker = Path(folder) / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    marker = Path(folder) / hashlib.sha256(key.encode()).hexdigest()[:16]
     if marker.exists():
         return
-    marker.write_text(json.dumps({"path": str(path.resolve()), "existed": path.exists()}))
+    marker.write_text(json.dumps({"path": str(path), "existed": path.exists(),
+                                  **({"job": key[4:]} if key.startswith("job ") else {})}))
     os.kill(os.getpid(), signal.SIGKILL)
 
 

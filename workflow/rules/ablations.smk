@@ -35,6 +35,8 @@ rule evaluate_ablation:
         code=code_fingerprint("hsconv.evaluation.per_layer"),
     log:
         "results/logs/evaluate_ablation/{model}/{variant}.log",
+    benchmark:
+        "results/benchmarks/evaluate_ablation/{model}/{variant}.tsv"
     threads: 8  # scaled down to --cores
     resources:
         mem_mb=16000,
@@ -70,6 +72,8 @@ rule tabulate_ablations:
         code=code_fingerprint("hsconv.ablations"),
     log:
         "results/logs/tabulate_ablations.log",
+    benchmark:
+        "results/benchmarks/tabulate_ablations.tsv"
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -92,6 +96,8 @@ rule plot_ablations:
         code=code_fingerprint("hsconv.figures.ablations"),
     log:
         "results/logs/plot_ablations.log",
+    benchmark:
+        "results/benchmarks/plot_ablations.tsv"
     conda:
         "../../envs/plot.yaml"
     shell:

@@ -118,6 +118,10 @@ def figure_title(wildcards):
     return f"Fig. {wildcards.figure[3:]}"
 
 
+def tuned_lens_figure_title(wildcards):
+    return f"Fig. {wildcards.figure[3:]} with the tuned lens"
+
+
 def training_title(wildcards):
     return f"Self-distillation of {config['models'][wildcards.model].get('label', wildcards.model)}"
 
@@ -218,23 +222,48 @@ def measured_combinations(pattern):
     return expand(pattern, model=MODELS, variant=VARIANTS, dataset=MEASURED_DATASETS)
 
 
-def all_targets():
-    """Every configured figure (PDF and PNG), every table, the training curves and the packed corpora."""
+def paper_targets():
+    """The paper's own outputs (the default target `all`): every configured figure (PDF and PNG), the convergence and
+    per-layer tables, the sentence traces, the training curves and the packed corpora."""
     return [
-        *expand("results/figures/{figure}.{ext}", figure=[f for f in FIGURE_TARGETS if f in config["figures"]],
-                ext=("pdf", "png")),
+        *expand("results/figures/{figure}.{ext}", ext=("pdf", "png"),
+                figure=[f for f in FIGURE_TARGETS if f in config["figures"] and f != "early_exit"]),
         "results/tables/convergence.csv",
         "results/tables/convergence.md",
         "results/tables/layer_movement.csv",
         *expand("results/data/tokens/{tokenizer}.parquet", tokenizer=TOKENIZERS),
         *(expand("results/figures/training/{model}.{ext}", model=MODELS, ext=("pdf", "png"))
           if "distilled" in VARIANTS else []),
-        *(["results/tables/per_layer_evaluation.csv", "results/tables/per_layer_evaluation.md",
-           "results/tables/early_exit.csv", "results/tables/pruned_vs_lens.csv"]
-          if config["evaluation"]["datasets"] else []),
-        *(["results/tables/paired_differences.csv"]
-          if config["evaluation"]["datasets"] and "distilled" in VARIANTS else []),
+        *(["results/tables/per_layer_evaluation.csv", "results/tables/per_layer_evaluation.md"]
+          if EVALUATED_DATASETS else []),
         *(["results/tables/sentence_lens.csv", "results/tables/sentence_pca.csv"] if TRACED_MODELS else []),
-        *(["results/tables/ablations.csv", "results/figures/ablations.pdf", "results/figures/ablations.png"]
-          if ABLATION_MODELS else []),
     ]
+
+
+def study_targets(study):
+    """The outputs of one study beyond the paper, built only when asked for by name (`snakemake findings` builds
+    them all): `ablations`, `tuned_lens`, `early_exit` (with the pruned models) or `paired` (distilled − base)."""
+    if study == "ablations":
+        return (["results/tables/ablations.csv", "results/figures/ablations.pdf", "results/figures/ablations.png"]
+                if ABLATION_MODELS else [])
+    if not EVALUATED_DATASETS:
+        return []
+    if study == "tuned_lens":
+        return ([*expand("results/tables/tuned_lens/{table}.{ext}", table=("per_layer_evaluation",
+                                                                             "paired_differences"), ext=("csv", "md")),
+                 *expand("results/figures/tuned_lens/{figure}.{ext}", figure=TUNED_LENS_FIGURES, ext=("pdf", "png"))]
+                if TUNED_LENS_MODELS else [])
+    if study == "early_exit":
+        return ["results/tables/early_exit.csv", "results/tables/pruned_vs_lens.csv",
+                *(["results/figures/early_exit.pdf", "results/figures/early_exit.png"]
+                  if "early_exit" in config["figures"] else [])]
+    if study == "paired":
+        return ["results/tables/paired_differences.csv"] if "distilled" in VARIANTS else []
+    raise ValueError(f"unknown study {study!r}")
+
+
+STUDIES = ("ablations", "tuned_lens", "early_exit", "paired")
+# The configured per-layer figures (5, 6, 9, 10) whose models all have a tuned lens, drawn again with it as a third
+# curve.
+TUNED_LENS_FIGURES = [name for name in PER_LAYER_FIGURES if name in config["figures"]
+                      and set(config["figures"][name]["models"]) <= set(TUNED_LENS_MODELS)]

@@ -12,6 +12,8 @@ rule prepare_texts:
         code=code_fingerprint("hsconv.texts"),
     log:
         "results/logs/prepare_texts/{dataset}.log",
+    benchmark:
+        "results/benchmarks/prepare_texts/{dataset}.tsv"
     threads: 1
     conda:
         "../../envs/torch.yaml"

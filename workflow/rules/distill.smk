@@ -24,6 +24,8 @@ rule cache_teacher:
         code=code_fingerprint("hsconv.distill.teacher"),
     log:
         "results/logs/cache_teacher/{model}/top{k}.log",
+    benchmark:
+        "results/benchmarks/cache_teacher/{model}/top{k}.tsv"
     wildcard_constraints:
         k=r"\d+",
     threads: DISTILL["resources"]["threads"]
@@ -117,6 +119,8 @@ rule plot_training:
         code=code_fingerprint("hsconv.figures.training"),
     log:
         "results/logs/plot_training/{model}.log",
+    benchmark:
+        "results/benchmarks/plot_training/{model}.tsv"
     conda:
         "../../envs/plot.yaml"
     shell:

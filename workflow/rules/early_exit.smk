@@ -12,6 +12,8 @@ rule prune_model:
         code=code_fingerprint("hsconv.early_exit"),
     log:
         "results/logs/prune_model/{model}/{variant}.log",
+    benchmark:
+        "results/benchmarks/prune_model/{model}/{variant}.tsv"
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -37,6 +39,8 @@ rule evaluate_pruned:
         code=code_fingerprint("hsconv.evaluation.per_layer"),
     log:
         "results/logs/evaluate_pruned/{model}/{variant}.log",
+    benchmark:
+        "results/benchmarks/evaluate_pruned/{model}/{variant}.tsv"
     threads: 8  # scaled down to --cores
     resources:
         mem_mb=16000,
@@ -68,6 +72,8 @@ rule tabulate_early_exit:
         code=code_fingerprint("hsconv.early_exit"),
     log:
         "results/logs/tabulate_early_exit.log",
+    benchmark:
+        "results/benchmarks/tabulate_early_exit.tsv"
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -90,6 +96,8 @@ rule plot_early_exit:
         code=code_fingerprint("hsconv.figures.early_exit"),
     log:
         "results/logs/plot_early_exit.log",
+    benchmark:
+        "results/benchmarks/plot_early_exit.tsv"
     conda:
         "../../envs/plot.yaml"
     shell:
@@ -98,11 +106,9 @@ rule plot_early_exit:
 
 
 rule paired_differences:
-    """Distilled − base (and tuned lens − base) at every exit, with a paired bootstrap interval over the same
-    documents."""
+    """Distilled − base at every exit, with a paired bootstrap interval over the same documents."""
     input:
         expand("results/evaluation/{model}/{variant}/per_document.parquet", model=MODELS, variant=VARIANTS),
-        expand("results/evaluation/{model}/tuned_lens/per_document.parquet", model=TUNED_LENS_MODELS),
     output:
         parquet="results/tables/paired_differences.parquet",
         csv=report("results/tables/paired_differences.csv", caption="../report/paired_table.rst",
@@ -116,8 +122,25 @@ rule paired_differences:
         code=code_fingerprint("hsconv.paired"),
     log:
         "results/logs/paired_differences.log",
+    benchmark:
+        "results/benchmarks/paired_differences.tsv"
     conda:
         "../../envs/torch.yaml"
     shell:
         "hsconv paired-differences --documents {input} --out {output.parquet} --bootstrap-samples {params.samples}"
         " --confidence {params.confidence} --seed {params.seed} --config-hash {params.config_hash} > {log} 2>&1"
+
+
+use rule paired_differences as paired_tuned_lens_differences with:
+    input:
+        expand("results/evaluation/{model}/{variant}/per_document.parquet", model=TUNED_LENS_MODELS,
+               variant=["base", "tuned_lens"]),
+    output:
+        parquet="results/tables/tuned_lens/paired_differences.parquet",
+        csv=report("results/tables/tuned_lens/paired_differences.csv", caption="../report/paired_table.rst",
+                   category="Tuned lens"),
+        md="results/tables/tuned_lens/paired_differences.md",
+    log:
+        "results/logs/paired_tuned_lens_differences.log",
+    benchmark:
+        "results/benchmarks/paired_tuned_lens_differences.tsv"

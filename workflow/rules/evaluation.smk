@@ -46,7 +46,6 @@ rule tabulate_evaluation:
     """All models' and variants' per-layer lm-eval metrics in one tidy table."""
     input:
         expand("results/evaluation/{model}/{variant}/per_layer.parquet", model=MODELS, variant=VARIANTS),
-        expand("results/evaluation/{model}/tuned_lens/per_layer.parquet", model=TUNED_LENS_MODELS),
     output:
         parquet="results/tables/per_layer_evaluation.parquet",
         csv="results/tables/per_layer_evaluation.csv",
@@ -56,11 +55,27 @@ rule tabulate_evaluation:
         code=code_fingerprint("hsconv.tables"),
     log:
         "results/logs/tabulate_evaluation.log",
+    benchmark:
+        "results/benchmarks/tabulate_evaluation.tsv"
     conda:
         "../../envs/torch.yaml"
     shell:
         "hsconv gather-tables --inputs {input} --out {output.parquet} --config-hash {params.config_hash}"
         " > {log} 2>&1"
+
+
+use rule tabulate_evaluation as tabulate_tuned_lens_evaluation with:
+    input:
+        expand("results/evaluation/{model}/{variant}/per_layer.parquet", model=TUNED_LENS_MODELS, variant=VARIANTS),
+        expand("results/evaluation/{model}/tuned_lens/per_layer.parquet", model=TUNED_LENS_MODELS),
+    output:
+        parquet="results/tables/tuned_lens/per_layer_evaluation.parquet",
+        csv="results/tables/tuned_lens/per_layer_evaluation.csv",
+        md="results/tables/tuned_lens/per_layer_evaluation.md",
+    log:
+        "results/logs/tabulate_tuned_lens_evaluation.log",
+    benchmark:
+        "results/benchmarks/tabulate_tuned_lens_evaluation.tsv"
 
 
 rule plot_per_layer_figure:
@@ -80,8 +95,25 @@ rule plot_per_layer_figure:
         code=code_fingerprint("hsconv.figures.per_layer"),
     log:
         "results/logs/plot_{figure}.log",
+    benchmark:
+        "results/benchmarks/plot_{figure}.tsv"
     conda:
         "../../envs/plot.yaml"
     shell:
         "hsconv plot-per-layer --table {input} --pdf {output.pdf} --png {output.png} --model {params.models}"
         " --task {params.dataset} --metric {params.metric} --title '{params.title}' > {log} 2>&1"
+
+
+use rule plot_per_layer_figure as plot_tuned_lens_figure with:
+    input:
+        "results/tables/tuned_lens/per_layer_evaluation.parquet",
+    output:
+        pdf=report("results/figures/tuned_lens/{figure}.pdf", caption="../report/per_layer.rst",
+                   category="Tuned lens"),
+        png="results/figures/tuned_lens/{figure}.png",
+    params:
+        title=tuned_lens_figure_title,
+    log:
+        "results/logs/plot_tuned_lens_{figure}.log",
+    benchmark:
+        "results/benchmarks/plot_tuned_lens_{figure}.tsv"

@@ -19,6 +19,8 @@ rule plot_movement_figure:
         code=code_fingerprint("hsconv.figures.movement"),
     log:
         "results/logs/plot_{figure}.log",
+    benchmark:
+        "results/benchmarks/plot_{figure}.tsv"
     conda:
         "../../envs/plot.yaml"
     shell:
@@ -42,6 +44,8 @@ rule trace_sentence:
         code=code_fingerprint("hsconv.sentence"),
     log:
         "results/logs/trace_sentence/{model}/{variant}.log",
+    benchmark:
+        "results/benchmarks/trace_sentence/{model}/{variant}.tsv"
     threads: 2
     conda:
         "../../envs/torch.yaml"
@@ -69,6 +73,8 @@ rule tabulate_sentence:
         code=code_fingerprint("hsconv.tables"),
     log:
         "results/logs/tabulate_sentence.log",
+    benchmark:
+        "results/benchmarks/tabulate_sentence.tsv"
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -91,6 +97,8 @@ rule plot_fig4:
         code=code_fingerprint("hsconv.figures.trajectory"),
     log:
         "results/logs/plot_fig4.log",
+    benchmark:
+        "results/benchmarks/plot_fig4.tsv"
     conda:
         "../../envs/plot.yaml"
     shell:
@@ -112,6 +120,8 @@ rule plot_fig7:
         code=code_fingerprint("hsconv.figures.lens_heatmap"),
     log:
         "results/logs/plot_fig7.log",
+    benchmark:
+        "results/benchmarks/plot_fig7.tsv"
     conda:
         "../../envs/plot.yaml"
     shell:

@@ -16,6 +16,8 @@ rule compute_convergence:
         code=code_fingerprint("hsconv.metrics"),
     log:
         "results/logs/compute_convergence/{model}/{variant}/{dataset}.log",
+    benchmark:
+        "results/benchmarks/compute_convergence/{model}/{variant}/{dataset}.tsv"
     threads: 1
     conda:
         "../../envs/torch.yaml"
@@ -39,6 +41,8 @@ rule tabulate_layer_movement:
         code=code_fingerprint("hsconv.tables"),
     log:
         "results/logs/tabulate_layer_movement.log",
+    benchmark:
+        "results/benchmarks/tabulate_layer_movement.tsv"
     conda:
         "../../envs/torch.yaml"
     shell:
@@ -59,6 +63,8 @@ rule tabulate_convergence:
         code=code_fingerprint("hsconv.tables"),
     log:
         "results/logs/tabulate_convergence.log",
+    benchmark:
+        "results/benchmarks/tabulate_convergence.tsv"
     conda:
         "../../envs/torch.yaml"
     shell:

@@ -12,6 +12,7 @@ pass plus the heads at the scored positions; ``exit_layer`` chooses which exit t
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -79,6 +80,9 @@ class LogitLensLM(HFLM):
     def _score_all_exits(self, keys: list[tuple], batch_size: int) -> None:
         # Longest first, as lm-eval does: batches pad little and memory problems show at once.
         order = sorted(range(len(keys)), key=lambda i: -(len(keys[i][0]) + len(keys[i][1])))
+        total_tokens = sum(min(len(context) + len(continuation), self.max_length + 1) - 1
+                           for context, continuation in keys)
+        started, tokens_done = time.perf_counter(), 0
         for start in range(0, len(order), batch_size):
             batch = [keys[i] for i in order[start:start + batch_size]]
             inputs, spans = [], []
@@ -103,6 +107,11 @@ class LogitLensLM(HFLM):
             for index, key in enumerate(batch):
                 piece = slice(offsets[index], offsets[index + 1])
                 self._memo[key] = (logprob[:, piece].sum(axis=1), greedy[:, piece].all(axis=1))
+            tokens_done += sum(len(window) for window in inputs)
+            rate = tokens_done / (time.perf_counter() - started)
+            log.info("all %d exits: %d/%d requests scored, %d/%d tokens, %.0f tokens/s, ~%.0f s left",
+                     self.num_layers + 1, min(start + batch_size, len(order)), len(order), tokens_done,
+                     total_tokens, rate, (total_tokens - tokens_done) / max(rate, 1e-9))
 
     def _score_positions(self, states, rows, positions, targets) -> tuple[np.ndarray, np.ndarray]:
         """log p(target) and whether it is the argmax, at every exit, for the scored positions only."""
