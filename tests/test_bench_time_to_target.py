@@ -32,6 +32,7 @@ def test_time_to_target_picks_the_first_snapshot_at_or_above_the_full_losss_last
     assert {row["setting"]: row["step"] for row in time_to_target(slower)}["m4"] is None
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_benchmark_on_the_tiny_model(tiny_model_dir, tmp_path):
     shared_file("lambada_test.jsonl")

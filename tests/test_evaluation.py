@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pandas as pd
 import pytest
@@ -216,3 +217,34 @@ def test_pruning_refuses_a_layer_count_out_of_range(model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"keep_fraction=1.5 must be in \(0, 1\]"):
         prune_model(model_dir, None, tmp_path / "pruned", keep_fraction=1.5)
     assert not (tmp_path / "pruned").exists()
+
+
+def test_data_sets_are_matched_by_kind_not_by_name(model_dir, texts, tmp_path, caplog):
+    """A LAMBADA set named `lambada_small` and a WikiText set named `wiki_a` keep their names in every table and are
+    still recognised as what they are: paired differences and early exits have rows for both (matching on the name
+    once lost them without a word)."""
+    from hsconv.early_exit import shallowest_exits
+    from hsconv.paired import paired_differences
+
+    lambada, wikitext = texts[0]["lambada"][1], texts[0]["wikitext"][1]
+    datasets = {"lambada_small": ("lambada", lambada), "wiki_a": ("wikitext", wikitext)}
+    tables, documents = [], []
+    with caplog.at_level("INFO", logger="hsconv"):
+        for variant in ("base", "distilled"):  # the same weights twice: the pairing, not the difference, is tested
+            tables.append(evaluate_per_layer(model_dir, datasets, tmp_path / f"{variant}.parquet",
+                                             tmp_path / f"{variant}.json", model="tiny", variant=variant,
+                                             batch_size=4, bootstrap_iters=0, limits={"wiki_a": 1},
+                                             documents_out=tmp_path / f"{variant}_documents.parquet"))
+            documents.append(pd.read_parquet(tmp_path / f"{variant}_documents.parquet"))
+    evaluation = pd.concat(tables, ignore_index=True)
+    assert set(zip(evaluation["task"], evaluation["kind"])) == {("lambada_small", "lambada"), ("wiki_a", "wikitext")}
+    paired = paired_differences(pd.concat(documents, ignore_index=True), samples=50)
+    assert set(zip(paired["task"], paired["metric"])) == {("lambada_small", "acc"), ("wiki_a", "word_perplexity")}
+    assert len(paired) == 2 * (TINY_SOURCE["num_layers"] + 1) and (paired["difference"] == 0).all()
+    exits = shallowest_exits(evaluation, (0.05,))
+    assert set(zip(exits["task"], exits["variant"])) == {(task, variant) for task in ("lambada_small", "wiki_a")
+                                                         for variant in ("base", "distilled")}
+    # progress a person can read: requests and tokens scored, with the time left
+    progress = [record.getMessage() for record in caplog.records if "requests scored" in record.getMessage()]
+    finished = re.match(r"all (\d+) exits: (\d+)/\2 requests scored, (\d+)/\3 tokens, .* ~0 s left", progress[-1])
+    assert finished and int(finished.group(1)) == TINY_SOURCE["num_layers"] + 1, progress[-3:]

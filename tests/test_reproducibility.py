@@ -21,6 +21,7 @@ def hsconv(*args: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_default_model_s_model_is_the_same_in_two_runs(tmp_path):
     from hsconv.models import find_package_file

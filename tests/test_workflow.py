@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -16,7 +17,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from hsconv.io import KILL_BEFORE_RENAME_ENV, KILL_SELECTION, read_provenance
+from hsconv.io import KILL_BEFORE_RENAME_ENV, KILL_SELECTION, package_versions, read_provenance
 
 from conftest import REPO, SHARED_DATA
 
@@ -53,14 +54,41 @@ def planned_jobs(result: subprocess.CompletedProcess) -> set[str]:
     return {match.group(1) for match in re.finditer(r"^(\w+)\s+\d+\s*$", table, re.MULTILINE)} - {"job"}
 
 
+def workflow_fingerprint() -> str:
+    """A hash of everything a run of the test preset depends on: the workflow, the package's code, the preset, the
+    profile and the installed versions of the packages that change numbers."""
+    digest = hashlib.sha256(json.dumps(package_versions(), sort_keys=True).encode())
+    files = [REPO / "Snakefile", REPO / "configs" / "test.yaml", *(REPO / "workflow").rglob("*"),
+             *(REPO / "profiles").rglob("*"), *(REPO / "src" / "hsconv").rglob("*.py")]
+    for path in sorted(path for path in files if path.is_file()):
+        digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
+def finished_run(request, tmp_path_factory) -> Path:
+    """The test preset run to the end (the default target and every study). The run is kept in pytest's cache under
+    a hash of everything it depends on (workflow_fingerprint), so that a second pytest session on the same code (CI's
+    kill-test tier after the main suite) reads it instead of running it again; any edit gives a new hash and a new
+    run."""
     if not (SHARED_DATA / "lambada_test.jsonl").is_file():
         pytest.skip("shared data not present")
-    directory = tmp_path_factory.mktemp("workflow")
+    cache = getattr(request.config, "cache", None)
+    if cache is None:  # -p no:cacheprovider
+        directory = tmp_path_factory.mktemp("workflow")
+    else:
+        directory = cache.mkdir(f"hsconv-finished-run-{workflow_fingerprint()}")
+        if (directory / "finished").is_file():
+            return directory
+        for stale in directory.parent.glob("hsconv-finished-run-*"):  # runs of earlier code, and a broken one
+            if stale != directory:
+                shutil.rmtree(stale, ignore_errors=True)
+        for leftover in directory.iterdir():
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     write_config(directory)
     result = snakemake(directory, *EVERY_TARGET)
     assert result.returncode == 0, result.stderr[-4000:]
+    (directory / "finished").write_text("the test preset ran to the end here\n")
     return directory
 
 
@@ -199,6 +227,7 @@ def test_the_main_distilled_model_is_the_reference_when_the_ablations_change_not
     assert planned["evaluate_ablation"] == 2 and planned["tabulate_ablations"] == 1
 
 
+@pytest.mark.heavy
 @pytest.mark.slow
 def test_a_teacher_cache_is_written_once_per_model_and_read_by_every_distillation(tmp_path):
     write_config(tmp_path, lambda c: c["distill"].update(teacher_top_k=16))

@@ -80,7 +80,7 @@ def tabulate_ablations(convergence_paths: list[str], stock_paths: list[str], doc
     stock = pd.concat([pd.read_parquet(path) for path in stock_paths], ignore_index=True)
     documents = pd.concat([pd.read_parquet(path) for path in document_paths], ignore_index=True)
     # One LAMBADA data set was evaluated; lm-eval names its rows by the data set (any name), so select by metric.
-    documents = documents[documents["acc"].notna()].assign(task="lambada")
+    documents = documents[documents["acc"].notna()].assign(task="lambada", kind="lambada")
     setting_of = {"base": "base", **{variant: setting for setting, variant in variants.items()}}
     reference_variant = variants[REFERENCE]
     # A stock evaluation has one exit, the model's output, so each variant is compared at its only layer.

@@ -53,6 +53,12 @@ def prune_model(model_dir: str | os.PathLike, keep_layers: int | None, out_dir: 
 QUALITY_METRICS = {("lambada", "acc"): "higher", ("wikitext", "word_perplexity"): "lower"}
 
 
+def with_kind(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with its `kind` column (what each data set is); a table written before the column existed named its
+    data sets by their kind, so there the kind is the task."""
+    return table if "kind" in table.columns else table.assign(kind=table["task"])
+
+
 def kept_layers(num_layers: int, keep_fraction: float) -> int:
     """The decoder layers a pruned model keeps: ``keep_fraction`` of ``num_layers``, rounded, at least one."""
     if not 0 < keep_fraction <= 1:
@@ -66,8 +72,10 @@ def shallowest_exits(evaluation: pd.DataFrame, tolerances=(0.01, 0.05)) -> pd.Da
     full perplexity. The exit is the first that qualifies, whether or not deeper ones dip out again (it is where an
     early-exit model would stop)."""
     rows = []
-    for (model, variant, task, metric), curve in evaluation.groupby(["model", "variant", "task", "metric"]):
-        direction = QUALITY_METRICS.get((task, metric))
+    evaluation = with_kind(evaluation)
+    for (model, variant, task, kind, metric), curve in evaluation.groupby(["model", "variant", "task", "kind",
+                                                                           "metric"]):
+        direction = QUALITY_METRICS.get((kind, metric))
         if direction is None:
             continue
         curve = curve.set_index("layer")["value"].sort_index()
@@ -76,7 +84,7 @@ def shallowest_exits(evaluation: pd.DataFrame, tolerances=(0.01, 0.05)) -> pd.Da
             bound = full * (1 - tolerance) if direction == "higher" else full * (1 + tolerance)
             within = curve[curve >= bound] if direction == "higher" else curve[curve <= bound]
             layer = int(within.index.min())
-            rows.append({"model": model, "variant": variant, "task": task, "metric": metric,
+            rows.append({"model": model, "variant": variant, "task": task, "kind": kind, "metric": metric,
                          "tolerance": tolerance, "full_value": full, "layer": layer, "num_layers": total,
                          "fraction_of_layers": layer / total, "value": float(curve[layer])})
     return pd.DataFrame(rows)

@@ -34,8 +34,13 @@ def paired_differences(documents: pd.DataFrame, baseline: str = "base", samples:
     (variant − baseline) and its percentile interval over ``samples`` paired document resamples. One draw of
     documents per model and task serves every exit, so the intervals of neighbouring exits are comparable."""
     rows = []
-    for (model, task), frame in documents.groupby(["model", "task"], sort=True):
-        metrics = [(metric, function) for (name, metric), function in CORPUS_METRICS.items() if name == task]
+    documents = documents if "kind" in documents.columns else documents.assign(kind=documents["task"])
+    for (model, task, kind), frame in documents.groupby(["model", "task", "kind"], sort=True):
+        # the data set's name is any name; its kind says which corpus metric it has
+        metrics = [(metric, function) for (name, metric), function in CORPUS_METRICS.items() if name == kind]
+        if not metrics:
+            raise ValueError(f"no paired corpus metric for data set {task!r} of kind {kind!r}; "
+                             f"supported kinds: {sorted({name for name, _ in CORPUS_METRICS})}")
         base = frame[frame["variant"] == baseline]
         if base.empty:
             raise ValueError(f"no {baseline!r} documents for model {model!r}, task {task!r}")
@@ -55,7 +60,7 @@ def paired_differences(documents: pd.DataFrame, baseline: str = "base", samples:
                     values = [float(function(side, everything)) for side in pair]
                     replicates = function(pair[1], draws) - function(pair[0], draws)
                     lower, upper = np.quantile(replicates, [(1 - confidence) / 2, (1 + confidence) / 2])
-                    rows.append({"model": model, "task": task, "metric": metric, "layer": layer,
+                    rows.append({"model": model, "task": task, "kind": kind, "metric": metric, "layer": layer,
                                  "baseline": baseline, "variant": variant, "baseline_value": values[0],
                                  "variant_value": values[1], "difference": values[1] - values[0],
                                  "lower": float(lower), "upper": float(upper), "confidence": confidence,

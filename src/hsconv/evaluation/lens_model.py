@@ -107,7 +107,7 @@ class LogitLensLM(HFLM):
             for index, key in enumerate(batch):
                 piece = slice(offsets[index], offsets[index + 1])
                 self._memo[key] = (logprob[:, piece].sum(axis=1), greedy[:, piece].all(axis=1))
-            tokens_done += sum(len(window) for window in inputs)
+            tokens_done += sum(stop for _, stop in spans)  # window lengths (pad_and_concat reshaped inputs)
             rate = tokens_done / (time.perf_counter() - started)
             log.info("all %d exits: %d/%d requests scored, %d/%d tokens, %.0f tokens/s, ~%.0f s left",
                      self.num_layers + 1, min(start + batch_size, len(order)), len(order), tokens_done,

@@ -61,10 +61,12 @@ def stock_task_config(kind: str, data_file: Path, task_manager) -> dict:
     return config
 
 
-def tidy_results(results: dict, layer: int, task_names: dict[str, str]) -> list[dict]:
-    """One row per (task, metric) from lm-eval's results dict, with the standard error where lm-eval has one."""
+def tidy_results(results: dict, layer: int, task_names: dict[str, str], kinds: dict[str, str]) -> list[dict]:
+    """One row per (task, metric) from lm-eval's results dict, with the standard error where lm-eval has one. ``task``
+    is the data set's name (any name the config gives it), ``kind`` what it is (`lambada`, `wikitext`): consumers that
+    need to know which metric means what match on the kind."""
     rows = []
-    for kind, task in task_names.items():
+    for name, task in task_names.items():
         values = results["results"][task]
         samples = results.get("n-samples", {}).get(task, {}).get("effective")
         for metric in METRICS:
@@ -72,7 +74,7 @@ def tidy_results(results: dict, layer: int, task_names: dict[str, str]) -> list[
             if key not in values:
                 continue
             stderr = values.get(f"{metric}_stderr,none")
-            rows.append({"task": kind, "lm_eval_task": task, "layer": layer, "metric": metric,
+            rows.append({"task": name, "kind": kinds[name], "lm_eval_task": task, "layer": layer, "metric": metric,
                          "value": float(values[key]),
                          "stderr": float(stderr) if isinstance(stderr, (int, float)) else float("nan"),
                          "n_samples": samples})
@@ -132,9 +134,10 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
                 lm.exit_layer = layer
             results = lm_eval.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=bootstrap_iters,
                                        log_samples=documents_out is not None, verbosity="WARNING")
-            rows.extend(tidy_results(results, layer, task_names))
+            kinds = {name: kind for name, (kind, _) in datasets.items()}
+            rows.extend(tidy_results(results, layer, task_names, kinds))
             if documents_out is not None:
-                documents.extend(document_outcomes(results, layer, task_names))
+                documents.extend(document_outcomes(results, layer, task_names, kinds))
             raw[layer] = {key: results[key] for key in ("results", "n-samples", "versions", "configs")
                           if key in results}
             log.info("exit %d/%d: %s (%s forward passes so far)", layer, num_layers,
@@ -166,14 +169,14 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
     return table
 
 
-def document_outcomes(results: dict, layer: int, task_names: dict[str, str]) -> list[dict]:
+def document_outcomes(results: dict, layer: int, task_names: dict[str, str], kinds: dict[str, str]) -> list[dict]:
     """Each document's contribution to the task's metrics at one exit, from lm-eval's logged samples: LAMBADA's
     correctness (``acc``) and target log-likelihood; WikiText's log-likelihood with its word and byte counts (the
     corpus perplexity is exp(−Σ loglikelihood / Σ words), so documents resample as (loglikelihood, words) pairs)."""
     rows = []
-    for kind, task in task_names.items():
+    for name, task in task_names.items():
         for sample in results["samples"][task]:
-            row = {"task": kind, "layer": layer, "doc_id": int(sample["doc_id"])}
+            row = {"task": name, "kind": kinds[name], "layer": layer, "doc_id": int(sample["doc_id"])}
             if "acc" in sample:
                 row.update(acc=float(sample["acc"]), loglikelihood=float(sample["perplexity"]))
             if "word_perplexity" in sample:

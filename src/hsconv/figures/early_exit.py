@@ -7,7 +7,7 @@ import os
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from hsconv.early_exit import QUALITY_METRICS
+from hsconv.early_exit import QUALITY_METRICS, with_kind
 from hsconv.figures.per_layer import METRIC_LABELS, TASK_LABELS, off_scale_exits
 from hsconv.figures.style import apply_style, model_colour, save_figure, variant_label, variant_style
 
@@ -19,7 +19,10 @@ def plot_early_exit(evaluation_path: str | os.PathLike, exits_path: str | os.Pat
     evaluation = pd.read_parquet(evaluation_path)
     exits = pd.read_parquet(exits_path)
     exits = exits[exits["tolerance"] == tolerance]
-    tasks = [(task, metric) for task, metric in QUALITY_METRICS if task in set(evaluation["task"])]
+    evaluation = with_kind(evaluation)
+    named = sorted(evaluation[["task", "kind"]].drop_duplicates().itertuples(index=False))
+    tasks = [(task, metric) for quality_kind, metric in QUALITY_METRICS for task, kind in named
+             if kind == quality_kind]
     missing = [name for name in models if name not in set(evaluation["model"])]
     if missing or not tasks:
         raise ValueError(f"{evaluation_path} has no rows for model(s) {missing} or none of {list(QUALITY_METRICS)}")
