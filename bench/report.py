@@ -160,7 +160,8 @@ def checks(stored: dict) -> dict[str, list[str]]:
 
 
 # How each section's goal lines begin, to carry them over from an earlier BENCHMARKS.md (see previous_report).
-GOAL_PREFIXES = {"default_run": ("- The default run",), "distill": ("- Distillation at", "- Fused at", "- Step memory"), "eval": ("- All-exit",),
+GOAL_PREFIXES = {"default_run": ("- The default run",),
+                 "distill": ("- Distillation at", "- Fused at", "- Step memory"), "eval": ("- All-exit",),
                  "extraction": ("- Hidden-state stage",), "teacher": ("- Top-k teacher cache",)}
 
 
@@ -187,12 +188,14 @@ INTRO = {
     "eval": per_layer_eval.__doc__.split("\n\n", 2)[2].strip(),
     "teacher": teacher_cache.__doc__.split("\n\n", 2)[2].strip(),
 }
-TITLES = {"default_run": "The default run: `snakemake --cores all`, whole and per job", "machine": "The limit: matrix-multiply rate", "data": "Data stage: sampling and packing",
+TITLES = {"default_run": "The default run: `snakemake --cores all`, whole and per job",
+          "machine": "The limit: matrix-multiply rate", "data": "Data stage: sampling and packing",
           "distill": "Self-distillation step: fused per-layer loss vs the naive one",
           "extraction": "Hidden-state extraction vs a bare forward pass",
           "eval": "Per-layer evaluation: all exits through the logit lens vs stock lm-eval",
           "teacher": "Teacher targets: a top-k cache vs recomputing the frozen model"}
-RENDER = {"default_run": default_run.markdown, "machine": lambda r: "best GFLOP/s per run: " + spread([m["best_gflops"] for m in r["matmul"]]),
+RENDER = {"default_run": default_run.markdown,
+          "machine": lambda r: "best GFLOP/s per run: " + spread([m["best_gflops"] for m in r["matmul"]]),
           "data": data_stage.markdown, "distill": distill_step.markdown, "extraction": extraction.markdown,
           "eval": per_layer_eval.markdown, "teacher": teacher_cache.markdown}
 

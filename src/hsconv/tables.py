@@ -10,6 +10,12 @@ import pandas as pd
 from hsconv.io import write_table
 
 
+def with_kind(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with its `kind` column (what each data set is: `lambada`, `wikitext`), which consumers match on; a
+    table written before the column existed named its data sets by their kind, so there the kind is the task."""
+    return table if "kind" in table.columns else table.assign(kind=table["task"])
+
+
 def gather_tables(paths: list[str], out_stem: str | os.PathLike, config_hash: str, columns: list[str] | None = None,
                   ) -> pd.DataFrame:
     """Concatenate per-model tables into one result table (Parquet, CSV, Markdown) with the config hash."""

@@ -80,8 +80,7 @@ class LogitLensLM(HFLM):
     def _score_all_exits(self, keys: list[tuple], batch_size: int) -> None:
         # Longest first, as lm-eval does: batches pad little and memory problems show at once.
         order = sorted(range(len(keys)), key=lambda i: -(len(keys[i][0]) + len(keys[i][1])))
-        total_tokens = sum(min(len(context) + len(continuation), self.max_length + 1) - 1
-                           for context, continuation in keys)
+        total_tokens = sum(len(self._window(context, continuation)) for context, continuation in keys)
         started, tokens_done = time.perf_counter(), 0
         for start in range(0, len(order), batch_size):
             batch = [keys[i] for i in order[start:start + batch_size]]
@@ -89,8 +88,7 @@ class LogitLensLM(HFLM):
             for context, continuation in batch:
                 if not context or not continuation:
                     raise ValueError("lm-eval passed an empty context or continuation")
-                # Exactly HFLM's window: the last max_length + 1 tokens, minus the final one.
-                window = (context + continuation)[-(self.max_length + 1):][:-1]
+                window = self._window(context, continuation)
                 inputs.append(torch.tensor(window, dtype=torch.long, device=self.device))
                 spans.append((len(window) - len(continuation), len(window)))
             padded = pad_and_concat(max(len(x) for x in inputs), inputs, padding_side="right")
@@ -107,11 +105,15 @@ class LogitLensLM(HFLM):
             for index, key in enumerate(batch):
                 piece = slice(offsets[index], offsets[index + 1])
                 self._memo[key] = (logprob[:, piece].sum(axis=1), greedy[:, piece].all(axis=1))
-            tokens_done += sum(stop for _, stop in spans)  # window lengths (pad_and_concat reshaped inputs)
+            tokens_done += sum(stop for _, stop in spans)  # the windows' lengths
             rate = tokens_done / (time.perf_counter() - started)
             log.info("all %d exits: %d/%d requests scored, %d/%d tokens, %.0f tokens/s, ~%.0f s left",
                      self.num_layers + 1, min(start + batch_size, len(order)), len(order), tokens_done,
                      total_tokens, rate, (total_tokens - tokens_done) / max(rate, 1e-9))
+
+    def _window(self, context: tuple, continuation: tuple) -> tuple:
+        """Exactly HFLM's window: the last max_length + 1 tokens, minus the final one."""
+        return (context + continuation)[-(self.max_length + 1):][:-1]
 
     def _score_positions(self, states, rows, positions, targets) -> tuple[np.ndarray, np.ndarray]:
         """log p(target) and whether it is the argmax, at every exit, for the scored positions only."""

@@ -128,13 +128,13 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
             for layer in exits:  # validate all before the first forward pass
                 lm.exit_layer = layer
         task_dict = task_manager.load(configs)
+        kinds = {name: kind for name, (kind, _) in datasets.items()}
         rows, raw, documents = [], {}, []
         for layer in exits:
             if not stock:
                 lm.exit_layer = layer
             results = lm_eval.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=bootstrap_iters,
                                        log_samples=documents_out is not None, verbosity="WARNING")
-            kinds = {name: kind for name, (kind, _) in datasets.items()}
             rows.extend(tidy_results(results, layer, task_names, kinds))
             if documents_out is not None:
                 documents.extend(document_outcomes(results, layer, task_names, kinds))

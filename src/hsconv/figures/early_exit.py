@@ -7,7 +7,8 @@ import os
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from hsconv.early_exit import QUALITY_METRICS, with_kind
+from hsconv.early_exit import QUALITY_METRICS
+from hsconv.tables import with_kind
 from hsconv.figures.per_layer import METRIC_LABELS, TASK_LABELS, off_scale_exits
 from hsconv.figures.style import apply_style, model_colour, save_figure, variant_label, variant_style
 
