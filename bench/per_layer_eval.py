@@ -83,15 +83,13 @@ def measure(model_dir: str, lambada: int = 300, wikitext: int = 1, batch_size: i
     import lm_eval
     import torch
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     from hsconv.evaluation.lens_model import LogitLensLM
-    from hsconv.evaluation.per_layer import stock_task_config, write_task_data
+    from hsconv.evaluation.per_layer import stock_tasks, write_task_data
     from hsconv.models import weights_dir
     from hsconv.texts import prepare_texts
 
     limit = matmul_limit()
-    manager = TaskManager()
     weights = str(weights_dir(Path(model_dir)))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,9 +99,8 @@ def measure(model_dir: str, lambada: int = 300, wikitext: int = 1, batch_size: i
         prepare_texts("wikitext", "wikitext", tmp / "wikitext.parquet", path=str(SHARED / "wiki.test.raw"),
                       subset_size=wikitext)
         for kind in ("lambada", "wikitext"):
-            config = stock_task_config(kind, write_task_data(tmp / f"{kind}.parquet", kind, tmp / f"{kind}.jsonl"),
-                                       manager)
-            task_dict = manager.load([config])
+            task_dict, _ = stock_tasks({kind: (kind, write_task_data(tmp / f"{kind}.parquet", kind,
+                                                                     tmp / f"{kind}.jsonl"))}, tmp)
             metric = "acc,none" if kind == "lambada" else "word_perplexity,none"
             stock_seconds, lens_seconds, values = [], [], {}
             for _ in range(repeats):  # fresh models each time: the lens's memo must not carry over

@@ -74,7 +74,7 @@ def test_plain_text_is_streamed_in_pieces(tmp_path):
     (lambda p: _jsonl(p / "e.jsonl", ["", "   "]), {}, "gave no documents"),
     (lambda p: {"kind": "jsonl", "path": str(p / "missing.jsonl")}, {}, "corpus file not found"),
     (lambda p: (p / "x.jsonl").write_text('{"body": 1}\n') and {"kind": "jsonl", "path": str(p / "x.jsonl")}, {},
-     "no 'text' field"),
+     r"no 'text' field where a string is needed \(.*x\.jsonl:1\)"),
     (lambda p: _jsonl(p / "s.jsonl", ["a", "b"]), {"documents": 5}, "has only 2 documents; 5 were requested"),
 ])
 def test_bad_corpus_sources(tmp_path, make_source, kwargs, message):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,11 +14,11 @@ from conftest import TINY_SOURCE, shared_file
 
 lm_eval = pytest.importorskip("lm_eval")
 
+from hsconv.errors import InputError  # noqa: E402
 from hsconv.evaluation.lens_model import ExitLayerError, LogitLensLM  # noqa: E402
 from hsconv.evaluation.per_layer import (  # noqa: E402
-    EvaluationDataError,
     evaluate_per_layer,
-    stock_task_config,
+    stock_tasks,
     write_task_data,
 )
 from hsconv.models import prepare_model  # noqa: E402
@@ -43,29 +44,42 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def task_dicts(texts, tmp_path_factory):
+def task_dict(texts, tmp_path_factory):
+    root = tmp_path_factory.mktemp("taskdata")
+    data_files = {name: (kind, write_task_data(path, kind, root / f"{name}.jsonl"))
+                  for name, (kind, path) in texts[0].items()}
+    return stock_tasks(data_files, root)[0]
+
+
+def run(lm, task_dict):
+    return lm_eval.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=0, log_samples=True, verbosity="WARNING")
+
+
+def test_stock_tasks_keep_lm_evals_config_and_read_our_file(texts, tmp_path):
+    """Loaded through lm-eval's public API (a YAML including the stock one): the prompts and metrics are the stock
+    YAML's, only the data source is ours, and two sets of one kind get two tasks."""
+    import yaml
     from lm_eval.tasks import TaskManager
 
-    datasets = texts[0]
-    manager = TaskManager()
-    root = tmp_path_factory.mktemp("taskdata")
-    configs = [stock_task_config(kind, write_task_data(path, kind, root / f"{name}.jsonl"), manager)
-               for name, (kind, path) in datasets.items()]
-    return manager, configs
+    (name, (kind, path)), = [(n, v) for n, v in texts[0].items() if v[0] == "lambada"]
+    files = {"a": (kind, write_task_data(path, kind, tmp_path / "a.jsonl")),
+             "b": (kind, write_task_data(path, kind, tmp_path / "b.jsonl", limit=5))}
+    loaded, names = stock_tasks(files, tmp_path)
+    assert names == {"a": "lambada_openai_a", "b": "lambada_openai_b"}
+    stock = yaml.safe_load(Path(TaskManager().task_index["lambada_openai"].yaml_path).read_text())
+    for task_name, count in [("lambada_openai_a", len(pd.read_parquet(path))), ("lambada_openai_b", 5)]:
+        config = loaded["tasks"][task_name].config
+        assert (config.doc_to_text, config.doc_to_target) == (stock["doc_to_text"], stock["doc_to_target"])
+        assert [m["metric"] for m in config.metric_list] == [m["metric"] for m in stock["metric_list"]]
+        assert config.dataset_path == "json" and len(list(loaded["tasks"][task_name].test_docs())) == count
 
 
-def run(lm, manager, configs):
-    return lm_eval.evaluate(lm=lm, task_dict=manager.load(configs), bootstrap_iters=0,
-                                      log_samples=True, verbosity="WARNING")
-
-
-def test_last_exit_equals_stock_lm_eval(model_dir, task_dicts):
+def test_last_exit_equals_stock_lm_eval(model_dir, task_dict):
     from lm_eval.models.huggingface import HFLM
 
-    manager, configs = task_dicts
-    stock = run(HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4), manager, configs)
+    stock = run(HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4), task_dict)
     lens = LogitLensLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4)
-    ours = run(lens, manager, configs)
+    ours = run(lens, task_dict)
     assert ours["results"]["lambada_openai"]["acc,none"] == stock["results"]["lambada_openai"]["acc,none"]
     for task, metric in [("lambada_openai", "perplexity"), ("wikitext", "word_perplexity"),
                          ("wikitext", "byte_perplexity"), ("wikitext", "bits_per_byte")]:
@@ -79,15 +93,14 @@ def test_last_exit_equals_stock_lm_eval(model_dir, task_dicts):
                 assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
 
 
-def test_all_exits_from_one_forward_pass_per_batch(model_dir, task_dicts):
-    manager, configs = task_dicts
+def test_all_exits_from_one_forward_pass_per_batch(model_dir, task_dict):
     lens = LogitLensLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4)
-    run(lens, manager, configs)
+    run(lens, task_dict)
     passes = lens.forward_passes
     assert passes > 0
     for layer in range(lens.num_layers):
         lens.exit_layer = layer
-        run(lens, manager, configs)
+        run(lens, task_dict)
     assert lens.forward_passes == passes
 
 
@@ -141,7 +154,7 @@ def test_per_layer_table_and_bad_input(model_dir, texts, tmp_path):
     with pytest.raises(ExitLayerError, match="exit layer 9 is out of range: LlamaForCausalLM has exits 0..3"):
         evaluate_per_layer(model_dir, datasets, tmp_path / "x.parquet", tmp_path / "x.json", model="tiny",
                            variant="base", layers=[0, 9])
-    with pytest.raises(EvaluationDataError, match="do not exist"):
+    with pytest.raises(InputError, match=r"evaluation texts not found \(.*none\.parquet\)"):
         evaluate_per_layer(model_dir, {"lambada": ("lambada", str(tmp_path / "none.parquet"))},
                            tmp_path / "y.parquet", tmp_path / "y.json", model="tiny", variant="base")
     assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "y.parquet").exists()
@@ -166,7 +179,7 @@ def test_final_norm_is_found_in_each_layout_or_the_class_is_named():
 
 
 @pytest.mark.parametrize("keep", [1, 2])
-def test_a_pruned_model_under_stock_lm_eval_equals_the_logit_lens_at_that_exit(model_dir, task_dicts, tmp_path, keep):
+def test_a_pruned_model_under_stock_lm_eval_equals_the_logit_lens_at_that_exit(model_dir, task_dict, tmp_path, keep):
     """Early exit for real: the model cut after layer l, evaluated by stock lm-eval (HFLM), scores every request as
     the logit lens does at exit l of the whole model."""
     from lm_eval.models.huggingface import HFLM
@@ -174,12 +187,11 @@ def test_a_pruned_model_under_stock_lm_eval_equals_the_logit_lens_at_that_exit(m
 
     from hsconv.early_exit import prune_model
 
-    manager, configs = task_dicts
     pruned = prune_model(model_dir, keep, tmp_path / "pruned")
-    stock = run(HFLM(pretrained=str(pruned), dtype="float32", device="cpu", batch_size=4), manager, configs)
+    stock = run(HFLM(pretrained=str(pruned), dtype="float32", device="cpu", batch_size=4), task_dict)
     assert AutoConfig.from_pretrained(pruned).num_hidden_layers == keep
     lens = LogitLensLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4, exit_layer=keep)
-    ours = run(lens, manager, configs)
+    ours = run(lens, task_dict)
     assert ours["results"]["lambada_openai"]["acc,none"] == stock["results"]["lambada_openai"]["acc,none"]
     assert ours["results"]["wikitext"]["word_perplexity,none"] == pytest.approx(
         stock["results"]["wikitext"]["word_perplexity,none"], rel=1e-6)
@@ -189,7 +201,7 @@ def test_a_pruned_model_under_stock_lm_eval_equals_the_logit_lens_at_that_exit(m
                 a, b = (a[0], b[0]) if isinstance(a, (tuple, list)) else (a, b)
                 assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
     # and it is not the whole model's answer
-    full = run(HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4), manager, configs)
+    full = run(HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4), task_dict)
     assert full["results"]["wikitext"]["word_perplexity,none"] != stock["results"]["wikitext"]["word_perplexity,none"]
 
 

@@ -16,8 +16,10 @@ import os
 
 import pandas as pd
 
+from hsconv.errors import InputError
 from hsconv.io import write_table
 from hsconv.paired import paired_differences
+from hsconv.io import read_input_table
 
 REFERENCE = "reference"
 ABLATION_PREFIX = "ablation-"
@@ -45,7 +47,7 @@ def ablation_settings(distill: dict, factors: dict[str, list], overrides: dict |
     the reference itself and is not trained twice."""
     unknown = sorted(set(factors) - set(FACTORS))
     if unknown:
-        raise ValueError(f"ablations.factors: {', '.join(unknown)} cannot be ablated (one of {', '.join(FACTORS)})")
+        raise InputError(f"ablations.factors: {', '.join(unknown)} cannot be ablated (one of {', '.join(FACTORS)})")
     reference = {**distill, **(overrides or {})}
     settings = {REFERENCE: reference}
     for factor, values in factors.items():
@@ -76,9 +78,12 @@ def tabulate_ablations(convergence_paths: list[str], stock_paths: list[str], doc
 
     ``variants`` maps each setting to the model variant that holds it (the reference may be the main ``distilled``
     run when it has the same settings); the pretrained model (variant ``base``) is shown beside them."""
-    convergence = pd.concat([pd.read_parquet(path) for path in convergence_paths], ignore_index=True)
-    stock = pd.concat([pd.read_parquet(path) for path in stock_paths], ignore_index=True)
-    documents = pd.concat([pd.read_parquet(path) for path in document_paths], ignore_index=True)
+    convergence = pd.concat([read_input_table(path, "convergence scores", made_by="compute-convergence")
+                             for path in convergence_paths], ignore_index=True)
+    stock = pd.concat([read_input_table(path, "stock evaluation", made_by="evaluate-layers") for path in stock_paths],
+                      ignore_index=True)
+    documents = pd.concat([read_input_table(path, "per-document outcomes", made_by="evaluate-layers")
+                           for path in document_paths], ignore_index=True)
     # One LAMBADA data set was evaluated; lm-eval names its rows by the data set (any name), so select by metric.
     documents = documents[documents["acc"].notna()].assign(task="lambada", kind="lambada")
     setting_of = {"base": "base", **{variant: setting for setting, variant in variants.items()}}
@@ -102,14 +107,14 @@ def tabulate_ablations(convergence_paths: list[str], stock_paths: list[str], doc
                "last_layer_movement": score["last_layer_movement"], "num_layers": int(score["num_layers"])}
         acc = accuracy[(accuracy["model"] == model) & (accuracy["variant"] == variant)]
         if len(acc) != 1:
-            raise ValueError(f"{model} {variant}: expected one stock LAMBADA accuracy, found {len(acc)}")
+            raise InputError(f"{model} {variant}: expected one stock LAMBADA accuracy, found {len(acc)}")
         row["lambada_acc"] = float(acc["value"].iloc[0])
         if variant == reference_variant:
             row.update(acc_difference=0.0, acc_difference_low=0.0, acc_difference_high=0.0)
         else:
             diff = differences[(differences["model"] == model) & (differences["variant"] == variant)]
             if len(diff) != 1:
-                raise ValueError(f"{model} {variant}: expected one paired LAMBADA difference, found {len(diff)}")
+                raise InputError(f"{model} {variant}: expected one paired LAMBADA difference, found {len(diff)}")
             row.update(acc_difference=float(diff["difference"].iloc[0]),
                        acc_difference_low=float(diff["lower"].iloc[0]),
                        acc_difference_high=float(diff["upper"].iloc[0]))

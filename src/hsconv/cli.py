@@ -10,66 +10,102 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
-
-def _json(text: str):
-    return json.loads(text)
+from hsconv.errors import EXIT_BAD_INPUT, NULLS, InputError, device, integer, real
 
 
-def _label(text: str) -> tuple[str, str]:
+def json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON {type(value).__name__}, where an object {{...}} is needed")
+    return value
+
+
+def name_label(text: str) -> tuple[str, str]:
     name, _, label = text.partition("=")
+    if not name:
+        raise argparse.ArgumentTypeError(f"{text!r} has no name: give NAME=LABEL")
     return name, label or name
 
 
-NULLS = ("", "none", "None", "null")
-
-
-def _optional_int(text: str) -> int | None:
-    return None if text in NULLS else int(text)
-
-
-def _optional_str(text: str) -> str | None:
+def optional_str(text: str) -> str | None:
     return None if text in NULLS else text
 
 
+def dataset_spec(text: str) -> tuple[str, str, str]:
+    """NAME=KIND=PARQUET of `evaluate-layers --dataset`."""
+    parts = text.split("=", 2)
+    if len(parts) != 3 or not all(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=KIND=PARQUET")
+    if parts[1] not in ("lambada", "wikitext"):
+        raise argparse.ArgumentTypeError(f"{text!r}: KIND {parts[1]!r} is not lambada or wikitext")
+    return parts[0], parts[1], parts[2]
+
+
+def limit_spec(text: str) -> tuple[str, int]:
+    """NAME=N of `evaluate-layers --limit`."""
+    name, _, count = text.partition("=")
+    try:
+        return name, integer(1)(count)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=N with N an integer ≥ 1 ({error})") from None
+
+
+class StageParser(argparse.ArgumentParser):
+    """argparse, whose usage errors are one line in the form of every other bad-input message (exit status 2)."""
+
+    def error(self, message: str):
+        option = re.match(r"argument ([^:]+): (.*)", message, re.S)
+        if option:
+            message = f"{option.group(2)} ({option.group(1)})"
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: {message}: see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hsconv", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser = StageParser(prog="hsconv", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="logging level")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a bad-input error too")
     stages = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
 
     stage = stages.add_parser("prepare-model", help="resolve a model source into a model directory")
     stage.add_argument("--name", required=True, help="the model's name in the config")
-    stage.add_argument("--source", required=True, type=_json, help="the model's source, as JSON")
+    stage.add_argument("--source", required=True, type=json_object, help="the model's source, as JSON")
     stage.add_argument("--out", required=True, help="model directory to write")
 
     stage = stages.add_parser("prepare-texts", help="read, subset and write an evaluation data set as Parquet")
     stage.add_argument("--name", required=True)
     stage.add_argument("--kind", required=True, choices=("lambada", "wikitext", "jsonl"))
-    stage.add_argument("--path", type=_optional_str, default=None, help="local file, used when it exists")
-    stage.add_argument("--hub-id", type=_optional_str, default=None, help="hub data set used when the local file does not exist")
-    stage.add_argument("--subset-size", type=_optional_int, default=None, help="documents to keep (none: all)")
+    stage.add_argument("--path", type=optional_str, default=None, help="local file, used when it exists")
+    stage.add_argument("--hub-id", type=optional_str, default=None, help="hub data set used when the local file does not exist")
+    stage.add_argument("--subset-size", type=integer(1, optional=True), default=None, help="documents to keep (none: all)")
     stage.add_argument("--subset-mode", default="first", choices=("first", "sample"))
-    stage.add_argument("--subset-seed", type=int, default=0)
+    stage.add_argument("--subset-seed", type=integer(0), default=0)
     stage.add_argument("--out", required=True)
 
     stage = stages.add_parser("sample-corpus", help="draw training documents into Parquet shards with a manifest")
-    stage.add_argument("--source", required=True, type=_json, help="the corpus source, as JSON")
+    stage.add_argument("--source", required=True, type=json_object, help="the corpus source, as JSON")
     stage.add_argument("--out", required=True, help="directory to write")
-    stage.add_argument("--documents", type=_optional_int, default=None, help="documents to draw (none: all)")
-    stage.add_argument("--seed", type=int, default=0)
-    stage.add_argument("--min-int-score", type=_optional_int, default=None,
+    stage.add_argument("--documents", type=integer(1, optional=True), default=None, help="documents to draw (none: all)")
+    stage.add_argument("--seed", type=integer(0), default=0)
+    stage.add_argument("--min-int-score", type=integer(0, optional=True), default=None,
                        help="keep documents whose int_score is at least this (where the source has it)")
-    stage.add_argument("--shuffle-buffer", type=int, default=10000)
-    stage.add_argument("--shard-documents", type=int, default=10000)
+    stage.add_argument("--shuffle-buffer", type=integer(1), default=10000)
+    stage.add_argument("--shard-documents", type=integer(1), default=10000)
 
     stage = stages.add_parser("pack-tokens", help="tokenise sampled documents and pack fixed-length sequences")
     stage.add_argument("--corpus", required=True, help="directory written by sample-corpus")
     stage.add_argument("--model-dir", required=True, help="a model directory whose tokenizer is used")
     stage.add_argument("--out", required=True)
-    stage.add_argument("--sequence-length", type=int, required=True)
-    stage.add_argument("--token-budget", type=int, required=True)
+    stage.add_argument("--sequence-length", type=integer(1), required=True)
+    stage.add_argument("--token-budget", type=integer(1), required=True)
     stage.add_argument("--boundary", default="cut", choices=("cut", "document"))
 
     stage = stages.add_parser("dump-hidden-states", help="per-token, per-layer movement from one forward pass")
@@ -79,12 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--variant", default="base")
     stage.add_argument("--dataset", default=None)
     stage.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
-    stage.add_argument("--device", default="cpu")
-    stage.add_argument("--max-tokens", type=_optional_int, default=None,
+    stage.add_argument("--device", type=device, default="cpu")
+    stage.add_argument("--max-tokens", type=integer(2, optional=True), default=None,
                        help="longest sequence per forward pass (none: the model's context length)")
     stage.add_argument("--overflow", default="error", choices=("error", "truncate", "split"),
                        help="what to do with a document longer than --max-tokens")
-    stage.add_argument("--batch-size", type=int, default=8)
+    stage.add_argument("--batch-size", type=integer(1), default=8)
     stage.add_argument("--keep-special-tokens", action="store_true",
                        help="measure special tokens (BOS) too; by default they are left out of every statistic")
 
@@ -95,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--log-out", required=True, help="per-step training log (Parquet)")
     stage.add_argument("--layers-out", required=True, help="per-step, per-layer KL and hidden-state steps (Parquet)")
     stage.add_argument("--checkpoints", required=True, help="DeepSpeed checkpoint directory (resumed from)")
-    stage.add_argument("--settings", type=_json, default={}, help="the config's distill section, as JSON")
-    stage.add_argument("--device", default="cpu")
+    stage.add_argument("--settings", type=json_object, default={}, help="the config's distill section, as JSON")
+    stage.add_argument("--device", type=device, default="cpu")
     stage.add_argument("--name", default=None, help="the model's name, for logs and messages")
     stage.add_argument("--teacher-cache", default=None,
                        help="read the frozen model's distribution from this cache (cache-teacher; needs "
@@ -108,10 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--model-dir", required=True)
     stage.add_argument("--tokens", required=True, help="packed tokens (Parquet) from pack-tokens")
     stage.add_argument("--out", required=True, help="cache directory to write")
-    stage.add_argument("--top-k", type=int, required=True, help="tokens kept per position")
-    stage.add_argument("--batch-size", type=int, default=8)
+    stage.add_argument("--top-k", type=integer(1), required=True, help="tokens kept per position")
+    stage.add_argument("--batch-size", type=integer(1), default=8)
     stage.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    stage.add_argument("--device", default="cpu")
+    stage.add_argument("--device", type=device, default="cpu")
 
     stage = stages.add_parser("plot-training", help="loss curves of a distillation run")
     stage.add_argument("--log", required=True)
@@ -122,19 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage = stages.add_parser("evaluate-layers", help="per-layer LAMBADA/WikiText through lm-eval and the logit lens")
     stage.add_argument("--model-dir", required=True)
-    stage.add_argument("--dataset", dest="datasets", nargs="+", required=True, metavar="NAME=KIND=PARQUET",
+    stage.add_argument("--dataset", dest="datasets", type=dataset_spec, nargs="+", required=True, metavar="NAME=KIND=PARQUET",
                        help="evaluation texts written by prepare-texts; KIND is lambada or wikitext")
-    stage.add_argument("--limit", dest="limits", nargs="*", default=[], metavar="NAME=N",
+    stage.add_argument("--limit", dest="limits", type=limit_spec, nargs="*", default=[], metavar="NAME=N",
                        help="evaluate only the first N documents of a data set")
     stage.add_argument("--out", required=True, help="tidy per-layer table (Parquet)")
     stage.add_argument("--json-out", required=True, help="lm-eval's results for every exit (JSON)")
     stage.add_argument("--model", required=True)
     stage.add_argument("--variant", required=True)
-    stage.add_argument("--layers", type=int, nargs="*", default=None, help="exits to evaluate (default: all)")
-    stage.add_argument("--batch-size", type=int, default=8)
+    stage.add_argument("--layers", type=integer(0), nargs="*", default=None, help="exits to evaluate (default: all)")
+    stage.add_argument("--batch-size", type=integer(1), default=8)
     stage.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
-    stage.add_argument("--device", default="cpu")
-    stage.add_argument("--bootstrap-iters", type=int, default=1000)
+    stage.add_argument("--device", type=device, default="cpu")
+    stage.add_argument("--bootstrap-iters", type=integer(0), default=1000)
     stage.add_argument("--documents-out", default=None, help="every document's outcome per exit (Parquet)")
     stage.add_argument("--stock", action="store_true",
                        help="lm-eval's own HFLM on the model's output (one exit), e.g. for a pruned model")
@@ -145,19 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--tokens", required=True, help="packed sequences (pack-tokens)")
     stage.add_argument("--out", required=True, help="directory for the translators")
     stage.add_argument("--log-out", required=True, help="held-out KL per layer before and after, training KL (Parquet)")
-    stage.add_argument("--steps", type=int, default=50)
-    stage.add_argument("--batch-size", type=int, default=4, help="sequences per step")
-    stage.add_argument("--learning-rate", type=float, default=1e-3)
-    stage.add_argument("--holdout-sequences", type=int, default=4)
-    stage.add_argument("--micro-batch-size", type=_optional_int, default=None, help="sequences per forward pass (none: the batch)")
-    stage.add_argument("--seed", type=int, default=0)
-    stage.add_argument("--device", default="cpu")
+    stage.add_argument("--steps", type=integer(1), default=50)
+    stage.add_argument("--batch-size", type=integer(1), default=4, help="sequences per step")
+    stage.add_argument("--learning-rate", type=real(0, float("inf"), open_low=True), default=1e-3)
+    stage.add_argument("--holdout-sequences", type=integer(1), default=4)
+    stage.add_argument("--micro-batch-size", type=integer(1, optional=True), default=None, help="sequences per forward pass (none: the batch)")
+    stage.add_argument("--seed", type=integer(0), default=0)
+    stage.add_argument("--device", type=device, default="cpu")
 
     stage = stages.add_parser("plot-per-layer", help="Figs. 5, 6, 9, 10: a per-layer lm-eval metric per model")
     stage.add_argument("--table", required=True, help="the gathered per-layer evaluation table (Parquet)")
     stage.add_argument("--pdf", required=True)
     stage.add_argument("--png", required=True)
-    stage.add_argument("--model", dest="models", type=_label, nargs="+", required=True, help="NAME=LABEL, in order")
+    stage.add_argument("--model", dest="models", type=name_label, nargs="+", required=True, help="NAME=LABEL, in order")
     stage.add_argument("--task", required=True)
     stage.add_argument("--metric", required=True)
     stage.add_argument("--title", required=True)
@@ -165,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage = stages.add_parser("prune-model", help="keep a model's first layers (with its final norm and head)")
     stage.add_argument("--model-dir", required=True)
     keep = stage.add_mutually_exclusive_group(required=True)
-    keep.add_argument("--keep-layers", type=int, help="decoder layers to keep, from the first")
-    keep.add_argument("--keep-fraction", type=float, help="the fraction of the decoder layers to keep (rounded)")
+    keep.add_argument("--keep-layers", type=integer(1), help="decoder layers to keep, from the first")
+    keep.add_argument("--keep-fraction", type=real(0, 1, open_low=True), help="the fraction of the decoder layers to keep (rounded)")
     stage.add_argument("--out", required=True, help="model directory to write")
 
     stage = stages.add_parser("tabulate-early-exit",
@@ -176,43 +212,43 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--exits-out", required=True, help="Parquet; .csv and .md are written beside it")
     stage.add_argument("--pruned-out", required=True, help="Parquet; .csv and .md are written beside it")
     stage.add_argument("--config-hash", required=True)
-    stage.add_argument("--tolerances", type=float, nargs="+", default=[0.01, 0.05])
+    stage.add_argument("--tolerances", type=real(0, 1), nargs="+", default=[0.01, 0.05])
 
     stage = stages.add_parser("plot-early-exit", help="quality against the fraction of layers kept, per model")
     stage.add_argument("--evaluation", required=True)
     stage.add_argument("--exits", required=True, help="the early-exit table")
     stage.add_argument("--pdf", required=True)
     stage.add_argument("--png", required=True)
-    stage.add_argument("--model", dest="models", type=_label, nargs="+", required=True, help="NAME=LABEL, in order")
-    stage.add_argument("--tolerance", type=float, default=0.05)
+    stage.add_argument("--model", dest="models", type=name_label, nargs="+", required=True, help="NAME=LABEL, in order")
+    stage.add_argument("--tolerance", type=real(0, 1), default=0.05)
 
     stage = stages.add_parser("paired-differences",
                               help="distilled − base per exit with a paired bootstrap interval over documents")
     stage.add_argument("--documents", nargs="+", required=True, help="per-document outcomes of evaluate-layers")
     stage.add_argument("--out", required=True, help="Parquet; .csv and .md are written beside it")
     stage.add_argument("--config-hash", required=True)
-    stage.add_argument("--bootstrap-samples", type=int, default=1000)
-    stage.add_argument("--confidence", type=float, default=0.95)
-    stage.add_argument("--seed", type=int, default=0)
+    stage.add_argument("--bootstrap-samples", type=integer(1), default=1000)
+    stage.add_argument("--confidence", type=real(0, 1, open_low=True, open_high=True), default=0.95)
+    stage.add_argument("--seed", type=integer(0), default=0)
 
     stage = stages.add_parser("tabulate-ablations",
                               help="S_model, D_L and stock LAMBADA accuracy per distillation setting")
     stage.add_argument("--convergence", nargs="+", required=True, help="compute-convergence scores per variant")
     stage.add_argument("--stock", nargs="+", required=True, help="stock lm-eval tables per variant")
     stage.add_argument("--documents", nargs="+", required=True, help="their per-document outcomes")
-    stage.add_argument("--settings", type=_json, required=True, help="{setting: distillation settings}, as JSON")
-    stage.add_argument("--variants", type=_json, required=True, help="{setting: model variant}, as JSON")
+    stage.add_argument("--settings", type=json_object, required=True, help="{setting: distillation settings}, as JSON")
+    stage.add_argument("--variants", type=json_object, required=True, help="{setting: model variant}, as JSON")
     stage.add_argument("--out", required=True, help="Parquet; .csv and .md are written beside it")
     stage.add_argument("--config-hash", required=True)
-    stage.add_argument("--bootstrap-samples", type=int, default=1000)
-    stage.add_argument("--confidence", type=float, default=0.95)
-    stage.add_argument("--seed", type=int, default=0)
+    stage.add_argument("--bootstrap-samples", type=integer(1), default=1000)
+    stage.add_argument("--confidence", type=real(0, 1, open_low=True, open_high=True), default=0.95)
+    stage.add_argument("--seed", type=integer(0), default=0)
 
     stage = stages.add_parser("plot-ablations", help="S_model, D_L and accuracy per setting, one row per model")
     stage.add_argument("--table", required=True, help="the ablation table")
     stage.add_argument("--pdf", required=True)
     stage.add_argument("--png", required=True)
-    stage.add_argument("--model", dest="models", type=_label, nargs="+", required=True, help="NAME=LABEL, in order")
+    stage.add_argument("--model", dest="models", type=name_label, nargs="+", required=True, help="NAME=LABEL, in order")
     stage.add_argument("--final-norm", default="pre_norm", choices=("pre_norm", "hf"))
 
     stage = stages.add_parser("compute-convergence", help="D_l per layer and S_model from the per-token table")
@@ -222,10 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--model", required=True)
     stage.add_argument("--variant", required=True)
     stage.add_argument("--dataset", required=True)
-    stage.add_argument("--quantiles", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    stage.add_argument("--bootstrap-samples", type=int, default=1000)
-    stage.add_argument("--confidence", type=float, default=0.95)
-    stage.add_argument("--seed", type=int, default=0)
+    stage.add_argument("--quantiles", type=real(0, 1), nargs="+", default=[0.1, 0.5, 0.9])
+    stage.add_argument("--bootstrap-samples", type=integer(1), default=1000)
+    stage.add_argument("--confidence", type=real(0, 1, open_low=True, open_high=True), default=0.95)
+    stage.add_argument("--seed", type=integer(0), default=0)
 
     stage = stages.add_parser("gather-tables", help="concatenate per-model tables into Parquet, CSV and Markdown")
     stage.add_argument("--inputs", nargs="+", required=True)
@@ -237,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--table", required=True, help="the gathered layer-movement table (Parquet)")
     stage.add_argument("--pdf", required=True)
     stage.add_argument("--png", required=True)
-    stage.add_argument("--model", dest="models", type=_label, nargs="+", required=True, help="NAME=LABEL, in order")
+    stage.add_argument("--model", dest="models", type=name_label, nargs="+", required=True, help="NAME=LABEL, in order")
     stage.add_argument("--dataset", required=True)
     stage.add_argument("--final-norm", default="hf", choices=("hf", "pre_norm"))
     stage.add_argument("--title", default="Fig. 3")
@@ -253,13 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--keep-first-position", action="store_true",
                        help="keep the first position (the attention sink) in the PCA")
     stage.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "float64"))
-    stage.add_argument("--device", default="cpu")
+    stage.add_argument("--device", type=device, default="cpu")
 
     stage = stages.add_parser("plot-trajectory", help="Fig. 4: per-layer states of the sentence in 3-D (PCA)")
     stage.add_argument("--table", required=True, help="the gathered sentence PCA table (Parquet)")
     stage.add_argument("--pdf", required=True)
     stage.add_argument("--png", required=True)
-    stage.add_argument("--model", dest="models", type=_label, nargs="+", required=True, help="NAME=LABEL, in order")
+    stage.add_argument("--model", dest="models", type=name_label, nargs="+", required=True, help="NAME=LABEL, in order")
     stage.add_argument("--variants", nargs="+", required=True)
     stage.add_argument("--final-norm", default="hf", choices=("hf", "pre_norm"))
     stage.add_argument("--title", default="Fig. 4")
@@ -268,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--table", required=True, help="the gathered sentence logit-lens table (Parquet)")
     stage.add_argument("--pdf", required=True)
     stage.add_argument("--png", required=True)
-    stage.add_argument("--model", required=True, type=_label, help="NAME=LABEL")
+    stage.add_argument("--model", required=True, type=name_label, help="NAME=LABEL")
     stage.add_argument("--variants", nargs="+", required=True)
     stage.add_argument("--final-norm", default="hf", choices=("hf", "pre_norm"))
     stage.add_argument("--title", default="Fig. 7")
@@ -319,11 +355,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "evaluate-layers":
         from hsconv.evaluation.per_layer import evaluate_per_layer
 
-        datasets = {}
-        for spec in args.datasets:
-            name, kind, path = spec.split("=", 2)
-            datasets[name] = (kind, path)
-        limits = {name: int(value) for name, value in (spec.split("=") for spec in args.limits)}
+        datasets = {name: (kind, path) for name, kind, path in args.datasets}
+        limits = dict(args.limits)
         evaluate_per_layer(args.model_dir, datasets, args.out, args.json_out, args.model, args.variant,
                            layers=args.layers or None, batch_size=args.batch_size, dtype=args.dtype,
                            device=args.device, bootstrap_iters=args.bootstrap_iters, limits=limits,
@@ -401,15 +434,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_stage(args: argparse.Namespace) -> int:
-    """Run one parsed stage; its exit status (1: an expected failure, logged as one line)."""
+    """Run one parsed stage; its exit status: 2 for bad input (one line naming the culprit), 1 for an environment
+    failure such as a full disk (one line), and a traceback for anything else, which is a bug."""
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Embedding fonts in a PDF logs every glyph table at INFO.
     logging.getLogger("fontTools").setLevel(logging.WARNING)
     try:
         run(args)
-    except (ValueError, OSError, FloatingPointError) as error:
-        # Expected failures (bad input, missing files) get one line naming the culprit, not a traceback.
+    except (InputError, FileNotFoundError, IsADirectoryError) as error:
+        if isinstance(error, OSError):  # an input that is not there (outputs' folders are created as needed)
+            error = InputError("not found" if isinstance(error, FileNotFoundError) else "a directory, not a file",
+                               error.filename, "check the path")
+        return _report(args, error, EXIT_BAD_INPUT)
+    except (OSError, FloatingPointError) as error:
         hint = ""
         if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             hint = " (disk full or over a file-size limit; outputs are renamed into place only when complete, " \
@@ -418,9 +456,17 @@ def run_stage(args: argparse.Namespace) -> int:
             hint = " (the output location is not writable)"
         elif isinstance(error, (FileExistsError, NotADirectoryError)):
             hint = " (a file stands where a folder is needed: the output location is not writable)"
-        logging.getLogger("hsconv").error("%s: %s%s", args.stage, error, hint)
-        return 1
+        return _report(args, f"{error}{hint}", 1)
     return 0
+
+
+def _report(args: argparse.Namespace, error, status: int) -> int:
+    """The failure as the last line of stderr (under Snakemake, of the job's log), plain, without a traceback."""
+    if args.debug:
+        traceback.print_exc()
+    sys.stderr.flush()
+    print(f"hsconv {args.stage}: {error}", file=sys.stderr, flush=True)
+    return status
 
 
 # Stages that start DeepSpeed/gloo: their native worker threads can still be joinable when the interpreter tears

@@ -26,6 +26,8 @@ import math
 import os
 from pathlib import Path
 
+from hsconv.errors import InputError
+
 LAUNCHERS = ("auto", "none", "torchrun", "deepspeed")
 RENDEZVOUS_PORT = 29500
 # Host memory per parameter and process: the student and the frozen target are each loaded in float32 before they
@@ -46,7 +48,7 @@ def distill_resources(gpus: int, nodes: int, runtime: int) -> dict:
     resources = {"runtime": runtime}
     if nodes > 1:
         if gpus < 1:
-            raise ValueError(f"a {nodes}-node distillation needs distill.resources.gpus >= 1 (GPUs per node)")
+            raise InputError(f"a {nodes}-node distillation needs distill.resources.gpus >= 1 (GPUs per node)")
         resources.update(nodes=nodes, gres=f"gpu:{gpus}", tasks=nodes, tasks_per_gpu=0, mpi="srun")
     elif gpus > 0:
         resources.update(nodes=1, gpu=gpus)
@@ -56,18 +58,18 @@ def distill_resources(gpus: int, nodes: int, runtime: int) -> dict:
 def distill_launcher(launcher: str, gpus: int, nodes: int) -> str:
     """The command that starts ``hsconv``'s distill stage with one process per GPU (or one on CPU)."""
     if launcher not in LAUNCHERS:
-        raise ValueError(f"distill.launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
+        raise InputError(f"distill.launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
     per_node = processes_per_node(gpus)
     if launcher == "auto":
         launcher = "torchrun" if per_node * nodes > 1 else "none"
     if launcher == "none":
         if per_node * nodes > 1:
-            raise ValueError(f"distill.launcher 'none' starts one process, but {nodes} node(s) × {gpus} GPU(s) "
+            raise InputError(f"distill.launcher 'none' starts one process, but {nodes} node(s) × {gpus} GPU(s) "
                              f"were asked for; use auto or torchrun")
         return "hsconv"
     if launcher == "deepspeed":
         if nodes > 1:
-            raise ValueError("distill.launcher 'deepspeed' needs a hostfile and ssh between nodes; use torchrun, "
+            raise InputError("distill.launcher 'deepspeed' needs a hostfile and ssh between nodes; use torchrun, "
                              "which takes the rendezvous from Slurm")
         return f"deepspeed --num_nodes 1 --num_gpus {per_node} --module hsconv.cli"
     if nodes == 1:

@@ -6,6 +6,7 @@ this module runs after it, so every mistake is reported before any job starts.
 
 from __future__ import annotations
 
+from hsconv.errors import InputError
 from hsconv import cluster
 from hsconv.models import ModelSourceError, check_source
 
@@ -26,7 +27,7 @@ PER_LAYER_FIGURES = {"fig5": "acc", "fig6": "word_perplexity", "fig9": "acc", "f
 MOVEMENT_FIGURES = ("fig3", "fig8")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that cannot run; the message names the key."""
 
 
@@ -36,8 +37,34 @@ def _require_known(kind: str, names, known, where: str) -> None:
         raise ConfigError(f"{where}: unknown {kind} {unknown}; defined {kind}s are {sorted(known)}")
 
 
+def check_duplicate_keys(path) -> None:
+    """YAML keeps the last of two equal keys without a word, so two models (or data sets) of one name would silently
+    become one; refuse that with the file and line."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node):
+        seen = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node)
+            if key in seen:
+                raise ConfigError(f"key {key!r} appears twice (first on line {seen[key]})",
+                                  f"{path}:{key_node.start_mark.line + 1}", "give each entry a name of its own")
+            seen[key] = key_node.start_mark.line + 1
+        return loader.construct_mapping(node)
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    with open(path, encoding="utf-8") as handle:
+        yaml.load(handle, Loader=Loader)
+
+
 def check_config(config: dict) -> None:
     """Raise :class:`ConfigError` for the first problem found; return None when the config can run."""
+    if "base" not in config["variants"]:
+        raise ConfigError("the base model is measured beside every other variant, and the distilled model is trained "
+                          "from it", "variants", "add base: variants: [base, distilled]")
     for name, model in config["models"].items():
         try:
             check_source(name, model["source"])
@@ -95,6 +122,12 @@ def check_config(config: dict) -> None:
 
 def _check_distill(config: dict) -> None:
     distill, packing = config["distill"], config["packing"]
+    if distill.get("exit_samples") is not None:
+        for name, model in config["models"].items():
+            layers = model["source"].get("num_layers") if model["source"]["kind"] == "tiny" else None
+            if layers is not None and distill["exit_samples"] > layers + 1:
+                raise ConfigError(f"{distill['exit_samples']} exits to sample, but model {name!r} has {layers + 1}",
+                                  "distill.exit_samples", f"set at most {layers + 1}, or null for every exit")
     ranks = max(1, distill["resources"]["gpus"]) * distill["resources"]["nodes"]
     if distill["batch_size"] % (distill["micro_batch_size"] * ranks):
         raise ConfigError(f"distill.batch_size={distill['batch_size']} is not a multiple of micro_batch_size × ranks "

@@ -20,7 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from hsconv.io import atomic_path, sha256_file, write_parquet
+from hsconv.errors import InputError
+from hsconv.io import atomic_path, check_input_file, iter_jsonl, read_input_table, sha256_file, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ MANIFEST = "manifest.json"
 BOUNDARY_POLICIES = ("cut", "document")
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """A corpus source or budget that cannot work; the message names it and what was available."""
 
 
@@ -41,23 +42,26 @@ def iter_documents(source: dict) -> Iterator[dict]:
     if kind == "hub":
         yield from _iter_hub(source)
         return
-    path = Path(source["path"])
-    if not path.is_file():
-        raise CorpusError(f"corpus file not found: {path}")
+    path = check_input_file(source["path"], "corpus file", error=CorpusError)
     if kind == "jsonl":
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    record = json.loads(line)
-                    if "text" not in record:
-                        raise CorpusError(f"{path}:{number}: no 'text' field in {sorted(record)}")
-                    yield record
+        for _, record in iter_jsonl(path, error_type=CorpusError):
+            yield record
     elif kind == "parquet":
-        reader = pq.ParquetFile(path)
+        try:
+            reader = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise CorpusError(f"not a Parquet file ({error})", str(path), "give a Parquet file with a 'text' column")
         if "text" not in reader.schema_arrow.names:
-            raise CorpusError(f"{path}: no 'text' column in {reader.schema_arrow.names}")
+            raise CorpusError(f"no 'text' column in {reader.schema_arrow.names}", str(path),
+                              "give a Parquet file with a 'text' column")
+        row = 0
         for batch in reader.iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
+            for record in batch.to_pylist():
+                if not isinstance(record["text"], str):
+                    raise CorpusError(f"row {row} has a {type(record['text']).__name__} 'text', not a string",
+                                      str(path), "drop or fix that row")
+                row += 1
+                yield record
     elif kind == "text":
         yield from _iter_text_chunks(path, source.get("chunk_chars", 4000))
 
@@ -66,8 +70,12 @@ def _iter_text_chunks(path: Path, chunk_chars: int) -> Iterator[dict]:
     """Plain text has no document boundaries: cut it into pieces of about ``chunk_chars`` at line ends."""
     pending: list[str] = []
     size = 0
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CorpusError(f"not UTF-8 text ({error.reason})", f"{path}:{number}", "save it as UTF-8") from None
             pending.append(line)
             size += len(line)
             if size >= chunk_chars:
@@ -152,6 +160,9 @@ def sample_corpus(source: dict, out_dir: str | os.PathLike, documents: int | Non
 def read_corpus(corpus_dir: str | os.PathLike, verify: bool = True) -> Iterator[tuple[int, str]]:
     """(source_index, text) of every sampled document, shard by shard, checking each shard's sha256."""
     corpus_dir = Path(corpus_dir)
+    if not (corpus_dir / MANIFEST).is_file():
+        raise CorpusError(f"not a sampled corpus (no {MANIFEST})", str(corpus_dir),
+                          "give the directory that `hsconv sample-corpus` writes")
     manifest = json.loads((corpus_dir / MANIFEST).read_text())
     for shard in manifest["shards"]:
         path = corpus_dir / shard["file"]
@@ -163,9 +174,7 @@ def read_corpus(corpus_dir: str | os.PathLike, verify: bool = True) -> Iterator[
 
 def read_sequences(tokens_path: str | os.PathLike, max_length: int, model_name: str) -> tuple[np.ndarray, np.ndarray]:
     """Token matrix and real-token counts from the packed Parquet; refuses an empty file or too-long sequences."""
-    table = pd.read_parquet(tokens_path)
-    if table.empty:
-        raise CorpusError(f"{tokens_path} holds no sequences")
+    table = read_input_table(tokens_path, "packed tokens", ["input_ids", "n_tokens"], made_by="pack-tokens")
     ids = np.stack(table["input_ids"].to_numpy()).astype(np.int64)
     if ids.shape[1] > max_length:
         raise CorpusError(f"sequences in {tokens_path} have {ids.shape[1]} tokens, more than the context length "
@@ -192,7 +201,8 @@ def pack_tokens(corpus_dir: str | os.PathLike, model_dir: str | os.PathLike, out
     eos = tokenizer.eos_token_id
     if eos is None:
         raise CorpusError(f"the tokenizer in {model_dir} has no EOS token to separate documents")
-    stream = np.empty(target, dtype=np.int32)
+    # Grown as documents arrive, so that a budget larger than the corpus fails on the corpus, not on allocation.
+    pieces: list[np.ndarray] = []
     filled, used_documents, started = 0, 0, time.perf_counter()
     last_document_cut = False
     documents = read_corpus(corpus_dir)
@@ -208,13 +218,13 @@ def pack_tokens(corpus_dir: str | os.PathLike, model_dir: str | os.PathLike, out
             room = target - filled
             if len(ids) > room:
                 if boundary == "cut":
-                    stream[filled:target] = ids[:room]
+                    pieces.append(np.asarray(ids[:room], dtype=np.int32))
                     filled, last_document_cut = target, True
                     used_documents += 1
                 else:
                     target = filled  # the next document does not fit whole: stop at this boundary
                 break
-            stream[filled:filled + len(ids)] = ids
+            pieces.append(np.asarray(ids, dtype=np.int32))
             filled += len(ids)
             used_documents += 1
     if exhausted and filled < target:
@@ -223,7 +233,7 @@ def pack_tokens(corpus_dir: str | os.PathLike, model_dir: str | os.PathLike, out
     rows = -(-filled // sequence_length)
     padded = np.full(rows * sequence_length, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
                      dtype=np.int32)
-    padded[:filled] = stream[:filled]
+    padded[:filled] = np.concatenate(pieces)[:filled] if pieces else []
     matrix = padded.reshape(rows, sequence_length)
     n_tokens = np.minimum(sequence_length, np.maximum(0, filled - np.arange(rows) * sequence_length)).astype(np.int32)
     frame = pd.DataFrame({"input_ids": list(matrix), "n_tokens": n_tokens})

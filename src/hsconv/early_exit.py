@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from hsconv.errors import InputError
 from hsconv.io import atomic_path, write_table
 from hsconv.models import MANIFEST, save_hf, load_model
 from hsconv.tables import with_kind
+from hsconv.io import read_input_table
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,7 @@ def prune_model(model_dir: str | os.PathLike, keep_layers: int | None, out_dir: 
     if keep_layers is None:
         keep_layers = kept_layers(total, keep_fraction)
     if not 1 <= keep_layers <= total:
-        raise ValueError(f"keep_layers={keep_layers} is out of range: model {loaded.name!r} has layers 1..{total}")
+        raise InputError(f"keep_layers={keep_layers} is out of range: model {loaded.name!r} has layers 1..{total}")
     decoder = model.get_decoder()
     decoder.layers = decoder.layers[:keep_layers]
     model.config.num_hidden_layers = keep_layers
@@ -57,7 +59,7 @@ QUALITY_METRICS = {("lambada", "acc"): "higher", ("wikitext", "word_perplexity")
 def kept_layers(num_layers: int, keep_fraction: float) -> int:
     """The decoder layers a pruned model keeps: ``keep_fraction`` of ``num_layers``, rounded, at least one."""
     if not 0 < keep_fraction <= 1:
-        raise ValueError(f"keep_fraction={keep_fraction} must be in (0, 1]")
+        raise InputError(f"keep_fraction={keep_fraction} must be in (0, 1]")
     return max(1, min(num_layers, round(keep_fraction * num_layers)))
 
 
@@ -93,7 +95,7 @@ def pruned_against_lens(evaluation: pd.DataFrame, pruned: pd.DataFrame) -> pd.Da
         lens, on=keys, how="left", validate="one_to_one")
     if merged["logit_lens_value"].isna().any():
         missing = merged[merged["logit_lens_value"].isna()][keys].to_dict("records")
-        raise ValueError(f"no logit-lens value for the pruned model's exit: {missing}")
+        raise InputError(f"no logit-lens value for the pruned model's exit: {missing}")
     difference = (merged["pruned_stock_value"] - merged["logit_lens_value"]).abs()
     scale = merged["logit_lens_value"].abs()
     # relative where the lens value is not zero (an accuracy of 0 compares absolutely)
@@ -104,8 +106,10 @@ def pruned_against_lens(evaluation: pd.DataFrame, pruned: pd.DataFrame) -> pd.Da
 def tabulate_early_exit(evaluation_path: str | os.PathLike, pruned_paths: list[str], exits_stem: str | os.PathLike,
                         pruned_stem: str | os.PathLike, config_hash: str, tolerances=(0.01, 0.05)) -> None:
     """Write the shallowest-exit table and the pruned-models-vs-logit-lens table (Parquet, CSV, Markdown)."""
-    evaluation = pd.read_parquet(evaluation_path)
+    needed = ["model", "variant", "task", "layer", "metric", "value"]
+    evaluation = read_input_table(evaluation_path, "per-layer evaluation", needed, made_by="evaluate-layers")
+    pruned = pd.concat([read_input_table(path, "stock evaluation of a pruned model", needed, made_by="evaluate-layers")
+                        for path in pruned_paths], ignore_index=True)
     metadata = {"config_hash": config_hash, "inputs": [str(evaluation_path), *map(str, pruned_paths)]}
     write_table(shallowest_exits(evaluation, tolerances), exits_stem, {**metadata, "tolerances": list(tolerances)})
-    pruned = pd.concat([pd.read_parquet(path) for path in pruned_paths], ignore_index=True)
     write_table(pruned_against_lens(evaluation, pruned), pruned_stem, metadata)

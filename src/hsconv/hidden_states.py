@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hsconv.errors import InputError
 from hsconv.io import write_parquet
 from hsconv.models import LoadedModel
+from hsconv.io import read_input_table
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,7 @@ OVERFLOW_POLICIES = ("error", "truncate", "split")
 FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
 
-class ContextLengthError(ValueError):
+class ContextLengthError(InputError):
     """A document longer than allowed under ``overflow: error``."""
 
 
@@ -45,7 +47,7 @@ def final_norm_module(model: torch.nn.Module) -> torch.nn.Module:
     for name in FINAL_NORM_NAMES:
         if isinstance(getattr(decoder, name, None), torch.nn.Module):
             return getattr(decoder, name)
-    raise ValueError(f"cannot find the final norm of {type(model).__name__} (looked for "
+    raise InputError(f"cannot find the final norm of {type(model).__name__} (looked for "
                      f"{', '.join(FINAL_NORM_NAMES)} on {type(decoder).__name__}); supported layouts: Llama, Qwen2, "
                      f"Mistral (norm), GPT-2 (ln_f), GPT-NeoX (final_layer_norm), Phi (final_layernorm)")
 
@@ -54,7 +56,7 @@ def segment_documents(tokenizer, documents: list[int], texts: list[str], max_tok
                       overflow: str) -> tuple[list[Segment], dict]:
     """Tokenise documents; a document longer than ``max_tokens`` is refused, truncated or split, as set."""
     if overflow not in OVERFLOW_POLICIES:
-        raise ValueError(f"overflow {overflow!r} is not one of {', '.join(OVERFLOW_POLICIES)}")
+        raise InputError(f"overflow {overflow!r} is not one of {', '.join(OVERFLOW_POLICIES)}")
     segments: list[Segment] = []
     stats = {"documents_over_max_tokens": 0, "tokens_dropped_by_truncation": 0}
     for document, ids in zip(documents, tokenizer(texts, add_special_tokens=True)["input_ids"]):
@@ -168,7 +170,7 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
                  len(batches), segments_done, len(segments), len(documents), tokens_done, total_tokens,
                  tokens_done / elapsed, (total_tokens - tokens_done) / max(tokens_done / elapsed, 1e-9))
     if not pieces:
-        raise ValueError("no documents to measure")
+        raise InputError("no documents to measure")
     frame = pd.concat(pieces, ignore_index=True)
     frame = frame.sort_values(["document", "segment", "position", "layer"], kind="stable", ignore_index=True)
     stats.update(segments=len(segments), tokens_measured=int(len(frame) // max(num_layers, 1)),
@@ -196,14 +198,12 @@ def dump_hidden_states(model_dir: str, texts_path: str, out: str | os.PathLike, 
     """Stage entry point: load the model once, measure every document of ``texts_path``, write Parquet."""
     from hsconv.models import load_model
 
-    texts = pd.read_parquet(texts_path)
-    if texts.empty:
-        raise ValueError(f"{texts_path} holds no documents")
+    texts = read_input_table(texts_path, "evaluation texts", ["document", "text"], made_by="prepare-texts")
     loaded = load_model(model_dir, dtype=dtype, device=device)
-    torch.set_grad_enabled(False)
-    frame, stats = token_movement(loaded, texts["document"].tolist(), texts["text"].tolist(), max_tokens=max_tokens,
-                                  overflow=overflow, batch_size=batch_size,
-                                  exclude_special_tokens=exclude_special_tokens, device=device)
+    with torch.no_grad():  # not set_grad_enabled(False): a caller in the same process (a test, a notebook) trains
+        frame, stats = token_movement(loaded, texts["document"].tolist(), texts["text"].tolist(),
+                                      max_tokens=max_tokens, overflow=overflow, batch_size=batch_size,
+                                      exclude_special_tokens=exclude_special_tokens, device=device)
     stats.update(model=loaded.name, variant=variant, dataset=dataset, dtype=dtype, device=device,
                  model_source=loaded.manifest.get("source"))
     write_parquet(frame, out, {"hidden_states": stats})

@@ -18,6 +18,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hsconv.errors import InputError
+
 PROVENANCE_KEY = b"hsconv"
 # Testing hook: a folder. A process about to rename its first finished output into place SIGKILLs itself instead,
 # unless that output was killed once already (a marker file in the folder records it, with whether the target
@@ -147,3 +149,66 @@ def markdown_table(frame: pd.DataFrame, float_format: str = "{:.4f}") -> str:
     rule = "|" + "|".join("---" for _ in frame.columns) + "|"
     rows = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
     return "\n".join([header, rule, *rows]) + "\n"
+
+
+def check_input_file(path: str | os.PathLike, what: str, made_by: str | None = None,
+                     error: type[InputError] = InputError) -> Path:
+    """``path`` as a Path, or an :class:`InputError` (the stage's own kind of it) naming it when it is missing or
+    not a file."""
+    path = Path(path)
+    how = f"give the {what} that `hsconv {made_by}` writes" if made_by else f"give the path of the {what}"
+    if not path.exists():
+        raise error(f"{what} not found", str(path), how)
+    if not path.is_file():
+        raise error(f"{what} is a directory, not a file", str(path), how)
+    return path
+
+
+def read_input_table(path: str | os.PathLike, what: str, columns=(), made_by: str | None = None,
+                     allow_empty: bool = False) -> pd.DataFrame:
+    """A stage's Parquet input, refused with its path when it is missing, not Parquet, lacks a needed column or
+    holds no rows."""
+    path = check_input_file(path, what, made_by)
+    how = f"give the {what} that `hsconv {made_by}` writes" if made_by else f"give a Parquet {what}"
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputError(f"{what} is not a Parquet file ({str(error).splitlines()[0]})", str(path), how) from None
+    missing = [column for column in columns if column not in names]
+    if missing:
+        raise InputError(f"{what} lacks the column(s) {missing} (it has {names})", str(path), how)
+    frame = pd.read_parquet(path)
+    if frame.empty and not allow_empty:
+        raise InputError(f"{what} holds no rows", str(path), how)
+    return frame
+
+
+def iter_jsonl(path: str | os.PathLike, text_field: str = "text",
+               error_type: type[InputError] = InputError) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of a jsonl file whose lines are objects with a string ``text_field``; anything else is
+    refused as ``path:line`` with ``error_type`` (the calling stage's kind of :class:`InputError`). Blank lines are
+    skipped."""
+    path = check_input_file(path, "jsonl file", error=error_type)
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise error_type(f"not UTF-8 text ({error.reason} at byte {error.start})", where,
+                                 "save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise error_type(f"not a JSON line ({error.msg}, column {error.colno})", where,
+                                 "give a jsonl file: one JSON object per line") from None
+            if not isinstance(record, dict):
+                raise error_type(f"a JSON {type(record).__name__}, not an object", where,
+                                 f"each line must be an object with a {text_field!r} string")
+            if not isinstance(record.get(text_field), str):
+                found = "no" if text_field not in record else f"a {type(record[text_field]).__name__}"
+                raise error_type(f"{found} {text_field!r} field where a string is needed", where,
+                                 f"each line must be an object with a {text_field!r} string")
+            yield number, record

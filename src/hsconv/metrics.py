@@ -12,7 +12,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from hsconv.io import read_provenance, write_parquet
+from hsconv.errors import InputError
+from hsconv.io import read_input_table, read_provenance, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +81,24 @@ def summarise_movement(tokens: pd.DataFrame, quantiles=(0.1, 0.5, 0.9), bootstra
     return pd.DataFrame(layer_rows), pd.DataFrame(score_rows)
 
 
+def read_hidden_state_dump(path: str | os.PathLike, model: str) -> pd.DataFrame:
+    """The per-token table of `hsconv dump-hidden-states`, refused when it is another table or another model's."""
+    tokens = read_input_table(path, "hidden-state dump", ["document", "layer"], made_by="dump-hidden-states")
+    if not any(column.startswith("movement_") for column in tokens.columns):
+        raise InputError(f"no movement_<convention> column (it has {list(tokens.columns)})", str(path),
+                         "give the table that `hsconv dump-hidden-states` writes")
+    dumped = (read_provenance(path).get("hidden_states") or {}).get("model")
+    if dumped is not None and dumped != model:
+        raise InputError(f"this dump is of model {dumped!r}, not {model!r}", str(path),
+                         f"give the dump of {model!r}, or --model {dumped}")
+    return tokens
+
+
 def compute_convergence(hidden_path: str, layers_out: str | os.PathLike, scores_out: str | os.PathLike,
                         model: str, variant: str, dataset: str, quantiles=(0.1, 0.5, 0.9),
                         bootstrap_samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> None:
     """Stage entry point: the per-token table of one model × variant × data set → two tidy tables."""
-    tokens = pd.read_parquet(hidden_path)
-    if tokens.empty:
-        raise ValueError(f"{hidden_path} holds no tokens")
+    tokens = read_hidden_state_dump(hidden_path, model)
     layers, scores = summarise_movement(tokens, quantiles, bootstrap_samples, confidence, seed)
     keys = {"model": model, "variant": variant, "dataset": dataset}
     settings = {"quantiles": list(quantiles), "bootstrap_samples": bootstrap_samples, "confidence": confidence,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 
+from hsconv.errors import InputError, check_device_available
 from hsconv.io import atomic_path
 
 if TYPE_CHECKING:
@@ -40,9 +41,10 @@ SOURCE_KINDS = ("hub", "local", "gguf", "tiny")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 GGUF_MAGIC = b"GGUF"
 TINY_EOS = "<|endoftext|>"
+TINY_ARCHITECTURES = ("llama", "qwen2")
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(InputError):
     """A model source that cannot be resolved; the message names the model and what was expected."""
 
 
@@ -106,13 +108,27 @@ def check_source(name: str, source: dict) -> None:
             gguf_path(source)
         elif kind == "local":
             _check_local_dir(Path(source["path"]).expanduser())
+        elif kind == "tiny":
+            _check_tiny_shapes(source)
     except ModelSourceError as error:
         raise ModelSourceError(f"model {name!r}: {error}") from None
 
 
+def _check_tiny_shapes(spec: dict) -> None:
+    """Attention splits the hidden size into heads and shares each key-value head among a whole group of heads."""
+    if spec.get("architecture") not in TINY_ARCHITECTURES:
+        raise ModelSourceError(f"architecture {spec.get('architecture')!r} is not one of {', '.join(TINY_ARCHITECTURES)}")
+    if spec["hidden_size"] % spec["num_heads"]:
+        raise ModelSourceError(f"hidden_size {spec['hidden_size']} is not divisible by num_heads {spec['num_heads']}")
+    if spec["num_heads"] % spec["num_kv_heads"]:
+        raise ModelSourceError(f"num_heads {spec['num_heads']} is not divisible by num_kv_heads "
+                               f"{spec['num_kv_heads']}")
+
+
 def _check_local_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
-        raise ModelSourceError(f"{path} is not a model directory (no config.json)")
+        raise ModelSourceError("is not a model directory (no config.json)", str(path),
+                               "give a directory written by `hsconv prepare-model` or `save_pretrained`")
 
 
 def prepare_model(name: str, source: dict, out_dir: str | Path) -> Path:
@@ -128,7 +144,13 @@ def prepare_model(name: str, source: dict, out_dir: str | Path) -> Path:
         elif kind == "local":
             manifest["weights"] = str(Path(source["path"]).expanduser().resolve())
         elif kind == "gguf":
-            model, tokenizer = _load_gguf(gguf_path(source))
+            path = gguf_path(source)
+            try:
+                model, tokenizer = _load_gguf(path)
+            except (ValueError, KeyError, EOFError, OSError) as error:
+                raise ModelSourceError(f"model {name!r}: cannot read the GGUF file ({type(error).__name__}: "
+                                       f"{error})", str(path), "the file is truncated or corrupt; reinstall or "
+                                       "download it again") from None
             save_hf(model, tokenizer, tmp)
         elif kind == "tiny":
             model, tokenizer = build_tiny_model(source)
@@ -147,7 +169,8 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu
     manifest = read_manifest(model_dir)
     weights = weights_dir(model_dir, manifest)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+        raise ModelSourceError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", "--dtype")
+    check_device_available(device)
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=getattr(torch, dtype)).to(device).eval()
     return LoadedModel(model=model, tokenizer=load_tokenizer(model_dir), name=manifest["name"], manifest=manifest)
 

@@ -13,8 +13,10 @@ import os
 import numpy as np
 import pandas as pd
 
+from hsconv.errors import InputError
 from hsconv.io import write_table
 from hsconv.tables import with_kind
+from hsconv.io import read_input_table
 
 
 def accuracy(documents: pd.DataFrame, draws: np.ndarray) -> np.ndarray:
@@ -40,11 +42,11 @@ def paired_differences(documents: pd.DataFrame, baseline: str = "base", samples:
         # the data set's name is any name; its kind says which corpus metric it has
         metrics = [(metric, function) for (name, metric), function in CORPUS_METRICS.items() if name == kind]
         if not metrics:
-            raise ValueError(f"no paired corpus metric for data set {task!r} of kind {kind!r}; "
+            raise InputError(f"no paired corpus metric for data set {task!r} of kind {kind!r}; "
                              f"supported kinds: {sorted({name for name, _ in CORPUS_METRICS})}")
         base = frame[frame["variant"] == baseline]
         if base.empty:
-            raise ValueError(f"no {baseline!r} documents for model {model!r}, task {task!r}")
+            raise InputError(f"no {baseline!r} documents for model {model!r}, task {task!r}")
         doc_ids = np.sort(base["doc_id"].unique())
         rng = np.random.default_rng(seed)
         draws = rng.integers(0, len(doc_ids), size=(samples, len(doc_ids)))
@@ -55,7 +57,7 @@ def paired_differences(documents: pd.DataFrame, baseline: str = "base", samples:
                         .sort_index() for name in (baseline, variant)]
                 for side, name in zip(pair, (baseline, variant)):
                     if not np.array_equal(side.index.to_numpy(), doc_ids):
-                        raise ValueError(f"{model} {name} exit {layer} on {task} was scored on other documents "
+                        raise InputError(f"{model} {name} exit {layer} on {task} was scored on other documents "
                                          f"than {baseline}: a paired comparison needs the same ones")
                 for metric, function in metrics:
                     values = [float(function(side, everything)) for side in pair]
@@ -72,7 +74,8 @@ def paired_differences(documents: pd.DataFrame, baseline: str = "base", samples:
 def tabulate_paired_differences(paths: list[str], out_stem: str | os.PathLike, config_hash: str,
                                 samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Read every model's and variant's per-document outcomes and write the paired table (Parquet, CSV, Markdown)."""
-    documents = pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
+    documents = pd.concat([read_input_table(path, "per-document outcomes", ["model", "variant", "doc_id", "layer"],
+                                            made_by="evaluate-layers") for path in paths], ignore_index=True)
     table = paired_differences(documents, samples=samples, confidence=confidence, seed=seed)
     settings = {"samples": samples, "confidence": confidence, "seed": seed, "config_hash": config_hash}
     write_table(table, out_stem, {"paired_bootstrap": settings})

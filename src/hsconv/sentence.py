@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hsconv.errors import InputError
 from hsconv.hidden_states import FINAL_NORM_CONVENTIONS, final_norm_module, layer_states, lens_states, movement
 from hsconv.io import write_parquet
 from hsconv.models import LoadedModel
@@ -35,7 +36,7 @@ PAPER_TARGET = " at the top"
 COMPONENTS = 3
 
 
-class SentenceError(ValueError):
+class SentenceError(InputError):
     """A sentence or target that cannot be traced; the message says which and why."""
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from hsconv.io import write_table
+from hsconv.io import read_input_table
 
 
 def with_kind(table: pd.DataFrame) -> pd.DataFrame:
@@ -19,7 +20,8 @@ def with_kind(table: pd.DataFrame) -> pd.DataFrame:
 def gather_tables(paths: list[str], out_stem: str | os.PathLike, config_hash: str, columns: list[str] | None = None,
                   ) -> pd.DataFrame:
     """Concatenate per-model tables into one result table (Parquet, CSV, Markdown) with the config hash."""
-    frame = pd.concat([pd.read_parquet(path) for path in paths], ignore_index=True)
+    frame = pd.concat([read_input_table(path, "table to gather", allow_empty=True) for path in paths],
+                      ignore_index=True)
     if columns:
         frame = frame[columns]
     write_table(frame, Path(out_stem), {"config_hash": config_hash, "inputs": [str(p) for p in paths]})

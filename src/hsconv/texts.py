@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hsconv.corpus import CorpusError, iter_documents
-from hsconv.io import write_parquet
+from hsconv.errors import InputError
+from hsconv.io import check_input_file, iter_jsonl, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ HUB_SOURCES = {
 }
 
 
-class TextSourceError(ValueError):
+class TextSourceError(InputError):
     """A text source that is missing, empty or malformed; the message names the data set."""
 
 
@@ -51,22 +51,37 @@ def split_lambada(text: str) -> tuple[str, str]:
 def read_texts(name: str, kind: str, path: str | None, hub_id: str | None = None) -> tuple[list[str], str]:
     """All documents of a data set and a description of where they came from (the local file first)."""
     if kind not in TEXT_KINDS:
-        raise TextSourceError(f"data set {name!r}: unknown kind {kind!r}; expected one of {', '.join(TEXT_KINDS)}")
-    if path and Path(path).is_file():
-        local = Path(path)
-        try:
-            if kind == "wikitext":
+        raise TextSourceError(f"data set {name!r}: unknown kind {kind!r}", f"datasets.{name}.kind",
+                              f"give one of {', '.join(TEXT_KINDS)}")
+    if path and Path(path).exists():
+        local = check_input_file(path, f"text file of data set {name!r}", error=TextSourceError)
+        if kind == "wikitext":
+            try:
                 texts = split_wikitext_articles(local.read_text(encoding="utf-8"))
-            else:
-                texts = [record["text"] for record in iter_documents({"kind": "jsonl", "path": str(local)})]
-        except UnicodeDecodeError as error:
-            raise TextSourceError(f"data set {name!r}: {local} is not UTF-8 text ({error})") from None
-        except CorpusError as error:
-            raise TextSourceError(f"data set {name!r}: {error}") from None
+            except UnicodeDecodeError as error:
+                raise TextSourceError(f"not UTF-8 text ({error.reason} at byte {error.start})", str(local),
+                                      "save the file as UTF-8") from None
+        else:
+            lines = list(iter_jsonl(local, error_type=TextSourceError))
+            if kind == "lambada":
+                for number, record in lines:
+                    _check_lambada_passage(record["text"], f"{local}:{number}")
+            texts = [record["text"] for _, record in lines]
         return texts, str(local.resolve())
     if kind == "jsonl" or not hub_id:
-        raise TextSourceError(f"data set {name!r}: file not found: {path} (and no hub id to fall back on)")
+        raise TextSourceError(f"data set {name!r}: file not found", str(path),
+                              "fix datasets.<name>.path, or give a hub_id to fall back on")
     return _read_hub(name, kind, hub_id), f"hub:{hub_id}"
+
+
+def _check_lambada_passage(text: str, where: str) -> None:
+    """A passage whose target (its last word) lm-eval would read as empty or shifted is refused, not scored."""
+    if text != text.rstrip():
+        raise TextSourceError("LAMBADA passage ends in whitespace, so its target word would be empty", where,
+                              "strip the trailing whitespace")
+    if " " not in text.strip():
+        raise TextSourceError("LAMBADA passage has a single word, so no context to predict it from", where,
+                              "remove the line")
 
 
 def _read_hub(name: str, kind: str, hub_id: str) -> list[str]:
@@ -90,7 +105,7 @@ def select_subset(count: int, size: int | None, mode: str, seed: int) -> np.ndar
         return np.arange(size)
     if mode == "sample":
         return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
-    raise ValueError(f"subset mode {mode!r} is not 'first' or 'sample'")
+    raise InputError(f"subset mode {mode!r} is not 'first' or 'sample'")
 
 
 def prepare_texts(name: str, kind: str, out: str | os.PathLike, path: str | None = None,

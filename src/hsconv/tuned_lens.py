@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hsconv.errors import InputError
 from hsconv.hidden_states import decoder_states, final_norm_module, lens_states
 from hsconv.io import atomic_path, write_parquet
 
@@ -97,7 +98,7 @@ def train_tuned_lens(model_dir: str | os.PathLike, tokens_path: str | os.PathLik
     model = loaded.model.requires_grad_(False)
     ids, _ = read_sequences(tokens_path, context_length(model.config), loaded.name)
     if len(ids) <= holdout_sequences:
-        raise ValueError(f"{tokens_path} has {len(ids)} sequences; the tuned lens needs more than the "
+        raise InputError(f"{tokens_path} has {len(ids)} sequences; the tuned lens needs more than the "
                          f"{holdout_sequences} held out")
     train_ids, held_out = ids[:-holdout_sequences], torch.from_numpy(ids[-holdout_sequences:]).to(device)
     head, norm = model.get_output_embeddings(), final_norm_module(model)

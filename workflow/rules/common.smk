@@ -8,11 +8,14 @@ from snakemake.exceptions import WorkflowError
 
 from hsconv import cluster
 from hsconv.ablations import ABLATION_PREFIX, REFERENCE, ablation_settings
-from hsconv.config import FIGURE_TARGETS, PER_LAYER_FIGURES, ConfigError, check_config, trainer_settings
+from hsconv.config import (FIGURE_TARGETS, PER_LAYER_FIGURES, ConfigError, check_config, check_duplicate_keys,
+                           trainer_settings)
 from hsconv.fingerprint import code_fingerprint
 from hsconv.io import stable_hash
 
 try:
+    for _path in workflow.configfiles:
+        check_duplicate_keys(_path)
     check_config(config)
 except ConfigError as error:
     raise WorkflowError(f"config: {error}")
@@ -65,7 +68,7 @@ def model_setting(key):
 
 
 def model_labels(names):
-    return " ".join(f"'{name}={config['models'][name].get('label', name)}'" for name in names)
+    return " ".join(shell_quoted(f"{name}={config['models'][name].get('label', name)}") for name in names)
 
 
 def dataset_setting(key):

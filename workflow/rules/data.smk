@@ -18,8 +18,8 @@ rule prepare_texts:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "hsconv prepare-texts --name {wildcards.dataset} --kind {params.kind} --path '{params.path}'"
-        " --hub-id '{params.hub_id}' --subset-size {params.size} --subset-mode {params.mode}"
+        "hsconv prepare-texts --name {wildcards.dataset} --kind {params.kind} --path {params.path:q}"
+        " --hub-id {params.hub_id:q} --subset-size {params.size} --subset-mode {params.mode}"
         " --subset-seed {params.seed} --out {output} > {log} 2>&1"
 
 
@@ -47,7 +47,7 @@ rule sample_corpus:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "hsconv sample-corpus --source '{params.source}' --out {output} --documents {params.documents}"
+        "hsconv sample-corpus --source {params.source:q} --out {output} --documents {params.documents}"
         " --seed {params.seed} --min-int-score {params.min_int_score} --shuffle-buffer {params.shuffle_buffer}"
         " --shard-documents {params.shard_documents} > {log} 2>&1"
 

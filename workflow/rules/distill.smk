@@ -3,7 +3,7 @@ DISTILL = config["distill"]
 DISTILL_COMMAND = (
     "OMP_NUM_THREADS={threads} {params.launcher} distill --name {wildcards.model} --model-dir {input.model}"
     " --tokens {input.tokens} --out {output.model} --log-out {output.steps} --layers-out {output.layers}"
-    " --checkpoints {params.checkpoints} --device {params.device} --settings '{params.settings}' {params.teacher}"
+    " --checkpoints {params.checkpoints} --device {params.device} --settings {params.settings:q} {params.teacher}"
     " > {log} 2>&1"
 )
 
@@ -125,4 +125,4 @@ rule plot_training:
         "../../envs/plot.yaml"
     shell:
         "hsconv plot-training --log {input.steps} --layers {input.layers} --pdf {output.pdf} --png {output.png}"
-        " --title '{params.title}' > {log} 2>&1"
+        " --title {params.title:q} > {log} 2>&1"

@@ -101,7 +101,7 @@ rule plot_per_layer_figure:
         "../../envs/plot.yaml"
     shell:
         "hsconv plot-per-layer --table {input} --pdf {output.pdf} --png {output.png} --model {params.models}"
-        " --task {params.dataset} --metric {params.metric} --title '{params.title}' > {log} 2>&1"
+        " --task {params.dataset} --metric {params.metric} --title {params.title:q} > {log} 2>&1"
 
 
 use rule plot_per_layer_figure as plot_tuned_lens_figure with:

@@ -25,7 +25,7 @@ rule plot_movement_figure:
         "../../envs/plot.yaml"
     shell:
         "hsconv plot-movement --table {input} --pdf {output.pdf} --png {output.png} --model {params.models}"
-        " --dataset {params.dataset} --final-norm {params.final_norm} --title '{params.title}' > {log} 2>&1"
+        " --dataset {params.dataset} --final-norm {params.final_norm} --title {params.title:q} > {log} 2>&1"
 
 
 rule trace_sentence:

@@ -13,4 +13,4 @@ rule prepare_model:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "hsconv prepare-model --name {wildcards.model} --source '{params.source}' --out {output} > {log} 2>&1"
+        "hsconv prepare-model --name {wildcards.model} --source {params.source:q} --out {output} > {log} 2>&1"

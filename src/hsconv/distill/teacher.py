@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hsconv.errors import InputError
 from hsconv.corpus import read_sequences
 from hsconv.distill.loss import TopKTarget, top_k_target
 from hsconv.hidden_states import decoder_states
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
-class TeacherCacheError(ValueError):
+class TeacherCacheError(InputError):
     """A cache that does not belong to the model, rows or settings it is used with; the message says which."""
 
 

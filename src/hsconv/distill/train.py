@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hsconv.errors import InputError, check_device_available
 from hsconv.distill.loss import layer_weights
 from hsconv.distill.objective import LossSettings, SelfDistillation
 from hsconv.corpus import read_sequences
@@ -41,7 +42,7 @@ MIN_STEP_SECONDS_ENV = "HSCONV_MIN_STEP_SECONDS"
 CHECKSUMS = "sha256.json"
 
 
-class TrainingError(ValueError):
+class TrainingError(InputError):
     """Settings or data that cannot train; the message names the setting or file."""
 
 
@@ -88,15 +89,36 @@ class DistillSettings:
         train_keys = TrainSettings.__dataclass_fields__.keys()
         unknown = set(settings) - set(loss_keys) - set(train_keys)
         if unknown:
-            raise TrainingError(f"unknown distillation setting(s): {', '.join(sorted(unknown))}")
+            raise TrainingError(f"unknown distillation setting(s): {', '.join(sorted(unknown))}", "distill",
+                                "see the distill section of workflow/schemas/config.schema.yaml")
+        for key, value in settings.items():
+            kind = (LossSettings if key in loss_keys else TrainSettings).__dataclass_fields__[key].type
+            if not _has_type(value, kind):
+                raise TrainingError(f"{value!r} is not of type {kind}", f"distill.{key}")
         train = {key: settings[key] for key in train_keys if key in settings}
         if "adam_betas" in train:
             train["adam_betas"] = tuple(train["adam_betas"])
-        return cls(loss=LossSettings(**{key: settings[key] for key in loss_keys if key in settings}),
-                   train=TrainSettings(**train))
+        try:
+            return cls(loss=LossSettings(**{key: settings[key] for key in loss_keys if key in settings}),
+                       train=TrainSettings(**train))
+        except TrainingError:
+            raise
+        except ValueError as error:  # a value in range of its type but not of the loss (LossSettings' checks)
+            raise TrainingError(str(error), "distill") from None
 
     def to_dict(self) -> dict:
         return {**asdict(self.loss), **asdict(self.train)}
+
+
+def _has_type(value, annotation: str) -> bool:
+    """Whether a JSON value fits a settings field's annotation (``int``, ``float | None``, ``tuple[...]``...)."""
+    options = [option.strip() for option in annotation.split("|")]
+    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
+              "None": lambda v: v is None}
+    return any(checks[option](value) if option in checks else isinstance(value, (list, tuple))
+               for option in options)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -239,8 +261,13 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
     if remainder or accumulation == 0:
         raise TrainingError(f"batch_size={train.batch_size} is not a multiple of micro_batch_size × ranks = "
                             f"{train.micro_batch_size} × {world}")
+    check_device_available(device)
     base = load_model(model_dir, dtype="float32", device="cpu")
     name = name or base.name
+    exits = base.num_layers + 1
+    if loss_settings.exit_samples is not None and loss_settings.exit_samples > exits:
+        raise TrainingError(f"{loss_settings.exit_samples} exits to sample, but model {name!r} has {exits}",
+                            "distill.exit_samples", f"set at most {exits}, or null for the exact loss on every exit")
     ids, n_tokens = read_sequences(tokens_path, context_length(base.model.config), name)
     steps_per_epoch = len(ids) // train.batch_size
     if steps_per_epoch == 0:
@@ -383,8 +410,9 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
                 log.warning("%s=%d: killing this process", KILL_AFTER_STEP_ENV, kill_after)
                 os.kill(os.getpid(), signal.SIGKILL)
 
+        state = _master_weights(engine)  # every rank: assembling ZeRO's partitions is a collective
         if rank == 0:
-            _save_model(engine, base, model_dir, out_dir, name, settings_record, train.zero_stage)
+            _save_model(state, base, model_dir, out_dir, name, settings_record)
             provenance = {"model": name, "settings": settings_record}
             write_parquet(pd.DataFrame(step_rows), log_out, {"distill": provenance})
             write_parquet(pd.DataFrame(layer_rows), layers_out, {"distill": provenance})
@@ -398,17 +426,24 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
         torch.distributed.destroy_process_group()
 
 
-def _save_model(engine, base, model_dir, out_dir, name: str, settings_record: dict, zero_stage: int) -> None:
-    """The student as an ordinary HF directory (safetensors, config, tokenizer) that later stages load as usual."""
-    student = engine.module.student
-    with atomic_path(out_dir) as tmp:
-        if zero_stage == 3:
-            import deepspeed
+def _master_weights(engine) -> dict[str, torch.Tensor]:
+    """Every parameter's float32 master copy, assembled from ZeRO's partitions on every rank. The module's own
+    weights would round a bf16 run's result to bf16; in a float32 run the two are the same tensors."""
+    from deepspeed.utils import safe_get_full_fp32_param
 
-            with deepspeed.zero.GatheredParameters(list(student.parameters()), modifier_rank=None):
-                student.save_pretrained(tmp, safe_serialization=True)
-        else:
-            student.save_pretrained(tmp, safe_serialization=True)
+    state = {}
+    for name, parameter in engine.module.student.named_parameters():
+        master = safe_get_full_fp32_param(parameter)
+        state[name] = (parameter.data if master is None else master).detach().to("cpu", torch.float32).clone()
+    return state
+
+
+def _save_model(state: dict[str, torch.Tensor], base, model_dir, out_dir, name: str, settings_record: dict) -> None:
+    """The student (its float32 ``state``) as an ordinary HF directory (safetensors, config, tokenizer) that later
+    stages load as usual."""
+    student = base.model
+    with atomic_path(out_dir) as tmp:
+        student.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         base.tokenizer.save_pretrained(tmp)
         manifest = {"name": name, "variant": "distilled", "base": read_manifest(Path(model_dir)), "weights": None,
                     "training": settings_record}

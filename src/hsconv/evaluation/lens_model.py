@@ -20,6 +20,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import pad_and_concat
 
+from hsconv.errors import InputError
 from hsconv.hidden_states import decoder_states, final_norm_module, lens_states
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 MODEL_NAME = "hsconv-logit-lens"
 
 
-class ExitLayerError(ValueError):
+class ExitLayerError(InputError):
     """An exit layer outside 0..L."""
 
 
@@ -37,7 +38,7 @@ class LogitLensLM(HFLM):
                  tuned_lens: str | None = None, **kwargs):
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
-            raise ValueError(f"the logit lens needs a decoder-only model; {type(self.model).__name__} is "
+            raise InputError(f"the logit lens needs a decoder-only model; {type(self.model).__name__} is "
                              f"{self.backend}")
         self.final_norm = final_norm_module(self.model)
         self.head = self.model.get_output_embeddings()
@@ -50,7 +51,7 @@ class LogitLensLM(HFLM):
 
             self.tuned_lens = TunedLens.load(tuned_lens).to(self.device)
             if self.tuned_lens.num_layers != self.num_layers:
-                raise ValueError(f"the tuned lens in {tuned_lens} has {self.tuned_lens.num_layers} translators; "
+                raise InputError(f"the tuned lens in {tuned_lens} has {self.tuned_lens.num_layers} translators; "
                                  f"the model has {self.num_layers} layers")
         self._memo: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.forward_passes = 0
@@ -87,7 +88,7 @@ class LogitLensLM(HFLM):
             inputs, spans = [], []
             for context, continuation in batch:
                 if not context or not continuation:
-                    raise ValueError("lm-eval passed an empty context or continuation")
+                    raise InputError("lm-eval passed an empty context or continuation")
                 window = self._window(context, continuation)
                 inputs.append(torch.tensor(window, dtype=torch.long, device=self.device))
                 spans.append((len(window) - len(continuation), len(window)))

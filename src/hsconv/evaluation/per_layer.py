@@ -1,16 +1,17 @@
 """Per-layer LAMBADA accuracy and WikiText perplexity through lm-evaluation-harness and the logit lens.
 
 The tasks are lm-eval's stock ``lambada_openai`` and ``wikitext`` configs (prompts, targets, metrics, the WikiText
-detokeniser and word/byte counts), read from lm-eval's own YAML with only the data source swapped for the texts the
-data stage wrote. Every exit is evaluated with :class:`~hsconv.evaluation.lens_model.LogitLensLM`, whose memo makes
+detokeniser and word/byte counts), loaded through lm-eval's public task API (a YAML that ``include``s the stock one)
+with only the data source swapped for the texts the data stage wrote. Every exit is evaluated with :class:`~hsconv.evaluation.lens_model.LogitLensLM`, whose memo makes
 all exits cost one forward pass per request batch.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import re
 import logging
+import re
 import os
 import tempfile
 import time
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from hsconv.io import atomic_path, write_parquet
+from hsconv.errors import InputError
+from hsconv.io import atomic_path, read_input_table, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ STOCK_TASKS = {"lambada": ("lambada_openai", "text"), "wikitext": ("wikitext", "
 METRICS = ("acc", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
-class EvaluationDataError(ValueError):
+class EvaluationDataError(InputError):
     """Evaluation texts that are missing or unusable; the message names the file."""
 
 
@@ -36,29 +38,48 @@ def write_task_data(texts_path: str | os.PathLike, kind: str, out: Path, limit: 
     LAMBADA, ``page`` for WikiText)."""
     if kind not in STOCK_TASKS:
         raise EvaluationDataError(f"no lm-eval task for data set kind {kind!r}; supported: {', '.join(STOCK_TASKS)}")
-    texts_path = Path(texts_path)
-    if not texts_path.is_file():
-        raise EvaluationDataError(f"evaluation texts {texts_path} do not exist (run the data stage first)")
-    texts = pd.read_parquet(texts_path)
-    if texts.empty:
-        raise EvaluationDataError(f"evaluation texts {texts_path} hold no documents")
+    texts = read_input_table(texts_path, "evaluation texts", ["document", "text"], made_by="prepare-texts")
     field = STOCK_TASKS[kind][1]
     pd.DataFrame({field: texts["text"].head(limit)}).to_json(out, orient="records", lines=True, force_ascii=False)
     return out
 
 
-def stock_task_config(kind: str, data_file: Path, task_manager) -> dict:
-    """lm-eval's own config of the task, reading ``data_file`` instead of the hub."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+def stock_tasks(data_files: dict[str, tuple[str, Path]], directory: Path) -> tuple[dict, dict[str, str]]:
+    """lm-eval's stock task of each data set ({name: (kind, jsonl written by :func:`write_task_data`)}), reading that
+    file instead of the hub, loaded through lm-eval's public API: a task YAML in ``directory`` that ``include``s the
+    stock one and overrides only its data source, and ``TaskManager(include_path=directory).load``. Prompts,
+    detokeniser and metrics stay lm-eval's. Returns lm-eval's task dict and each data set's task name (the stock name,
+    suffixed with the data set's name where two sets share a kind)."""
+    import yaml
+    from lm_eval.tasks import TaskManager
 
-    name = STOCK_TASKS[kind][0]
-    entry = task_manager._entry(name)
-    if entry is None or entry.yaml_path is None:
-        raise EvaluationDataError(f"this lm-eval ({task_manager.__class__.__module__}) has no task {name!r}")
-    config = load_yaml(entry.yaml_path)
-    config.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": {"test": str(data_file)}},
-                  training_split=None, validation_split=None, test_split="test", fewshot_split=None)
-    return config
+    stock_index = _stock_task_index()
+    kinds = [kind for kind, _ in data_files.values()]
+    task_names = {}
+    for name, (kind, data_file) in data_files.items():
+        stock = STOCK_TASKS[kind][0]
+        entry = stock_index.get(stock)
+        if entry is None or getattr(entry, "yaml_path", None) is None:
+            import lm_eval
+
+            raise EvaluationDataError(f"this lm-eval ({getattr(lm_eval, '__version__', '?')}) has no task {stock!r}",
+                                      f"data set {name!r}", "install the lm-eval range pinned in pyproject.toml")
+        task_names[name] = stock if kinds.count(kind) == 1 else f"{stock}_{name}"
+        override = {"include": str(Path(entry.yaml_path).resolve()), "task": task_names[name], "dataset_path": "json",
+                    "dataset_name": None, "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
+                    "training_split": None, "validation_split": None, "test_split": "test", "fewshot_split": None}
+        (directory / f"hsconv_{name}.yaml").write_text(yaml.safe_dump(override, sort_keys=False))
+    # Only our YAMLs are indexed here (the stock ones were, once per process): scanning lm-eval's ~10k task files
+    # takes about 10 s.
+    manager = TaskManager(include_path=str(directory), include_defaults=False)
+    return manager.load(list(task_names.values())), task_names
+
+
+@functools.lru_cache(maxsize=1)
+def _stock_task_index() -> dict:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager().task_index
 
 
 def tidy_results(results: dict, layer: int, task_names: dict[str, str], kinds: dict[str, str]) -> list[dict]:
@@ -95,22 +116,17 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
     model is checked against the logit lens. ``tuned_lens`` (a directory written by
     :func:`hsconv.tuned_lens.train_tuned_lens`) puts its translators in front of every exit but the last."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     from hsconv.evaluation.lens_model import LogitLensLM
     from hsconv.models import weights_dir
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hsconv-lm-eval-") as tmp:
-        task_manager = TaskManager()
-        configs, task_names = [], {}
-        for name, (kind, texts_path) in datasets.items():
-            data_file = write_task_data(texts_path, kind, Path(tmp) / f"{name}.jsonl", (limits or {}).get(name))
-            config = stock_task_config(kind, data_file, task_manager)
-            task_names[name] = config["task"]
-            configs.append(config)
+        data_files = {name: (kind, write_task_data(texts_path, kind, Path(tmp) / f"{name}.jsonl",
+                                                   (limits or {}).get(name)))
+                      for name, (kind, texts_path) in datasets.items()}
         if stock and tuned_lens is not None:
-            raise ValueError("a stock evaluation reads the model's output; a tuned lens reads its layers")
+            raise InputError("a stock evaluation reads the model's output; a tuned lens reads its layers")
         if stock:
             from lm_eval.models.huggingface import HFLM
 
@@ -118,7 +134,7 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
                       batch_size=batch_size)
             num_layers = lm.model.config.num_hidden_layers
             if layers not in (None, [num_layers]):
-                raise ValueError(f"a stock evaluation has one exit, the model's output (layer {num_layers})")
+                raise InputError(f"a stock evaluation has one exit, the model's output (layer {num_layers})")
             exits = [num_layers]
         else:
             lm = LogitLensLM(pretrained=str(weights_dir(Path(model_dir))), dtype=dtype, device=device,
@@ -127,7 +143,7 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
             exits = list(range(num_layers + 1)) if layers is None else layers
             for layer in exits:  # validate all before the first forward pass
                 lm.exit_layer = layer
-        task_dict = task_manager.load(configs)
+        task_dict, task_names = stock_tasks(data_files, Path(tmp))
         kinds = {name: kind for name, (kind, _) in datasets.items()}
         rows, raw, documents = [], {}, []
         for layer in exits:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 
 import matplotlib.pyplot as plt
-import pandas as pd
 
+from hsconv.errors import InputError
 from hsconv.ablations import REFERENCE
 from hsconv.figures.style import apply_style, model_colour, save_figure
+from hsconv.io import read_input_table
 
 FACTOR_LABELS = {"alpha": "α = {}", "k": "k = {}", "kl_direction": "KL {}", "movement_convention": "$h_L$ {}"}
 VALUE_LABELS = {"student_target": "(q_l ‖ q_target)", "target_student": "(q_target ‖ q_l)",
@@ -33,11 +34,11 @@ def plot_ablations(table_path: str | os.PathLike, pdf_out: str | os.PathLike, pn
                    models: dict[str, str], final_norm: str = "pre_norm") -> plt.Figure:
     """Three panels per model: S_model (its bootstrap interval), D_L, and the LAMBADA accuracy difference from the
     reference (paired bootstrap interval); the reference's value is the dashed line in each."""
-    table = pd.read_parquet(table_path)
+    table = read_input_table(table_path, "ablation table", made_by="tabulate-ablations")
     table = table[table["final_norm"] == final_norm]
     missing = [name for name in models if name not in set(table["model"])]
     if missing:
-        raise ValueError(f"{table_path} has no {final_norm} rows for model(s) {missing}")
+        raise InputError(f"{table_path} has no {final_norm} rows for model(s) {missing}")
     apply_style()
     settings_per_model = max(len(table[table["model"] == name]) for name in models)
     figure, axes = plt.subplots(len(models), 3, figsize=(13, len(models) * (1.4 + 0.34 * settings_per_model)),

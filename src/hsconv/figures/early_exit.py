@@ -5,20 +5,21 @@ from __future__ import annotations
 import os
 
 import matplotlib.pyplot as plt
-import pandas as pd
 
+from hsconv.errors import InputError
 from hsconv.early_exit import QUALITY_METRICS
 from hsconv.tables import with_kind
 from hsconv.figures.per_layer import METRIC_LABELS, TASK_LABELS, off_scale_exits
 from hsconv.figures.style import apply_style, model_colour, save_figure, variant_label, variant_style
+from hsconv.io import read_input_table
 
 
 def plot_early_exit(evaluation_path: str | os.PathLike, exits_path: str | os.PathLike, pdf_out: str | os.PathLike,
                     png_out: str | os.PathLike, models: dict[str, str], tolerance: float = 0.05) -> plt.Figure:
     """One column per model, one row per task; the shallowest exit within ``tolerance`` of the full model is starred
     (its layer comes from the early-exit table)."""
-    evaluation = pd.read_parquet(evaluation_path)
-    exits = pd.read_parquet(exits_path)
+    evaluation = read_input_table(evaluation_path, "per-layer evaluation", made_by="gather-tables")
+    exits = read_input_table(exits_path, "early-exit table", made_by="tabulate-early-exit")
     exits = exits[exits["tolerance"] == tolerance]
     evaluation = with_kind(evaluation)
     named = sorted(evaluation[["task", "kind"]].drop_duplicates().itertuples(index=False))
@@ -26,7 +27,7 @@ def plot_early_exit(evaluation_path: str | os.PathLike, exits_path: str | os.Pat
              if kind == quality_kind]
     missing = [name for name in models if name not in set(evaluation["model"])]
     if missing or not tasks:
-        raise ValueError(f"{evaluation_path} has no rows for model(s) {missing} or none of {list(QUALITY_METRICS)}")
+        raise InputError(f"{evaluation_path} has no rows for model(s) {missing} or none of {list(QUALITY_METRICS)}")
     apply_style()
     figure, axes = plt.subplots(len(tasks), len(models), figsize=(4.2 * len(models), 3.2 * len(tasks)),
                                 squeeze=False)

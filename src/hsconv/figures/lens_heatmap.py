@@ -12,10 +12,11 @@ import os
 import textwrap
 
 import matplotlib.pyplot as plt
-import pandas as pd
 from matplotlib.gridspec import GridSpec
 
+from hsconv.errors import InputError
 from hsconv.figures.style import apply_style, model_colour, save_figure, variant_style
+from hsconv.io import read_input_table
 
 CONVENTION_LABELS = {"hf": "last state after the final norm", "pre_norm": "last state before the final norm"}
 HEATMAP_COLOURS = "Blues"
@@ -31,12 +32,12 @@ def readable_token(text: str) -> str:
 def plot_lens_heatmap(table_path: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
                       model: str, label: str, variants: list[str], final_norm: str, title: str = "Fig. 7"):
     """Returns the (closed) figure; heatmap ``i`` is axes ``i`` and holds its probabilities as an image."""
-    full = pd.read_parquet(table_path)
+    full = read_input_table(table_path, "sentence logit-lens table", made_by="gather-tables")
     full = full[full["model"] == model]
     table = full[full["predicts_target"]]
     missing = [variant for variant in variants if table[table["variant"] == variant].empty]
     if missing:
-        raise ValueError(f"{table_path} has no logit-lens rows of model {model!r} for variant(s) {missing}")
+        raise InputError(f"{table_path} has no logit-lens rows of model {model!r} for variant(s) {missing}")
     positions = sorted(table["position"].unique())
     num_layers = int(table["layer"].max())
     apply_style()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 
 import matplotlib.pyplot as plt
-import pandas as pd
 
+from hsconv.errors import InputError
 from hsconv.figures.style import apply_style, model_colour, save_figure, variant_style
+from hsconv.io import read_input_table
 
 DATASET_LABELS = {"lambada": "LAMBADA", "wikitext": "WikiText-2"}
 CONVENTION_LABELS = {"hf": "last state after the final norm", "pre_norm": "last state before the final norm"}
@@ -16,11 +17,11 @@ CONVENTION_LABELS = {"hf": "last state after the final norm", "pre_norm": "last 
 def plot_movement(layer_table: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
                   models: dict[str, str], dataset: str, final_norm: str, title: str = "Fig. 3"):
     """``models`` maps each model name to its label, in panel order. Returns the (closed) figure."""
-    table = pd.read_parquet(layer_table)
+    table = read_input_table(layer_table, "layer-movement table", made_by="gather-tables")
     table = table[(table["dataset"] == dataset) & (table["final_norm"] == final_norm)]
     missing = [name for name in models if name not in set(table["model"])]
     if missing:
-        raise ValueError(f"{layer_table} has no rows for model(s) {missing} on {dataset!r} ({final_norm})")
+        raise InputError(f"{layer_table} has no rows for model(s) {missing} on {dataset!r} ({final_norm})")
     apply_style()
     figure, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False, sharey=False)
     for index, ((name, label), axis) in enumerate(zip(models.items(), axes[0])):

@@ -7,7 +7,9 @@ import os
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from hsconv.errors import InputError
 from hsconv.figures.style import apply_style, model_colour, save_figure, variant_label, variant_style
+from hsconv.io import read_input_table
 
 METRIC_LABELS = {
     "acc": ("accuracy", False),
@@ -36,11 +38,11 @@ def off_scale_exits(panel: pd.DataFrame) -> pd.DataFrame:
 
 def plot_per_layer(table_path: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
                    models: dict[str, str], task: str, metric: str, title: str):
-    table = pd.read_parquet(table_path)
+    table = read_input_table(table_path, "per-layer evaluation", made_by="gather-tables")
     table = table[(table["task"] == task) & (table["metric"] == metric)]
     missing = [name for name in models if name not in set(table["model"])]
     if missing:
-        raise ValueError(f"{table_path} has no {task} {metric} rows for model(s) {missing}")
+        raise InputError(f"{table_path} has no {task} {metric} rows for model(s) {missing}")
     label, log_scale = METRIC_LABELS.get(metric, (metric, False))
     apply_style()
     figure, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.4), squeeze=False)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 
 import matplotlib.pyplot as plt
-import pandas as pd
 
+from hsconv.errors import InputError
 from hsconv.figures.style import PALETTE, apply_style, save_figure
+from hsconv.io import read_input_table
 
 
 def plot_training(steps_path: str | os.PathLike, layers_path: str | os.PathLike, pdf_out: str | os.PathLike,
                   png_out: str | os.PathLike, title: str) -> None:
-    steps = pd.read_parquet(steps_path).sort_values("step")
-    layers = pd.read_parquet(layers_path)
+    steps = read_input_table(steps_path, "training log", ["step"], made_by="distill").sort_values("step")
+    layers = read_input_table(layers_path, "per-layer training log", made_by="distill")
     if steps.empty or layers.empty:
-        raise ValueError(f"{steps_path} or {layers_path} holds no training steps")
+        raise InputError(f"{steps_path} or {layers_path} holds no training steps")
     apply_style()
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     terms = [("zeta", r"$\zeta = \zeta_1 + \alpha\,\zeta_2$", "-"), ("zeta1", r"$\zeta_1$ (weighted KL)", "--"),

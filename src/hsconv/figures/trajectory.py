@@ -16,7 +16,9 @@ import pandas as pd
 from matplotlib import cm
 from matplotlib.colors import Normalize
 
+from hsconv.errors import InputError
 from hsconv.figures.style import apply_style, save_figure
+from hsconv.io import read_input_table
 
 CONVENTION_LABELS = {"hf": "last state after the final norm", "pre_norm": "last state before the final norm"}
 AXES = ("pc1", "pc2", "pc3")
@@ -37,13 +39,13 @@ def mean_path(rows: pd.DataFrame) -> pd.DataFrame:
 def plot_trajectory(table_path: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
                     models: dict[str, str], variants: list[str], final_norm: str, title: str = "Fig. 4"):
     """Returns the (closed) figure; the mean path of each panel is its first line."""
-    table = pd.read_parquet(table_path)
+    table = read_input_table(table_path, "sentence PCA table", made_by="gather-tables")
     table = table[table["final_norm"] == final_norm]
     panels = [(name, label, variant) for name, label in models.items() for variant in variants]
     missing = [f"{name}/{variant}" for name, _, variant in panels
                if table[(table["model"] == name) & (table["variant"] == variant)].empty]
     if missing:
-        raise ValueError(f"{table_path} has no {final_norm} PCA rows for {missing}")
+        raise InputError(f"{table_path} has no {final_norm} PCA rows for {missing}")
     apply_style()
     figure = plt.figure(figsize=(5.4 * len(variants) + 1.0, 4.6 * len(models) + 0.8))
     selected = table[table["model"].isin(list(models)) & table["variant"].isin(variants)]
