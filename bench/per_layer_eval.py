@@ -99,8 +99,9 @@ def measure(model_dir: str, lambada: int = 300, wikitext: int = 1, batch_size: i
         prepare_texts("wikitext", "wikitext", tmp / "wikitext.parquet", path=str(SHARED / "wiki.test.raw"),
                       subset_size=wikitext)
         for kind in ("lambada", "wikitext"):
-            task_dict, _ = stock_tasks({kind: (kind, write_task_data(tmp / f"{kind}.parquet", kind,
-                                                                     tmp / f"{kind}.jsonl"))}, tmp)
+            task_dict, task_names = stock_tasks({kind: (kind, write_task_data(tmp / f"{kind}.parquet", kind,
+                                                                              tmp / f"{kind}.jsonl"))}, tmp)
+            task = task_names[kind]
             metric = "acc,none" if kind == "lambada" else "word_perplexity,none"
             stock_seconds, lens_seconds, values = [], [], {}
             for _ in range(repeats):  # fresh models each time: the lens's memo must not carry over
@@ -116,11 +117,11 @@ def measure(model_dir: str, lambada: int = 300, wikitext: int = 1, batch_size: i
                         lens.exit_layer = layer
                         result = lm_eval.evaluate(lm=lens, task_dict=task_dict, bootstrap_iters=0,
                                                   log_samples=False, verbosity="WARNING")
-                        values[layer] = result["results"][config["task"]][metric]
+                        values[layer] = result["results"][task][metric]
 
                 lens_seconds.append(timed(all_exits)[0])
             row = {"task": kind, "exits": exits, "stock": stock_seconds, "lens": lens_seconds,
-                   "stock_value": stock_result["results"][config["task"]][metric], "lens_last": values[exits - 1],
+                   "stock_value": stock_result["results"][task][metric], "lens_last": values[exits - 1],
                    "passes": lens.forward_passes}
             if kind == "wikitext":
                 windows = rolling_windows(lens, task_dict)

@@ -215,7 +215,12 @@ def render(stored: dict, previous: str = "") -> str:
     if not any(record["environment"]["cuda"] for record in stored.values()):
         parts.append("- On a GPU (bf16, model FLOPs utilisation of distillation): not measured — no GPU machine was "
                      "available to these runs. `python -m bench.report` on a CUDA machine measures the same sections "
-                     "there (the distillation step then runs in bf16 on the GPU).")
+                     "there (the distillation step then runs in bf16 on the GPU). `bench/gpu_check.sh` is the prepared "
+                     "check for a lent GPU machine: torch/CUDA/GPU and a bf16 matmul, the distillation step in bf16 on "
+                     "SmolLM2 with its model-FLOP utilisation, and one bf16 ZeRO-2 distillation over 1,048,576 "
+                     "tokens (`GPU_CHECK_ALLOW_CPU=1` runs it on the CPU at tiny sizes, to check the script). The "
+                     "bf16 training path itself is tested on the CPU "
+                     "(`test_distill_train.py::test_bfloat16_training_runs_on_cpu_close_to_float32`).")
     for section in SECTIONS:
         if section not in stored:
             if TITLES[section] in old_blocks:

@@ -162,7 +162,7 @@ def markdown(result: dict) -> str:
                  f"recomputed (forward, head, log-softmax) costs {spread(teacher)} µs per token; a dense float32 "
                  f"cache would be {result['vocab'] * 4 / 1e3:,.0f} GB per million tokens.")
     if "write_seconds" in result:
-        lines.append(f"Writing the cache (one teacher pass, top-k, to disk) took "
+        lines.append("Writing the cache (one teacher pass, top-k, to disk) took "
                      + ", ".join(f"{1e6 * seconds / count:,.0f} µs/token at k = {k}"
                                  for k, seconds in result["write_seconds"].items()) + ".")
     return "\n".join(lines)

@@ -486,6 +486,7 @@ def test_there_are_at_least_60_cases_and_the_docs_list_each():
     assert not missing, f"docs/reliability.md lacks {missing}: regenerate with `python tests/test_bad_input.py`"
 
 
+@pytest.mark.heavy
 def test_a_bad_input_under_snakemake_ends_the_log_and_shows_in_snakemakes_error(tmp_path):
     """The stage's one line is the last of the job's log, and Snakemake (show-failed-logs, in the default profile)
     prints it with its error."""
@@ -508,6 +509,7 @@ def test_a_bad_input_under_snakemake_ends_the_log_and_shows_in_snakemakes_error(
     assert not (tmp_path / "results" / "data" / "eval" / "lambada.parquet").exists()
 
 
+@pytest.mark.heavy
 def test_values_with_apostrophes_reach_the_stage_intact(tmp_path):
     """A path and a figure label with an apostrophe: every shell command still parses to the value as written,
     and the job with the path runs."""

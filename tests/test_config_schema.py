@@ -4,6 +4,8 @@ expected. The cases are generated from the schema itself, so a key added to it i
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,37 @@ def test_an_unknown_key_anywhere_is_refused(tmp_path: Path):
         _set(config, path, 1)
         with pytest.raises(WorkflowError, match=rf"'{path[-1]}' was unexpected"):
             validate(config, str(SCHEMA_PATH))
+
+
+@pytest.mark.parametrize("section, settings", [
+    ("distill", "LossSettings"), ("distill", "TrainSettings"), ("tuned_lens", "TunedLensSettings")])
+def test_schema_defaults_are_the_settings_defaults(section, settings):
+    """hsconv.settings declares each stage's defaults; the schema, which fills a config's missing keys, must agree
+    with it, or a stage run by the workflow and the same stage run by hand would differ."""
+    from dataclasses import fields
+
+    import hsconv.settings
+
+    properties = SCHEMA["properties"][section]["properties"]
+    compared = 0
+    for field in fields(getattr(hsconv.settings, settings)):
+        if field.name not in properties:
+            continue
+        default = field.default
+        assert "default" in properties[field.name], f"{section}.{field.name} has no default in the schema"
+        expected = list(default) if isinstance(default, tuple) else default
+        assert properties[field.name]["default"] == expected, f"{section}.{field.name}"
+        compared += 1
+    assert compared >= 5
+
+
+def test_loading_and_checking_the_default_config_imports_no_torch():
+    """The Snakefile checks the config on every start, dry runs included; importing torch there would cost seconds
+    before any job and undo the package's lazy imports."""
+    code = ("import sys, yaml; from snakemake.utils import validate; from hsconv.config import check_config; "
+            "config = yaml.safe_load(open('config.yaml')); validate(config, 'workflow/schemas/config.schema.yaml'); "
+            "check_config(config); print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'lm_eval') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -102,6 +102,7 @@ def test_untied_qwen2_head_trains_under_zero1_with_one_sampled_exit(tmp_path, co
     assert pd.read_parquet(outputs["log_out"])["zeta1"].notna().all()
 
 
+@pytest.mark.heavy
 def test_bfloat16_training_runs_on_cpu_close_to_float32(tmp_path, corpus):
     """The GPU default (DeepSpeed bf16: bf16 weights and activations, fp32 master weights) run here on the CPU, so the
     path is not dead code: the same steps in bf16 give finite losses near float32's, and float32 weights out."""
@@ -167,6 +168,7 @@ def _damage(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+@pytest.mark.heavy
 def test_a_damaged_checkpoint_is_named_and_the_newest_intact_one_is_resumed(tmp_path, corpus):
     model_dir, tokens = make_model(tmp_path, corpus)
     settings = {**SETTINGS, "max_steps": 4, "checkpoint_every": 2, "keep_checkpoints": 2}
@@ -201,6 +203,7 @@ def test_an_unfinished_checkpoint_is_skipped_without_error(tmp_path):
     assert checkpoints.newest_intact() is None  # nothing finished: start from the pretrained model
 
 
+@pytest.mark.heavy
 def test_teacher_cache_trains_without_a_target_model_and_matches_recomputing_it(tmp_path, corpus):
     """A cache of the frozen model's top V − 1 tokens (one token folded) stands for the recomputed target: the
     same losses and weights; a cache of few tokens trains too; a cache of other rows or k is refused by name."""

@@ -13,9 +13,11 @@ import os
 import re
 import sys
 import traceback
+from dataclasses import asdict
 from pathlib import Path
 
 from hsconv.errors import EXIT_BAD_INPUT, NULLS, InputError, device, integer, real
+from hsconv.settings import TunedLensSettings
 
 
 def json_object(text: str) -> dict:
@@ -181,12 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--tokens", required=True, help="packed sequences (pack-tokens)")
     stage.add_argument("--out", required=True, help="directory for the translators")
     stage.add_argument("--log-out", required=True, help="held-out KL per layer before and after, training KL (Parquet)")
-    stage.add_argument("--steps", type=integer(1), default=50)
-    stage.add_argument("--batch-size", type=integer(1), default=4, help="sequences per step")
-    stage.add_argument("--learning-rate", type=real(0, float("inf"), open_low=True), default=1e-3)
-    stage.add_argument("--holdout-sequences", type=integer(1), default=4)
-    stage.add_argument("--micro-batch-size", type=integer(1, optional=True), default=None, help="sequences per forward pass (none: the batch)")
-    stage.add_argument("--seed", type=integer(0), default=0)
+    # Defaults from hsconv.settings, the only place they are declared.
+    stage.set_defaults(**asdict(TunedLensSettings()))
+    stage.add_argument("--steps", type=integer(1))
+    stage.add_argument("--batch-size", type=integer(1), help="sequences per step")
+    stage.add_argument("--learning-rate", type=real(0, float("inf"), open_low=True))
+    stage.add_argument("--holdout-sequences", type=integer(1))
+    stage.add_argument("--micro-batch-size", type=integer(1, optional=True), help="sequences per forward pass (none: the batch)")
+    stage.add_argument("--seed", type=integer(0))
     stage.add_argument("--device", type=device, default="cpu")
 
     stage = stages.add_parser("plot-per-layer", help="Figs. 5, 6, 9, 10: a per-layer lm-eval metric per model")

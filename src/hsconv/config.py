@@ -151,7 +151,7 @@ def trainer_settings(distill: dict) -> dict:
 
 def _check_ablations(config: dict) -> None:
     from hsconv.ablations import FACTORS, ablation_settings
-    from hsconv.distill.train import DistillSettings, TrainingError
+    from hsconv.settings import DistillSettings, TrainingError
 
     ablations = config["ablations"]
     _require_known("model", ablations["models"], config["models"], "ablations.models")

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hsconv.settings import TunedLensSettings
 from hsconv.errors import InputError
 from hsconv.hidden_states import decoder_states, final_norm_module, lens_states
 from hsconv.io import atomic_path, write_parquet
@@ -82,9 +83,12 @@ def layer_kl(head, norm, target_logprob: torch.Tensor, state: torch.Tensor) -> t
 
 
 def train_tuned_lens(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_dir: str | os.PathLike,
-                     log_out: str | os.PathLike, steps: int = 50, batch_size: int = 4, learning_rate: float = 1e-3,
-                     holdout_sequences: int = 4, seed: int = 0, device: str = "cpu",
-                     micro_batch_size: int | None = None) -> pd.DataFrame:
+                     log_out: str | os.PathLike, steps: int = TunedLensSettings.steps,
+                     batch_size: int = TunedLensSettings.batch_size,
+                     learning_rate: float = TunedLensSettings.learning_rate,
+                     holdout_sequences: int = TunedLensSettings.holdout_sequences, seed: int = TunedLensSettings.seed,
+                     device: str = "cpu",
+                     micro_batch_size: int | None = TunedLensSettings.micro_batch_size) -> pd.DataFrame:
     """Train the translators of the model in ``model_dir`` on the packed sequences in ``tokens_path`` (the last
     ``holdout_sequences`` held out) and write them to ``out_dir``; ``log_out`` gets each layer's held-out KL for the
     logit lens (step 0) and the trained tuned lens, and the training KL per step. ``micro_batch_size`` sequences go

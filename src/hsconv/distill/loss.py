@@ -27,9 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-KL_DIRECTIONS = ("student_target", "target_student")
-MOVEMENT_CONVENTIONS = ("hf", "pre_norm")
-EXIT_SAMPLING = ("uniform", "weighted", "uniform_keep_last")
+from hsconv.settings import EXIT_SAMPLING, KL_DIRECTIONS, MOVEMENT_CONVENTIONS, check_settings  # noqa: F401 (re-exported)
+
 
 
 def layer_weights(num_layers: int, k: float, dtype=torch.float64) -> torch.Tensor:
@@ -255,14 +254,6 @@ def relative_steps(states: list[torch.Tensor]) -> torch.Tensor:
         ratio = (current - previous).pow(2).sum(-1) / previous.pow(2).sum(-1).clamp_min(1e-12)
         steps.append(ratio.mean())
     return torch.stack(steps)
-
-
-def check_settings(direction: str, movement_convention: str) -> None:
-    if direction not in KL_DIRECTIONS:
-        raise ValueError(f"kl_direction {direction!r} is not one of {', '.join(KL_DIRECTIONS)}")
-    if movement_convention not in MOVEMENT_CONVENTIONS:
-        raise ValueError(f"movement_convention {movement_convention!r} is not one of "
-                         f"{', '.join(MOVEMENT_CONVENTIONS)}")
 
 
 def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Module,

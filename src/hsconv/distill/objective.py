@@ -8,52 +8,12 @@ target model at all: the batch's cached top-k distribution is passed in instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from hsconv.distill.loss import (EXIT_SAMPLING, LossTerms, TopKTarget, check_settings, reference_loss,
-                                 self_distillation_loss)
+from hsconv.distill.loss import LossTerms, TopKTarget, reference_loss, self_distillation_loss
+from hsconv.settings import LOSS_IMPLEMENTATIONS, LossSettings  # noqa: F401 (LossSettings is imported from here too)
 from hsconv.hidden_states import decoder_states, final_norm_module, lens_states
 
-LOSS_IMPLEMENTATIONS = ("fused", "reference")
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    alpha: float = 1.0
-    k: float = 0.25
-    kl_direction: str = "student_target"
-    movement_convention: str = "hf"
-    chunk_tokens: int = 256
-    implementation: str = "fused"
-    exit_samples: int | None = None  # ζ1 on this many exits per forward pass (None: all, the exact loss)
-    exit_sampling: str = "uniform"
-    # The frozen model's distribution read from a cache of its k most likely tokens per position (written once by
-    # `hsconv cache-teacher`), KL folded onto those k and one bucket; None: recomputed exactly in every step.
-    teacher_top_k: int | None = None
-
-    def __post_init__(self):
-        check_settings(self.kl_direction, self.movement_convention)
-        if self.implementation not in LOSS_IMPLEMENTATIONS:
-            raise ValueError(f"loss implementation {self.implementation!r} is not one of "
-                             f"{', '.join(LOSS_IMPLEMENTATIONS)}")
-        if self.chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be positive, got {self.chunk_tokens}")
-        if self.exit_samples is not None and self.exit_samples < 1:
-            raise ValueError(f"exit_samples must be at least 1 (or null for every exit), got {self.exit_samples}")
-        if self.exit_sampling not in EXIT_SAMPLING:
-            raise ValueError(f"exit_sampling {self.exit_sampling!r} is not one of {', '.join(EXIT_SAMPLING)}")
-        if self.exit_sampling == "uniform_keep_last" and self.exit_samples is not None and self.exit_samples < 2:
-            raise ValueError("exit_sampling uniform_keep_last needs exit_samples >= 2 (the output exit and at least "
-                             "one other)")
-        if self.implementation == "reference" and self.exit_samples is not None:
-            raise ValueError("exit_samples needs the fused loss (the reference loss computes every exit)")
-        if self.teacher_top_k is not None and self.teacher_top_k < 1:
-            raise ValueError(f"teacher_top_k must be at least 1 (or null to recompute the teacher), got "
-                             f"{self.teacher_top_k}")
-        if self.implementation == "reference" and self.teacher_top_k is not None:
-            raise ValueError("teacher_top_k needs the fused loss (the reference loss recomputes the teacher)")
 
 
 class SelfDistillation(torch.nn.Module):

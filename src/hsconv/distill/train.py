@@ -16,23 +16,22 @@ import shutil
 import signal
 import socket
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from hsconv.errors import InputError, check_device_available
+from hsconv.errors import check_device_available
 from hsconv.distill.loss import layer_weights
-from hsconv.distill.objective import LossSettings, SelfDistillation
+from hsconv.distill.objective import SelfDistillation
+from hsconv.settings import DistillSettings, LossSettings, TrainingError, TrainSettings  # noqa: F401 (re-exported)
 from hsconv.corpus import read_sequences
 from hsconv.io import atomic_path, sha256_file, stable_hash, write_parquet
 from hsconv.models import MANIFEST, context_length, load_model, read_manifest
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "float32", "bfloat16")
 # Testing hook: SIGKILL this process right after the given optimizer step (and its checkpoint, if one is due),
 # to prove that a run killed at any point resumes to the same result.
 KILL_AFTER_STEP_ENV = "HSCONV_KILL_AFTER_STEP"
@@ -40,85 +39,6 @@ KILL_AFTER_STEP_ENV = "HSCONV_KILL_AFTER_STEP"
 # (Slurm's, in tests/test_slurm.py) reliably falls in the middle of a run.
 MIN_STEP_SECONDS_ENV = "HSCONV_MIN_STEP_SECONDS"
 CHECKSUMS = "sha256.json"
-
-
-class TrainingError(InputError):
-    """Settings or data that cannot train; the message names the setting or file."""
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    batch_size: int = 128  # sequences per optimizer step, over all ranks and micro-batches (the paper: 128)
-    micro_batch_size: int = 4  # sequences per forward pass on one rank
-    epochs: int = 1
-    max_steps: int | None = None  # stop early (the schedule still spans all epochs' steps)
-    learning_rate: float = 1e-4
-    min_lr_ratio: float = 0.0  # the cosine decays to learning_rate × this
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    seed: int = 0
-    zero_stage: int = 2
-    offload_optimizer: bool = False
-    precision: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 50  # optimizer steps
-    keep_checkpoints: int = 2
-    deterministic: bool = True
-
-    def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise TrainingError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise TrainingError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
-        for name in ("batch_size", "micro_batch_size", "epochs", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class DistillSettings:
-    loss: LossSettings = field(default_factory=LossSettings)
-    train: TrainSettings = field(default_factory=TrainSettings)
-
-    @classmethod
-    def from_dict(cls, settings: dict) -> "DistillSettings":
-        """From the config's ``distill`` section (keys of both dataclasses, flat; unknown keys are errors)."""
-        loss_keys = LossSettings.__dataclass_fields__.keys()
-        train_keys = TrainSettings.__dataclass_fields__.keys()
-        unknown = set(settings) - set(loss_keys) - set(train_keys)
-        if unknown:
-            raise TrainingError(f"unknown distillation setting(s): {', '.join(sorted(unknown))}", "distill",
-                                "see the distill section of workflow/schemas/config.schema.yaml")
-        for key, value in settings.items():
-            kind = (LossSettings if key in loss_keys else TrainSettings).__dataclass_fields__[key].type
-            if not _has_type(value, kind):
-                raise TrainingError(f"{value!r} is not of type {kind}", f"distill.{key}")
-        train = {key: settings[key] for key in train_keys if key in settings}
-        if "adam_betas" in train:
-            train["adam_betas"] = tuple(train["adam_betas"])
-        try:
-            return cls(loss=LossSettings(**{key: settings[key] for key in loss_keys if key in settings}),
-                       train=TrainSettings(**train))
-        except TrainingError:
-            raise
-        except ValueError as error:  # a value in range of its type but not of the loss (LossSettings' checks)
-            raise TrainingError(str(error), "distill") from None
-
-    def to_dict(self) -> dict:
-        return {**asdict(self.loss), **asdict(self.train)}
-
-
-def _has_type(value, annotation: str) -> bool:
-    """Whether a JSON value fits a settings field's annotation (``int``, ``float | None``, ``tuple[...]``...)."""
-    options = [option.strip() for option in annotation.split("|")]
-    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-              "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
-              "None": lambda v: v is None}
-    return any(checks[option](value) if option in checks else isinstance(value, (list, tuple))
-               for option in options)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
