@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hsconv.errors import InputError
-from hsconv.io import atomic_path, check_input_file, iter_jsonl, read_input_table, sha256_file, write_parquet
+from hsconv.io import (atomic_path, check_input_file, iter_jsonl, iter_text_lines, read_input_table, sha256_file,
+                       write_parquet)
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,8 @@ def iter_documents(source: dict) -> Iterator[dict]:
         try:
             reader = pq.ParquetFile(path)
         except (pa.ArrowInvalid, OSError) as error:
-            raise CorpusError(f"not a Parquet file ({error})", str(path), "give a Parquet file with a 'text' column")
+            raise CorpusError(f"not a Parquet file ({error})", str(path),
+                              "give a Parquet file with a 'text' column") from None
         if "text" not in reader.schema_arrow.names:
             raise CorpusError(f"no 'text' column in {reader.schema_arrow.names}", str(path),
                               "give a Parquet file with a 'text' column")
@@ -70,17 +72,12 @@ def _iter_text_chunks(path: Path, chunk_chars: int) -> Iterator[dict]:
     """Plain text has no document boundaries: cut it into pieces of about ``chunk_chars`` at line ends."""
     pending: list[str] = []
     size = 0
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise CorpusError(f"not UTF-8 text ({error.reason})", f"{path}:{number}", "save it as UTF-8") from None
-            pending.append(line)
-            size += len(line)
-            if size >= chunk_chars:
-                yield {"text": "".join(pending)}
-                pending, size = [], 0
+    for _, line in iter_text_lines(path, CorpusError):
+        pending.append(line)
+        size += len(line)
+        if size >= chunk_chars:
+            yield {"text": "".join(pending)}
+            pending, size = [], 0
     if pending:
         yield {"text": "".join(pending)}
 

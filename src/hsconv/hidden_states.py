@@ -200,10 +200,11 @@ def dump_hidden_states(model_dir: str, texts_path: str, out: str | os.PathLike, 
 
     texts = read_input_table(texts_path, "evaluation texts", ["document", "text"], made_by="prepare-texts")
     loaded = load_model(model_dir, dtype=dtype, device=device)
-    with torch.no_grad():  # not set_grad_enabled(False): a caller in the same process (a test, a notebook) trains
-        frame, stats = token_movement(loaded, texts["document"].tolist(), texts["text"].tolist(),
-                                      max_tokens=max_tokens, overflow=overflow, batch_size=batch_size,
-                                      exclude_special_tokens=exclude_special_tokens, device=device)
+    # No process-wide set_grad_enabled(False): layer_states already runs without autograd, and a caller in the same
+    # process (a test, a notebook) may train afterwards.
+    frame, stats = token_movement(loaded, texts["document"].tolist(), texts["text"].tolist(), max_tokens=max_tokens,
+                                  overflow=overflow, batch_size=batch_size,
+                                  exclude_special_tokens=exclude_special_tokens, device=device)
     stats.update(model=loaded.name, variant=variant, dataset=dataset, dtype=dtype, device=device,
                  model_source=loaded.manifest.get("source"))
     write_parquet(frame, out, {"hidden_states": stats})

@@ -156,7 +156,7 @@ def check_input_file(path: str | os.PathLike, what: str, made_by: str | None = N
     """``path`` as a Path, or an :class:`InputError` (the stage's own kind of it) naming it when it is missing or
     not a file."""
     path = Path(path)
-    how = f"give the {what} that `hsconv {made_by}` writes" if made_by else f"give the path of the {what}"
+    how = _how_to_fix(what, made_by) if made_by else f"give the path of the {what}"
     if not path.exists():
         raise error(f"{what} not found", str(path), how)
     if not path.is_file():
@@ -164,12 +164,16 @@ def check_input_file(path: str | os.PathLike, what: str, made_by: str | None = N
     return path
 
 
+def _how_to_fix(what: str, made_by: str) -> str:
+    return f"give the {what} that `hsconv {made_by}` writes"
+
+
 def read_input_table(path: str | os.PathLike, what: str, columns=(), made_by: str | None = None,
                      allow_empty: bool = False) -> pd.DataFrame:
     """A stage's Parquet input, refused with its path when it is missing, not Parquet, lacks a needed column or
     holds no rows."""
     path = check_input_file(path, what, made_by)
-    how = f"give the {what} that `hsconv {made_by}` writes" if made_by else f"give a Parquet {what}"
+    how = _how_to_fix(what, made_by) if made_by else f"give a Parquet {what}"
     try:
         names = pq.read_schema(path).names
     except (pa.ArrowInvalid, OSError) as error:
@@ -189,26 +193,32 @@ def iter_jsonl(path: str | os.PathLike, text_field: str = "text",
     refused as ``path:line`` with ``error_type`` (the calling stage's kind of :class:`InputError`). Blank lines are
     skipped."""
     path = check_input_file(path, "jsonl file", error=error_type)
+    for number, line in iter_text_lines(path, error_type):
+        where = f"{path}:{number}"
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise error_type(f"not a JSON line ({error.msg}, column {error.colno})", where,
+                             "give a jsonl file: one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise error_type(f"a JSON {type(record).__name__}, not an object", where,
+                             f"each line must be an object with a {text_field!r} string")
+        if not isinstance(record.get(text_field), str):
+            found = "no" if text_field not in record else f"a {type(record[text_field]).__name__}"
+            raise error_type(f"{found} {text_field!r} field where a string is needed", where,
+                             f"each line must be an object with a {text_field!r} string")
+        yield number, record
+
+
+def iter_text_lines(path: Path, error_type: type[InputError] = InputError) -> Iterator[tuple[int, str]]:
+    """(line number, line with its end) of a UTF-8 text file, line ends translated to "\\n" as text mode does; bytes
+    that are not UTF-8 are refused as ``path:line`` with ``error_type`` (text mode could not say which line)."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
+                yield number, raw.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
             except UnicodeDecodeError as error:
-                raise error_type(f"not UTF-8 text ({error.reason} at byte {error.start})", where,
+                raise error_type(f"not UTF-8 text ({error.reason} at byte {error.start})", f"{path}:{number}",
                                  "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise error_type(f"not a JSON line ({error.msg}, column {error.colno})", where,
-                                 "give a jsonl file: one JSON object per line") from None
-            if not isinstance(record, dict):
-                raise error_type(f"a JSON {type(record).__name__}, not an object", where,
-                                 f"each line must be an object with a {text_field!r} string")
-            if not isinstance(record.get(text_field), str):
-                found = "no" if text_field not in record else f"a {type(record[text_field]).__name__}"
-                raise error_type(f"{found} {text_field!r} field where a string is needed", where,
-                                 f"each line must be an object with a {text_field!r} string")
-            yield number, record
