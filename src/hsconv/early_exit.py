@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from hsconv.architectures import family_of_config
 from hsconv.errors import InputError
 from hsconv.io import atomic_path, write_table
 from hsconv.models import MANIFEST, save_hf, load_model
@@ -33,8 +34,8 @@ def prune_model(model_dir: str | os.PathLike, keep_layers: int | None, out_dir: 
         keep_layers = kept_layers(total, keep_fraction)
     if not 1 <= keep_layers <= total:
         raise InputError(f"keep_layers={keep_layers} is out of range: model {loaded.name!r} has layers 1..{total}")
-    decoder = model.get_decoder()
-    decoder.layers = decoder.layers[:keep_layers]
+    decoder, blocks = model.get_decoder(), family_of_config(model.config).layers
+    setattr(decoder, blocks, getattr(decoder, blocks)[:keep_layers])
     model.config.num_hidden_layers = keep_layers
     # Per-layer config lists (attention kinds in Qwen2 and newer Llama configs) must match the layer count.
     for key in ("layer_types",):

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hsconv.architectures import family_of_config
 from hsconv.errors import InputError
 from hsconv.io import write_parquet
 from hsconv.models import LoadedModel
@@ -26,8 +27,6 @@ log = logging.getLogger(__name__)
 
 FINAL_NORM_CONVENTIONS = ("hf", "pre_norm")
 OVERFLOW_POLICIES = ("error", "truncate", "split")
-# Attribute of the decoder that holds the norm applied before the LM head, by architecture family.
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 
 
 class ContextLengthError(InputError):
@@ -42,14 +41,44 @@ class Segment:
 
 
 def final_norm_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The final normalisation applied before the LM head (``norm`` in Llama/Qwen2, ``ln_f`` in GPT-style)."""
+    """The final normalisation applied before the LM head (where it lives is the family's, see hsconv.architectures)."""
+    family = family_of_config(model.config)
     decoder = model.get_decoder()
-    for name in FINAL_NORM_NAMES:
-        if isinstance(getattr(decoder, name, None), torch.nn.Module):
-            return getattr(decoder, name)
-    raise InputError(f"cannot find the final norm of {type(model).__name__} (looked for "
-                     f"{', '.join(FINAL_NORM_NAMES)} on {type(decoder).__name__}); supported layouts: Llama, Qwen2, "
-                     f"Mistral (norm), GPT-2 (ln_f), GPT-NeoX (final_layer_norm), Phi (final_layernorm)")
+    norm = getattr(decoder, family.final_norm, None)
+    if not isinstance(norm, torch.nn.Module):
+        raise InputError(f"cannot find the final norm of {type(model).__name__} (no module "
+                         f"{type(decoder).__name__}.{family.final_norm}, where the {family.name} family keeps it)")
+    return norm
+
+
+def cap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Gemma's output softcap ``c·tanh(z/c)``; the identity where the family has none."""
+    return logits if softcap is None else softcap * torch.tanh(logits / softcap)
+
+
+@dataclass
+class Readout:
+    """What turns a pre-norm state into the model's logits: the final norm, the LM head, then the family's softcap.
+    Every exit of the logit lens goes through it, so exit L equals the model's own logits in every family."""
+    final_norm: torch.nn.Module
+    head: torch.nn.Module
+    softcap: float | None = None
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """Logits from a state the final norm has already been applied to."""
+        return cap_logits(self.head(normed), self.softcap)
+
+    def __call__(self, pre_norm: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.final_norm(pre_norm))
+
+
+def readout(model: torch.nn.Module) -> Readout:
+    family = family_of_config(model.config)
+    head = model.get_output_embeddings()
+    if head is None:
+        raise InputError(f"{type(model).__name__} has no output embeddings (LM head) to read layers through")
+    softcap = getattr(model.config, family.softcap, None) if family.softcap else None
+    return Readout(final_norm_module(model), head, float(softcap) if softcap else None)
 
 
 def segment_documents(tokenizer, documents: list[int], texts: list[str], max_tokens: int,

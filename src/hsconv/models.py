@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 
+from hsconv.architectures import FAMILIES, check_model_dir, family_of, model_type_of_gguf
 from hsconv.errors import InputError, check_device_available
 from hsconv.io import atomic_path
 
@@ -41,7 +42,9 @@ SOURCE_KINDS = ("hub", "local", "gguf", "tiny")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 GGUF_MAGIC = b"GGUF"
 TINY_EOS = "<|endoftext|>"
-TINY_ARCHITECTURES = ("llama", "qwen2")
+TINY_ARCHITECTURES = tuple(FAMILIES)
+# Families whose attention has one key-value head per query head (no num_key_value_heads in their config).
+NO_GROUPED_ATTENTION = ("gpt2", "gpt_neox")
 
 
 class ModelSourceError(InputError):
@@ -105,9 +108,11 @@ def check_source(name: str, source: dict) -> None:
         if kind not in SOURCE_KINDS:
             raise ModelSourceError(f"unknown source kind {kind!r}; expected one of {', '.join(SOURCE_KINDS)}")
         if kind == "gguf":
-            gguf_path(source)
+            path = gguf_path(source)
+            family_of(model_type_of_gguf(path), f"{path} (general.architecture)")
         elif kind == "local":
             _check_local_dir(Path(source["path"]).expanduser())
+            check_model_dir(Path(source["path"]).expanduser())
         elif kind == "tiny":
             _check_tiny_shapes(source)
     except ModelSourceError as error:
@@ -141,6 +146,7 @@ def prepare_model(name: str, source: dict, out_dir: str | Path) -> Path:
         manifest = {"name": name, "source": source, "weights": None}
         if kind == "hub":
             manifest["weights"] = str(_snapshot(name, source))
+            check_model_dir(manifest["weights"])
         elif kind == "local":
             manifest["weights"] = str(Path(source["path"]).expanduser().resolve())
         elif kind == "gguf":
@@ -171,6 +177,7 @@ def load_model(model_dir: str | Path, dtype: str = "float32", device: str = "cpu
     if dtype not in DTYPES:
         raise ModelSourceError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}", "--dtype")
     check_device_available(device)
+    check_model_dir(weights)
     model = AutoModelForCausalLM.from_pretrained(weights, dtype=getattr(torch, dtype)).to(device).eval()
     return LoadedModel(model=model, tokenizer=load_tokenizer(model_dir), name=manifest["name"], manifest=manifest)
 
@@ -256,9 +263,9 @@ def byte_level_tokenizer():
 
 
 def build_tiny_model(spec: dict):
+    """A randomly initialised model of any supported family from a few size fields, reproducible from ``seed``."""
     import torch
-    """A randomly initialised Llama or Qwen2 model from a few size fields, reproducible from ``seed``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = byte_level_tokenizer()
     common = dict(
@@ -267,20 +274,31 @@ def build_tiny_model(spec: dict):
         intermediate_size=spec["intermediate_size"],
         num_hidden_layers=spec["num_layers"],
         num_attention_heads=spec["num_heads"],
-        num_key_value_heads=spec["num_kv_heads"],
         max_position_embeddings=spec["max_position_embeddings"],
         tie_word_embeddings=spec["tie_word_embeddings"],
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
-    config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}[spec["architecture"]]
+    architecture = spec["architecture"]
+    if architecture not in NO_GROUPED_ATTENTION:
+        common["num_key_value_heads"] = spec["num_kv_heads"]
+    if architecture == "gpt2":
+        common["n_inner"] = spec["intermediate_size"]
+    config = AutoConfig.for_model(architecture, **common)
+    if hasattr(config, "head_dim"):  # Gemma and Qwen3 default to 256 and 128, whatever the hidden size
+        config.head_dim = spec["hidden_size"] // spec["num_heads"]
+    softcap = FAMILIES[architecture].softcap
+    if softcap and spec.get("final_logit_softcapping") is not None:
+        setattr(config, softcap, float(spec["final_logit_softcapping"]))
     torch.manual_seed(spec["seed"])
-    model = AutoModelForCausalLM.from_config(config_class(**common), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Fresh norms have unit weights, which makes the final norm a pure rescaling that leaves every cosine unchanged;
-    # random gains make the `hf` and `pre_norm` conventions differ, as they do in trained models.
+    # random gains make the `hf` and `pre_norm` conventions differ, as they do in trained models. Norms are found by
+    # class (GPT-2 names its `ln_f`), and LayerNorm biases get a small random shift.
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.uniform_(0.5, 1.5)
+        for module in model.modules():
+            if "norm" in type(module).__name__.lower():
+                for name, parameter in module.named_parameters(recurse=False):
+                    parameter.uniform_(0.5, 1.5) if name == "weight" else parameter.uniform_(-0.1, 0.1)
     return model, tokenizer

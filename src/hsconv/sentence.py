@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from hsconv.errors import InputError
-from hsconv.hidden_states import FINAL_NORM_CONVENTIONS, final_norm_module, layer_states, lens_states, movement
+from hsconv.hidden_states import FINAL_NORM_CONVENTIONS, layer_states, lens_states, movement, readout
 from hsconv.io import write_parquet
 from hsconv.models import LoadedModel
 
@@ -105,13 +105,13 @@ def trace_sentence(loaded: LoadedModel, text: str, target: str, pca_exclude_firs
     texts = token_texts(tokenizer, ids)
     num_layers = loaded.num_layers
 
-    norm, head = final_norm_module(model), model.get_output_embeddings()
+    model_readout = readout(model)
     next_ids = torch.tensor(ids[1:] + [-1], device=device)
     has_next = next_ids >= 0
     lens_rows = []
     for layer, state in enumerate(lens_inputs):
         # One layer's logits at a time: positions × vocabulary, never layers × positions × vocabulary.
-        probabilities = torch.softmax(head(norm(state[0])).double(), dim=-1)
+        probabilities = torch.softmax(model_readout(state[0]).double(), dim=-1)
         top_prob, top_id = probabilities.max(dim=-1)
         next_prob = torch.where(has_next, probabilities.gather(1, next_ids.clamp(min=0)[:, None])[:, 0],
                                 torch.nan)

@@ -25,7 +25,7 @@ import torch
 
 from hsconv.settings import TunedLensSettings
 from hsconv.errors import InputError
-from hsconv.hidden_states import decoder_states, final_norm_module, lens_states
+from hsconv.hidden_states import decoder_states, lens_states, readout
 from hsconv.io import atomic_path, write_parquet
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,9 @@ class TunedLens(torch.nn.Module):
         return lens.eval().requires_grad_(False)
 
 
-def layer_kl(head, norm, target_logprob: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+def layer_kl(model_readout, target_logprob: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(p_L ‖ q_l) for one layer's (translated) states."""
-    logprob = torch.log_softmax(head(norm(state)).float(), dim=-1)
+    logprob = torch.log_softmax(model_readout(state).float(), dim=-1)
     return (target_logprob.exp() * (target_logprob - logprob)).sum(-1).mean()
 
 
@@ -105,7 +105,7 @@ def train_tuned_lens(model_dir: str | os.PathLike, tokens_path: str | os.PathLik
         raise InputError(f"{tokens_path} has {len(ids)} sequences; the tuned lens needs more than the "
                          f"{holdout_sequences} held out")
     train_ids, held_out = ids[:-holdout_sequences], torch.from_numpy(ids[-holdout_sequences:]).to(device)
-    head, norm = model.get_output_embeddings(), final_norm_module(model)
+    model_readout = readout(model)
     lens = TunedLens(loaded.num_layers, model.config.hidden_size).to(device)
     optimizer = torch.optim.Adam(lens.parameters(), lr=learning_rate)
     rng = np.random.default_rng(seed)
@@ -120,10 +120,10 @@ def train_tuned_lens(model_dir: str | os.PathLike, tokens_path: str | os.PathLik
         for micro_batch in micro_batches:
             with torch.no_grad():
                 states = lens_states(decoder_states(model, micro_batch, None))
-                target = torch.log_softmax(head(norm(states[-1])).float(), dim=-1)
+                target = torch.log_softmax(model_readout(states[-1]).float(), dim=-1)
             for layer in range(loaded.num_layers):  # one layer's logits at a time
-                loss = layer_kl(head, norm, target, lens(layer, states[layer])) / (loaded.num_layers
-                                                                                   * len(micro_batches))
+                loss = layer_kl(model_readout, target, lens(layer, states[layer])) / (loaded.num_layers
+                                                                                     * len(micro_batches))
                 loss.backward()
                 total += float(loss.detach())
         optimizer.step()
@@ -149,10 +149,10 @@ def train_tuned_lens(model_dir: str | os.PathLike, tokens_path: str | os.PathLik
 @torch.no_grad()
 def held_out_kl(model, lens: TunedLens, input_ids: torch.Tensor) -> list[float]:
     """KL(p_L ‖ q_l) per layer 0..L−1 on held-out sequences (with zero translators: the logit lens's)."""
-    head, norm = model.get_output_embeddings(), final_norm_module(model)
+    model_readout = readout(model)
     states = lens_states(decoder_states(model, input_ids, None))
-    target = torch.log_softmax(head(norm(states[-1])).float(), dim=-1)
-    values = [float(layer_kl(head, norm, target, lens(layer, state))) for layer, state in enumerate(states[:-1])]
+    target = torch.log_softmax(model_readout(states[-1]).float(), dim=-1)
+    values = [float(layer_kl(model_readout, target, lens(layer, state))) for layer, state in enumerate(states[:-1])]
     if not all(math.isfinite(value) for value in values):
         raise FloatingPointError(f"non-finite held-out KL per layer: {values}")
     return values

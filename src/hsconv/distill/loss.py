@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from hsconv.hidden_states import cap_logits
 from hsconv.settings import EXIT_SAMPLING, KL_DIRECTIONS, MOVEMENT_CONVENTIONS, check_settings  # noqa: F401 (re-exported)
 
 
@@ -172,6 +173,14 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
+def _capped_logits(logits: torch.Tensor, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The family's output softcap c·tanh(z/c) and its slope 1 − tanh² (None: no cap, slope 1)."""
+    if softcap is None:
+        return logits, None
+    capped = cap_logits(logits, softcap)
+    return capped, 1.0 - (capped / softcap).square()
+
+
 def _target_chunk(logits: torch.Tensor, direction: str) -> dict:
     logp = torch.log_softmax(logits, dim=-1)
     if direction == "target_student":
@@ -187,12 +196,13 @@ class FusedLogitLensKL(torch.autograd.Function):
     ``head_weight`` (V, d) and ``head_bias`` (V or None); ``target_hidden`` (N, d) and ``target_weight``/``bias``:
     the frozen model's last normalised state and head, from which q_target is formed one chunk at a time; or, in
     their place (all three None), ``cached``: a :class:`TopKTarget` of the N tokens, against which KL is folded.
+    ``softcap``: the family's output cap on both models' logits (Gemma 2/3), None for none.
     Returns ζ1 and the per-layer mean KL (not differentiable).
     """
 
     @staticmethod
     def forward(ctx, normed, head_weight, head_bias, target_hidden, target_weight, target_bias, weights,
-                direction, chunk_tokens, cached=None):
+                direction, chunk_tokens, cached=None, softcap=None):
         layers, tokens, _ = normed.shape
         # Logits and softmax in float32 at least (bf16 logits lose the small probabilities KL depends on).
         compute = torch.promote_types(normed.dtype, torch.float32)
@@ -207,8 +217,8 @@ class FusedLogitLensKL(torch.autograd.Function):
         for start in range(0, tokens, chunk_tokens):
             stop = min(start + chunk_tokens, tokens)
             if cached is None:
-                target = _target_chunk(F.linear(target_hidden[start:stop], target_weight, target_bias).to(compute),
-                                       direction)
+                target_logits = F.linear(target_hidden[start:stop], target_weight, target_bias).to(compute)
+                target = _target_chunk(cap_logits(target_logits, softcap), direction)
                 kl_and_grad = _kl_and_logit_grad
             else:
                 target = {"ids": cached.ids[start:stop], "logp_top": cached.values[start:stop].to(compute),
@@ -216,7 +226,11 @@ class FusedLogitLensKL(torch.autograd.Function):
                 kl_and_grad = _folded_kl_and_logit_grad
             for layer in range(layers):
                 x = normed[layer, start:stop]
-                kl, grad_logits = kl_and_grad(F.linear(x, head_weight, head_bias).to(compute), target, direction)
+                logits, slope = _capped_logits(F.linear(x, head_weight, head_bias).to(compute), softcap)
+                kl, grad_logits = kl_and_grad(logits, target, direction)
+                del logits
+                if slope is not None:  # through the cap: d/dz c·tanh(z/c) = 1 − tanh²
+                    grad_logits = grad_logits.mul_(slope)
                 kl_sums[layer] += kl.sum().double()
                 grad_logits = grad_logits.mul_(scale[layer]).to(head_weight.dtype)
                 if grad_normed is not None:
@@ -242,7 +256,7 @@ class FusedLogitLensKL(torch.autograd.Function):
         return (grad_normed * g.to(grad_normed.dtype) if has_normed else None,
                 (grad_weight * g).to(ctx.weight_dtype) if has_weight else None,
                 (grad_bias * g).to(ctx.weight_dtype) if has_bias else None,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def relative_steps(states: list[torch.Tensor]) -> torch.Tensor:
@@ -262,7 +276,7 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
                            movement_convention: str = "hf", chunk_tokens: int = 256,
                            exit_samples: int | None = None, exit_sampling: str = "uniform",
                            generator: torch.Generator | None = None,
-                           cached_target: TopKTarget | None = None) -> LossTerms:
+                           cached_target: TopKTarget | None = None, softcap: float | None = None) -> LossTerms:
     """ζ for one batch.
 
     ``pre_norm_states``: h_0..h_L of the student, all before the final norm (B, T, d each); ``target_hidden``:
@@ -272,6 +286,7 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
     ``movement_convention`` chooses h_L in ζ2: after the final norm (``hf``, as ``output_hidden_states`` gives it)
     or before it. q_L is always LMHead(FinalNorm(pre-norm h_L)): the final norm is never applied twice.
     ``exit_samples``/``exit_sampling``: ζ1 on a random subset of the exits (:func:`sample_exits`); ζ2 stays exact.
+    ``softcap``: the family's output-logit cap (:class:`hsconv.hidden_states.Readout`), applied to both models.
     """
     check_settings(direction, movement_convention)
     num_layers = len(pre_norm_states) - 1
@@ -291,7 +306,7 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
     else:
         target = (None, None, None, cached_target.select(mask.to(cached_target.values.device)))
     zeta1, chosen_kl = FusedLogitLensKL.apply(normed, head.weight, head.bias, *target[:3], coefficients.to(device),
-                                              direction, chunk_tokens, target[3])
+                                              direction, chunk_tokens, target[3], softcap)
     kl = torch.full((num_layers + 1,), float("nan"), dtype=chosen_kl.dtype, device=chosen_kl.device)
     kl[chosen.to(kl.device)] = chosen_kl
     if movement_convention == "hf":
@@ -307,7 +322,8 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
 
 def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Module, head: torch.nn.Linear,
                    target_hidden: torch.Tensor, target_head: torch.nn.Linear, mask: torch.Tensor, alpha: float,
-                   k: float, direction: str = "student_target", movement_convention: str = "hf") -> LossTerms:
+                   k: float, direction: str = "student_target", movement_convention: str = "hf",
+                   softcap: float | None = None) -> LossTerms:
     """ζ the plain way: every layer's logits materialised at once, gradients by autograd. For tests and the
     benchmark's naive baseline; run it in float64 for an independent check of :func:`self_distillation_loss`."""
     check_settings(direction, movement_convention)
@@ -315,8 +331,8 @@ def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Mod
     mask = mask.bool()
     weights = layer_weights(num_layers, k, dtype=pre_norm_states[0].dtype).to(mask.device)
     normed = [final_norm(state) for state in pre_norm_states]
-    logq = torch.log_softmax(torch.stack([head(state) for state in normed]), dim=-1)  # (L+1, B, T, V)
-    logp = torch.log_softmax(target_head(target_hidden), dim=-1).unsqueeze(0)
+    logq = torch.log_softmax(cap_logits(torch.stack([head(state) for state in normed]), softcap), dim=-1)  # (L+1,B,T,V)
+    logp = torch.log_softmax(cap_logits(target_head(target_hidden), softcap), dim=-1).unsqueeze(0)
     if direction == "target_student":
         per_token = (logp.exp() * (logp - logq)).sum(-1)
     else:

@@ -12,7 +12,7 @@ import torch
 
 from hsconv.distill.loss import LossTerms, TopKTarget, reference_loss, self_distillation_loss
 from hsconv.settings import LOSS_IMPLEMENTATIONS, LossSettings  # noqa: F401 (LossSettings is imported from here too)
-from hsconv.hidden_states import decoder_states, final_norm_module, lens_states
+from hsconv.hidden_states import decoder_states, lens_states, readout
 
 
 
@@ -27,10 +27,9 @@ class SelfDistillation(torch.nn.Module):
         # A plain attribute holder keeps the target out of .parameters(), .to(), state_dict() and ZeRO.
         self._target = (target,)
         self.settings = settings
-        self.final_norm = final_norm_module(student)
-        self.head = student.get_output_embeddings()
-        if self.head is None:
-            raise ValueError(f"{type(student).__name__} has no output embeddings (LM head) to read layers through")
+        student_readout = readout(student)
+        self.final_norm, self.head, self.softcap = (student_readout.final_norm, student_readout.head,
+                                                    student_readout.softcap)
 
     @property
     def target(self) -> torch.nn.Module:
@@ -61,7 +60,7 @@ class SelfDistillation(torch.nn.Module):
             target_head = self.target.get_output_embeddings()
         settings = self.settings
         common = dict(mask=attention_mask, alpha=settings.alpha, k=settings.k, direction=settings.kl_direction,
-                      movement_convention=settings.movement_convention)
+                      movement_convention=settings.movement_convention, softcap=self.softcap)
         if settings.implementation == "reference":
             return reference_loss(pre_norm, self.final_norm, self.head, target_hidden, target_head, **common)
         generator = None

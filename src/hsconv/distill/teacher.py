@@ -24,7 +24,7 @@ import torch
 from hsconv.errors import InputError
 from hsconv.corpus import read_sequences
 from hsconv.distill.loss import TopKTarget, top_k_target
-from hsconv.hidden_states import decoder_states
+from hsconv.hidden_states import decoder_states, readout
 from hsconv.io import atomic_path, sha256_file
 from hsconv.models import context_length, load_model
 
@@ -42,7 +42,8 @@ def write_teacher_cache(model_dir: str | os.PathLike, tokens_path: str | os.Path
     """Run the frozen model once over every packed row and keep its top-k distribution per position.
 
     The distribution is formed as the trainer forms q_target (the decoder's last normalised state through the LM
-    head, log-softmax in float32), so a cache with k = V − 1 reproduces the recomputed loss exactly."""
+    head and the family's softcap, log-softmax in float32), so a cache with k = V − 1 reproduces the recomputed
+    loss exactly."""
     loaded = load_model(model_dir, dtype=dtype, device=device)
     model = loaded.model
     ids, n_tokens = read_sequences(tokens_path, context_length(model.config), loaded.name)
@@ -51,7 +52,7 @@ def write_teacher_cache(model_dir: str | os.PathLike, tokens_path: str | os.Path
         raise TeacherCacheError(f"teacher_top_k must be between 1 and the vocabulary size − 1 ({vocab - 1}), "
                                 f"got {top_k}")
     rows, length = ids.shape
-    head = model.get_output_embeddings()
+    model_readout = readout(model)
     started = time.perf_counter()
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
@@ -65,7 +66,7 @@ def write_teacher_cache(model_dir: str | os.PathLike, tokens_path: str | os.Path
                 mask = (torch.arange(length)[None, :] < torch.from_numpy(n_tokens[start:stop])[:, None]).long()
                 hidden = decoder_states(model, input_ids, mask.to(device))["states"][-1]
                 for row in range(stop - start):  # one row's V-sized logits at a time
-                    log_probs = torch.log_softmax(head(hidden[row]).float(), dim=-1)
+                    log_probs = torch.log_softmax(model_readout.logits(hidden[row]).float(), dim=-1)
                     top, top_ids, left = top_k_target(log_probs, top_k)
                     values[start + row], token_ids[start + row] = top.cpu().numpy(), top_ids.int().cpu().numpy()
                     rest[start + row] = left.cpu().numpy()

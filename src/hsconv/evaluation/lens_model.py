@@ -4,8 +4,8 @@
 (context tokens, continuation tokens) into (log-likelihood, is-greedy). Tokenisation, context windows, rolling
 log-likelihood for perplexity tasks and metric aggregation stay lm-eval's. The kernel runs one forward pass per
 batch, keeps every layer's hidden state at the scored positions only, and for each exit l = 0..L computes
-log p(continuation) from LMHead(FinalNorm(h_l)) (the last exit uses the pre-norm h_L, so the final norm is applied
-once, exactly as the model does). The results for all exits are memoised, so evaluating L+1 exits costs one forward
+log p(continuation) from softcap(LMHead(FinalNorm(h_l))) (softcap: Gemma's, the identity elsewhere; the last exit
+uses the pre-norm h_L, so the final norm is applied once, exactly as the model does). The results for all exits are memoised, so evaluating L+1 exits costs one forward
 pass plus the heads at the scored positions; ``exit_layer`` chooses which exit the harness sees.
 """
 
@@ -21,7 +21,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import pad_and_concat
 
 from hsconv.errors import InputError
-from hsconv.hidden_states import decoder_states, final_norm_module, lens_states
+from hsconv.hidden_states import decoder_states, lens_states, readout
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ class LogitLensLM(HFLM):
         if self.backend != "causal":
             raise InputError(f"the logit lens needs a decoder-only model; {type(self.model).__name__} is "
                              f"{self.backend}")
-        self.final_norm = final_norm_module(self.model)
-        self.head = self.model.get_output_embeddings()
+        self.readout = readout(self.model)
         self.num_layers = self.model.config.num_hidden_layers
         self.head_chunk_tokens = head_chunk_tokens
         # With a tuned lens, exit l reads LMHead(FinalNorm(T_l(h_l))) instead (hsconv.tuned_lens).
@@ -127,7 +126,7 @@ class LogitLensLM(HFLM):
                 selected = self.tuned_lens(layer, selected)
             for start in range(0, count, self.head_chunk_tokens):
                 chunk = slice(start, start + self.head_chunk_tokens)
-                logits = self.head(self.final_norm(selected[chunk])).to(self.softmax_dtype)
+                logits = self.readout(selected[chunk]).to(self.softmax_dtype)
                 # log p(target) = z_target − logsumexp(z): HFLM's log-softmax, without writing the normalised
                 # vocabulary-sized array (at every exit of every WikiText token that write costs as much as the
                 # head's product); the argmax of z is the argmax of log p.
