@@ -3,8 +3,10 @@
     python -m bench.per_layer_eval --model-dir results/models/smollm2-135m/base [--lambada 300 --wikitext 1]
 
 For each task, in one process: stock lm-eval's HFLM at the last layer (one evaluation), then ``LogitLensLM``
-evaluating every exit 0..L (L+1 lm-eval evaluations sharing one forward pass per batch). Looping stock lm-eval over
-the exits (a truncated model per exit) would cost about (L+1) × the stock evaluation. For WikiText, which needs
+evaluating every exit 0..L as the evaluation stage does (``evaluate_exits``: lm-eval's requests built once, one
+forward pass per batch for all exits, each exit's responses through the task's own ``process_results`` and
+aggregation; before 2026-12-03 each exit was a full ``lm_eval.evaluate`` that rebuilt the requests). Looping
+stock lm-eval over the exits (a truncated model per exit) would cost about (L+1) × the stock evaluation. For WikiText, which needs
 every exit's head at every token, the arithmetic floor is counted: the decoder's FLOPs plus L+1 head products per
 scored token, at the matmul limit measured in the same process; and, as a second reference, timed: one decoder
 pass over lm-eval's rolling windows plus one head with its log-normaliser per exit.
@@ -79,13 +81,13 @@ def timed_floor(lens, windows, batch_size: int) -> tuple[float, float, int, dict
     return forward, head, tokens, errors
 
 
-def measure(model_dir: str, lambada: int = 300, wikitext: int = 1, batch_size: int = 8, repeats: int = 2) -> dict:
+def measure(model_dir: str, lambada: int = 300, wikitext: int = 1, batch_size: int = 8, repeats: int = 3) -> dict:
     import lm_eval
     import torch
     from lm_eval.models.huggingface import HFLM
 
     from hsconv.evaluation.lens_model import LogitLensLM
-    from hsconv.evaluation.per_layer import stock_tasks, write_task_data
+    from hsconv.evaluation.per_layer import evaluate_exits, stock_tasks, write_task_data
     from hsconv.models import weights_dir
     from hsconv.texts import prepare_texts
 
@@ -112,11 +114,9 @@ def measure(model_dir: str, lambada: int = 300, wikitext: int = 1, batch_size: i
                 lens = LogitLensLM(pretrained=weights, dtype="float32", device="cpu", batch_size=batch_size)
                 exits = lens.num_layers + 1
 
-                def all_exits():
-                    for layer in range(exits):
-                        lens.exit_layer = layer
-                        result = lm_eval.evaluate(lm=lens, task_dict=task_dict, bootstrap_iters=0,
-                                                  log_samples=False, verbosity="WARNING")
+                def all_exits():  # as the evaluation stage runs them
+                    for layer, result in evaluate_exits(lens, task_dict, list(range(exits)), bootstrap_iters=0,
+                                                        log_samples=False):
                         values[layer] = result["results"][task][metric]
 
                 lens_seconds.append(timed(all_exits)[0])
@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--lambada", type=int, default=300, help="LAMBADA passages")
     parser.add_argument("--wikitext", type=int, default=1, help="WikiText articles")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args()
     result = measure(args.model_dir, args.lambada, args.wikitext, args.batch_size, args.repeats)

@@ -74,7 +74,7 @@ MEASURE = {
     "data": lambda model: data_stage.measure(model, megabytes=100, budget=10_000_000, repeats=3),
     "distill": distill_measure,
     "extraction": lambda model: extraction.measure(model, lambada=200, repeats=3),
-    "eval": lambda model: per_layer_eval.measure(model, lambada=300, wikitext=1, repeats=2),
+    "eval": lambda model: per_layer_eval.measure(model, lambada=300, wikitext=1, repeats=3),
     "teacher": lambda model: teacher_cache.measure(model, distill_tokens(model), ks=(64, 256)),
     "default_run": lambda model: default_run.measure(),
 }

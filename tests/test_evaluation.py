@@ -104,6 +104,33 @@ def test_all_exits_from_one_forward_pass_per_batch(model_dir, task_dict):
     assert lens.forward_passes == passes
 
 
+def test_requests_built_once_give_lm_evals_own_results_at_every_exit(model_dir, task_dict):
+    """evaluate_exits (requests built once, each exit's responses through the task's own process_results and
+    aggregation) against lm_eval.evaluate run anew at each exit: the same metrics, standard errors, sample counts
+    and per-document metrics."""
+    from hsconv.evaluation.per_layer import evaluate_exits
+
+    lens = LogitLensLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4)
+    exits = list(range(lens.num_layers + 1))
+    ours = dict(evaluate_exits(lens, task_dict, exits, bootstrap_iters=50, log_samples=True))
+    for layer in exits:
+        lens.exit_layer = layer
+        stock = run_with_stderr(lens, task_dict)
+        for task, values in stock["results"].items():
+            numbers = {key: value for key, value in values.items() if "," in key}
+            assert isinstance(numbers["perplexity_stderr,none" if "lambada" in task else "word_perplexity,none"],
+                              float)
+            assert {key: ours[layer]["results"][task][key] for key in numbers} == numbers, (layer, task)
+            assert ours[layer]["n-samples"][task] == stock["n-samples"][task]
+            for mine, theirs in zip(ours[layer]["samples"][task], stock["samples"][task], strict=True):
+                assert mine["doc_id"] == theirs["doc_id"]
+                assert all(mine[metric] == theirs[metric] for metric in theirs["metrics"])
+
+
+def run_with_stderr(lm, task_dict):
+    return lm_eval.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=50, log_samples=True, verbosity="WARNING")
+
+
 def test_intermediate_exit_equals_hand_computed_logit_lens(model_dir, texts):
     """Exit l: log-softmax(head(final_norm(output_hidden_states[l]))) at the target tokens, computed here by hand."""
     datasets, lambada, _ = texts

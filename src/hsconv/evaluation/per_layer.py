@@ -2,8 +2,11 @@
 
 The tasks are lm-eval's stock ``lambada_openai`` and ``wikitext`` configs (prompts, targets, metrics, the WikiText
 detokeniser and word/byte counts), loaded through lm-eval's public task API (a YAML that ``include``s the stock one)
-with only the data source swapped for the texts the data stage wrote. Every exit is evaluated with :class:`~hsconv.evaluation.lens_model.LogitLensLM`, whose memo makes
-all exits cost one forward pass per request batch.
+with only the data source swapped for the texts the data stage wrote. Every exit is evaluated with
+:class:`~hsconv.evaluation.lens_model.LogitLensLM`, whose memo makes all exits cost one forward pass per request
+batch; :func:`evaluate_exits` builds lm-eval's requests once for all exits (``lm_eval.evaluate`` would rebuild them,
+rendering every prompt template again, once per exit) and hands each exit's responses to the task's own filters,
+``process_results`` and aggregations.
 """
 
 from __future__ import annotations
@@ -82,6 +85,70 @@ def _stock_task_index() -> dict:
     return TaskManager().task_index
 
 
+def evaluate_exits(lm, task_dict: dict, exits: list[int], bootstrap_iters: int, log_samples: bool):
+    """Yield (exit, results) for every exit, results shaped as ``lm_eval.evaluate`` returns them (``results``,
+    ``n-samples``, ``configs``, ``versions``, and ``samples`` with each document's metrics when ``log_samples``).
+
+    The requests are built once; per exit only the model's responses change (from the lens's memo), and the task's
+    filters, ``process_results`` and aggregation (with lm-eval's standard errors) turn them into metrics, exactly as
+    ``lm_eval.evaluate`` does for a single-rank run (a test holds the two equal)."""
+    from collections import defaultdict
+
+    tasks = task_dict["tasks"]
+    by_type = defaultdict(list)
+    for task in tasks.values():
+        task.build_all_requests(limit=None, rank=0, world_size=1)
+        for instance in task.instances:
+            by_type[instance.request_type].append(instance)
+    for layer in exits:
+        lm.exit_layer = layer
+        for request_type, instances in by_type.items():
+            for instance, response in zip(instances, getattr(lm, request_type)(instances), strict=True):
+                instance.resps = [response]
+        yield layer, _task_metrics(tasks, bootstrap_iters, log_samples)
+
+
+def _task_metrics(tasks: dict, bootstrap_iters: int, log_samples: bool) -> dict:
+    """The tasks' metrics from the responses now in their instances, as ``lm_eval.evaluate`` computes them."""
+    from lm_eval.api.metrics import stderr_for_metric
+
+    results = {"results": {}, "n-samples": {}, "configs": {}, "versions": {}, "samples": {}}
+    for name, task in tasks.items():
+        task.apply_filters()
+        by_document = _instances_by_document(task.instances)
+        (filter_key,) = task.instances[0].filtered_resps  # the stock tasks have one filter, "none"
+        raw, samples = {}, []
+        for doc_id, doc in task.doc_iterator(rank=0, world_size=1):
+            metrics = task.process_results(doc, [instance.filtered_resps[filter_key]
+                                                 for instance in by_document[doc_id]])
+            for metric, value in metrics.items():
+                raw.setdefault(metric, []).append(value)
+            if log_samples:
+                samples.append({"doc_id": doc_id, **metrics})
+        values = {}
+        for metric, items in raw.items():
+            aggregate = task.aggregation()[metric]
+            values[f"{metric},{filter_key}"] = aggregate(items)
+            stderr = stderr_for_metric(aggregate, bootstrap_iters) if bootstrap_iters > 0 else None
+            values[f"{metric}_stderr,{filter_key}"] = stderr(items) if stderr and len(items) > 1 else "N/A"
+        config = dict(task.dump_config())
+        count = max(len(items) for items in raw.values())
+        results["results"][name] = {"alias": config.get("task_alias", name), **values}
+        results["n-samples"][name] = {"original": len(task.eval_docs), "effective": count}
+        results["configs"][name] = config
+        results["versions"][name] = task.VERSION
+        results["samples"][name] = samples
+    return results
+
+
+def _instances_by_document(instances) -> dict[int, list]:
+    """A task's instances by document, in request order (what ``process_results`` expects)."""
+    grouped: dict[int, list] = {}
+    for instance in instances:
+        grouped.setdefault(instance.doc_id, []).append(instance)
+    return {doc_id: sorted(group, key=lambda instance: instance.idx) for doc_id, group in grouped.items()}
+
+
 def tidy_results(results: dict, layer: int, task_names: dict[str, str], kinds: dict[str, str]) -> list[dict]:
     """One row per (task, metric) from lm-eval's results dict, with the standard error where lm-eval has one. ``task``
     is the data set's name (any name the config gives it), ``kind`` what it is (`lambada`, `wikitext`): consumers that
@@ -146,11 +213,14 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
         task_dict, task_names = stock_tasks(data_files, Path(tmp))
         kinds = {name: kind for name, (kind, _) in datasets.items()}
         rows, raw, documents = [], {}, []
-        for layer in exits:
-            if not stock:
-                lm.exit_layer = layer
-            results = lm_eval.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=bootstrap_iters,
-                                       log_samples=documents_out is not None, verbosity="WARNING")
+        log_samples = documents_out is not None
+        if stock:  # one exit, by lm-eval itself
+            evaluations = ((layer, lm_eval.evaluate(lm=lm, task_dict=task_dict, bootstrap_iters=bootstrap_iters,
+                                                    log_samples=log_samples, verbosity="WARNING"))
+                           for layer in exits)
+        else:
+            evaluations = evaluate_exits(lm, task_dict, exits, bootstrap_iters, log_samples)
+        for layer, results in evaluations:
             rows.extend(tidy_results(results, layer, task_names, kinds))
             if documents_out is not None:
                 documents.extend(document_outcomes(results, layer, task_names, kinds))
