@@ -89,6 +89,12 @@ def test_dump_captures_the_last_blocks_output_before_the_final_norm(family_model
             normed = getattr(decoder, FAMILIES[architecture].final_norm)(captured["last"])[0].double()
         cosine = torch.nn.functional.cosine_similarity(previous, normed, dim=-1)
         np.testing.assert_allclose(rows["movement_hf"], ((1 - cosine) / 2).numpy(), rtol=1e-5, atol=1e-7)
+        # The norm floor: D(h_{L−1}, FinalNorm(h_{L−1})), at layer L only.
+        with torch.no_grad():
+            normed_previous = getattr(decoder, FAMILIES[architecture].final_norm)(hidden[-2])[0].double()
+        cosine = torch.nn.functional.cosine_similarity(previous, normed_previous, dim=-1)
+        np.testing.assert_allclose(rows["norm_floor"], ((1 - cosine) / 2).numpy(), rtol=1e-5, atol=1e-7)
+        assert frame.loc[frame["layer"] < loaded.num_layers, "norm_floor"].isna().all()
 
 
 def test_every_exit_of_the_logit_lens_and_the_last_equals_the_models_own_logits(family_model):
@@ -190,6 +196,35 @@ def test_last_exit_equals_stock_lm_eval_in_every_family(family_model, tmp_path):
                 a, b = (a[0], b[0]) if isinstance(a, (tuple, list)) else (a, b)
                 assert a == pytest.approx(b, rel=1e-6, abs=1e-6), task
                 assert flag_a == flag_b, task
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_folding_the_final_norm_gain_keeps_every_exits_logits(family_model, tmp_path, tied):
+    """The folded model (gain in the head, untied) gives every exit the same logits; with an RMSNorm its hf h_L is
+    a positive multiple of the pre-norm h_L, so the two conventions' D_L coincide."""
+    from hsconv.hidden_states import decoder_states, lens_states, readout
+
+    architecture, model_dir = family_model
+    source = {**SOURCE, "architecture": architecture, "tie_word_embeddings": tied}
+    original = load_model(prepare_model(architecture, source, tmp_path / "original"))
+    folded = load_model(prepare_model(architecture, source, tmp_path / "folded", fold_final_norm_gain=True))
+    record = folded.manifest["reparametrisation"]
+    assert record["untied_head"] is tied and folded.model.config.tie_word_embeddings is False
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before, after = (decoder_states(loaded.model, ids, None) for loaded in (original, folded))
+        for state_before, state_after in zip(lens_states(before), lens_states(after), strict=True):
+            torch.testing.assert_close(readout(folded.model)(state_after), readout(original.model)(state_before),
+                                       rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(folded.model(ids).logits, original.model(ids).logits, rtol=1e-5, atol=1e-5)
+    norm_weight = readout(original.model).final_norm.weight
+    assert not torch.allclose(norm_weight, torch.full_like(norm_weight, norm_weight[0].item()))  # a real gain
+    frame, _ = token_movement(folded, [0], ["The river rose all night."], batch_size=1)
+    last = frame[frame["layer"] == folded.num_layers]
+    if getattr(readout(folded.model).final_norm, "bias", None) is None:  # RMSNorm: a pure rescaling now
+        np.testing.assert_allclose(last["movement_hf"], last["movement_pre_norm"], rtol=1e-5, atol=1e-7)
+    else:  # LayerNorm still centres its input
+        assert not np.allclose(last["movement_hf"], last["movement_pre_norm"])
 
 
 @pytest.mark.heavy

@@ -70,6 +70,41 @@ def test_fused_loss_equals_float64_reference(direction, convention, tied):
     assert expected.zeta1 > 0 and expected.zeta2 > 0
 
 
+@pytest.mark.parametrize("convention", ["hf", "pre_norm"])
+def test_scale_free_zeta2_is_one_minus_cosine_and_ignores_the_last_states_scale(convention):
+    """zeta2_measure cosine_distance: ζ2 = Σ w_l mean_t (1 − cos(h_{l−1}, h_l)), by hand in float64; fused equals
+    reference; and scaling the final norm's gain (which scales the hf h_L) changes the paper's ζ2 but not this one."""
+    student, target = make_pair(tied=False)
+    settings = dict(alpha=0.7, k=0.25, movement_convention=convention, zeta2_measure="cosine_distance")
+    expected, expected_grads = loss_and_grads(reference_loss, student, target, **settings)
+    fused, fused_grads = loss_and_grads(self_distillation_loss, student, target, chunk_tokens=4, **settings)
+    torch.testing.assert_close(fused.zeta2, expected.zeta2, rtol=1e-9, atol=1e-12)
+    for name, gradient in expected_grads.items():
+        torch.testing.assert_close(fused_grads[name], gradient, rtol=1e-5, atol=1e-10, msg=name)
+    input_ids, mask = batch()
+    with torch.no_grad():
+        result = decoder_states(student, input_ids, mask)
+    states = result["states"][:-1] + [result["states"][-1] if convention == "hf" else result["pre_norm_last"]]
+    real = mask.bool()
+    by_hand = [(1 - torch.nn.functional.cosine_similarity(a[real], b[real], dim=-1)).mean()
+               for a, b in zip(states[:-1], states[1:])]
+    weights = torch.softmax(0.25 * torch.arange(len(states), dtype=torch.float64), 0)[1:]
+    torch.testing.assert_close(fused.step, torch.stack(by_hand), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(fused.zeta2.detach(), (weights * torch.stack(by_hand)).sum(), rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        final_norm_module(student).weight.mul_(3.0)
+    scaled, _ = loss_and_grads(self_distillation_loss, student, target, chunk_tokens=4, **settings)
+    paper, _ = loss_and_grads(self_distillation_loss, student, target, chunk_tokens=4,
+                              **{**settings, "zeta2_measure": "relative_step"})
+    torch.testing.assert_close(scaled.step, fused.step, rtol=1e-9, atol=1e-12)
+    if convention == "hf":
+        with torch.no_grad():
+            final_norm_module(student).weight.div_(3.0)
+        unscaled, _ = loss_and_grads(self_distillation_loss, student, target, chunk_tokens=4,
+                                     **{**settings, "zeta2_measure": "relative_step"})
+        assert abs(paper.step[-1] - unscaled.step[-1]) > 0.1 * unscaled.step[-1]
+
+
 def test_float32_fused_loss_close_to_float64():
     student, target = make_pair(tied=True)
     expected, expected_grads = loss_and_grads(reference_loss, student, target, alpha=1.0, k=0.25)

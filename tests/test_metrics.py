@@ -37,8 +37,10 @@ def _token_table(values_by_document: dict[int, list[list[float]]]) -> pd.DataFra
     for document, tokens in values_by_document.items():
         for position, per_layer in enumerate(tokens):
             for layer, value in enumerate(per_layer, start=1):
+                last = layer == len(per_layer)
                 rows.append(dict(document=document, segment=0, position=position, token_id=0, layer=layer,
-                                 movement_hf=value, movement_pre_norm=value * (2 if layer == len(per_layer) else 1)))
+                                 movement_hf=value, movement_pre_norm=value * (2 if last else 1),
+                                 norm_floor=value / 4 if last else float("nan")))
     return pd.DataFrame(rows)
 
 
@@ -60,6 +62,9 @@ def test_summary_is_the_token_weighted_mean():
     # pre_norm: D = 0.4, 0.2, 0.4: rises 0.2 of total 0.4
     assert score.loc["pre_norm", "s_model"] == pytest.approx(0.5)
     assert score.loc["pre_norm", "last_layer_ratio"] == pytest.approx(2.0)
+    # The norm floor beside D_L: the token mean of layer L's floor ((0.3 + 0.1 + 0.2) / 4 / 3), in both tables.
+    assert score["norm_floor"].tolist() == pytest.approx([0.05, 0.05])
+    assert hf.loc[3, "norm_floor"] == pytest.approx(0.05) and hf.loc[[1, 2], "norm_floor"].isna().all()
 
 
 def test_bootstrap_resamples_whole_documents():

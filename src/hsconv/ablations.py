@@ -24,7 +24,7 @@ from hsconv.io import read_input_table
 REFERENCE = "reference"
 ABLATION_PREFIX = "ablation-"
 # The loss settings an ablation may vary; everything else (budget, optimiser) is held fixed across settings.
-FACTORS = ("alpha", "k", "kl_direction", "movement_convention")
+FACTORS = ("alpha", "k", "kl_direction", "movement_convention", "zeta2_measure")
 
 
 def value_text(value) -> str:

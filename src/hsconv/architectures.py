@@ -32,6 +32,7 @@ class Family:
     final_norm: str = "norm"  # the decoder's attribute holding the norm before the LM head
     layers: str = "layers"  # the decoder's attribute holding its blocks
     softcap: str | None = None  # the config attribute with the output-logit softcap, where the family has one
+    norm_gain_offset: float = 0.0  # the final norm multiplies by (offset + weight): Gemma stores its gain minus 1
 
 
 FAMILIES = {family.model_type: family for family in (
@@ -39,8 +40,8 @@ FAMILIES = {family.model_type: family for family in (
     Family("qwen2", "Qwen2 / Qwen2.5", "Qwen2-0.5B/1.5B, Qwen2.5-3B"),
     Family("qwen3", "Qwen3", "Qwen3-0.6B/1.7B"),
     Family("mistral", "Mistral", "Mistral-7B"),
-    Family("gemma2", "Gemma 2", "gemma-2-2b", softcap="final_logit_softcapping"),
-    Family("gemma3_text", "Gemma 3 (text)", "gemma-3-1b", softcap="final_logit_softcapping"),
+    Family("gemma2", "Gemma 2", "gemma-2-2b", softcap="final_logit_softcapping", norm_gain_offset=1.0),
+    Family("gemma3_text", "Gemma 3 (text)", "gemma-3-1b", softcap="final_logit_softcapping", norm_gain_offset=1.0),
     Family("phi3", "Phi-3", "Phi-3-mini"),
     Family("olmo2", "OLMo 2", "OLMo-2-1B"),
     Family("gpt2", "GPT-2", "gpt2, distilgpt2", final_norm="ln_f", layers="h"),

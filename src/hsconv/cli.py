@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--name", required=True, help="the model's name in the config")
     stage.add_argument("--source", required=True, type=json_object, help="the model's source, as JSON")
     stage.add_argument("--out", required=True, help="model directory to write")
+    stage.add_argument("--fold-final-norm-gain", action="store_true",
+                       help="move the final norm's gain into the LM head (the same function, another parametrisation)")
 
     stage = stages.add_parser("prepare-texts", help="read, subset and write an evaluation data set as Parquet")
     stage.add_argument("--name", required=True)
@@ -319,7 +321,7 @@ def run(args: argparse.Namespace) -> None:
     if args.stage == "prepare-model":
         from hsconv.models import prepare_model
 
-        prepare_model(args.name, args.source, args.out)
+        prepare_model(args.name, args.source, args.out, fold_final_norm_gain=args.fold_final_norm_gain)
     elif args.stage == "prepare-texts":
         from hsconv.texts import prepare_texts
 

@@ -4,6 +4,9 @@ Keeping every layer's full hidden states would cost tokens × (L+1) × d floats 
 so this stage keeps what the metrics need: for every real token and layer l = 1..L the movement
 D_l = 1 − (1 + cos(h_{l−1}, h_l)) / 2, computed in float64, under both conventions for the last state
 (``hf``: final norm applied, as ``output_hidden_states`` returns it; ``pre_norm``: the raw residual stream).
+Beside them, at layer L only, the *norm floor* D(h_{L−1}, FinalNorm(h_{L−1})): what the final norm alone moves the
+state before it, which bounds how small D_L(hf) can get whatever the last layer does (on SmolLM2 it is ≈ D_L(hf),
+from one massive-activation dimension whose norm gain is negative).
 """
 
 from __future__ import annotations
@@ -81,6 +84,34 @@ def readout(model: torch.nn.Module) -> Readout:
     return Readout(final_norm_module(model), head, float(softcap) if softcap else None)
 
 
+def fold_final_norm_gain(model: torch.nn.Module) -> dict:
+    """Move the final norm's gain g (and a LayerNorm's bias b) into the LM head: the norm keeps only its
+    normalisation (gain 1, bias b/g) and the head becomes W·diag(g), untied from the embeddings where it was tied.
+
+    Every exit's logits stay the same, since each reads head(norm(h)) = W (g ⊙ x̂ + b); only the hf convention's
+    h_L changes: with an RMSNorm it becomes a positive multiple of the pre-norm h_L, so D_L(hf) = D_L(pre_norm).
+    A reparametrisation, not a change of the model's function; returns what was done, for the manifest."""
+    family = family_of_config(model.config)
+    norm, head = final_norm_module(model), model.get_output_embeddings()
+    with torch.no_grad():
+        gain = norm.weight.detach().double() + family.norm_gain_offset
+        if (gain == 0).any():
+            raise InputError(f"the final norm of {type(model).__name__} has a zero gain in "
+                             f"{int((gain == 0).sum())} dimension(s); folding would divide its bias by zero")
+        tied = head.weight is model.get_input_embeddings().weight
+        if tied:
+            head.weight = torch.nn.Parameter(head.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+        head.weight.mul_(gain.to(head.weight.dtype))
+        norm.weight.fill_(1.0 - family.norm_gain_offset)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.div_(gain.to(norm.bias.dtype))
+    largest = int(gain.abs().argmax())
+    return {"folded": "final norm gain into the LM head", "untied_head": tied, "dimensions": int(gain.numel()),
+            "largest_gain": {"dimension": largest, "value": float(gain[largest])},
+            "negative_gains": int((gain < 0).sum())}
+
+
 def segment_documents(tokenizer, documents: list[int], texts: list[str], max_tokens: int,
                       overflow: str) -> tuple[list[Segment], dict]:
     """Tokenise documents; a document longer than ``max_tokens`` is refused, truncated or split, as set."""
@@ -156,6 +187,7 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
                                dtype=torch.long)
     num_layers = loaded.num_layers
     pad_id = tokenizer.pad_token_id
+    final_norm = final_norm_module(model)
     # Longest first, so that each batch pads little and a memory problem shows in the first batch.
     order = sorted(range(len(segments)), key=lambda i: -len(segments[i].token_ids))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
@@ -177,6 +209,9 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
         hf = torch.stack([movement(states[l - 1], states[l]) for l in range(1, num_layers + 1)], dim=-1).cpu()
         pre_norm = hf.clone()
         pre_norm[..., -1] = movement(states[-2], result["pre_norm_last"]).cpu()
+        norm_floor = torch.full_like(hf, float("nan"))
+        with torch.no_grad():
+            norm_floor[..., -1] = movement(states[-2], final_norm(states[-2])).cpu()
         keep = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
         rows, positions = keep.nonzero(as_tuple=True)
         count = len(rows)
@@ -190,6 +225,7 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
             "layer": np.tile(layers, count),
             "movement_hf": hf[rows, positions].reshape(-1).numpy(),
             "movement_pre_norm": pre_norm[rows, positions].reshape(-1).numpy(),
+            "norm_floor": norm_floor[rows, positions].reshape(-1).numpy(),
         }))
         tokens_done += int(attention_mask.sum())
         segments_done += len(batch)

@@ -54,6 +54,11 @@ def summarise_movement(tokens: pd.DataFrame, quantiles=(0.1, 0.5, 0.9), bootstra
     tail = (1.0 - confidence) / 2.0
     # One `movement_<convention>` column per last-state convention the dump stage recorded.
     conventions = [column.removeprefix("movement_") for column in tokens.columns if column.startswith("movement_")]
+    # D(h_{L−1}, FinalNorm(h_{L−1})) over the same tokens: the floor the final norm alone sets under D_L(hf). Dumps
+    # written before it was recorded have no such column.
+    last_layer = tokens["layer"].max()
+    norm_floor = (float(tokens.loc[tokens["layer"] == last_layer, "norm_floor"].mean())
+                  if "norm_floor" in tokens.columns else float("nan"))
     for convention in conventions:
         column = f"movement_{convention}"
         documents, counts, sums = per_document_sums(tokens, column)
@@ -66,7 +71,8 @@ def summarise_movement(tokens: pd.DataFrame, quantiles=(0.1, 0.5, 0.9), bootstra
             row = {"final_norm": convention, "layer": int(layer), "movement_mean": means[index],
                    "ci_low": low[index], "ci_high": high[index], "ci_level": confidence}
             row.update({f"q{round(q * 100):02d}": token_quantiles.loc[layer, q] for q in quantiles})
-            row.update(n_tokens=int(counts.sum()), n_documents=len(documents))
+            row.update(norm_floor=norm_floor if layer == last_layer else float("nan"), n_tokens=int(counts.sum()),
+                       n_documents=len(documents))
             layer_rows.append(row)
         score_low, score_high = np.quantile(convergence_score(replicates), [tail, 1.0 - tail])
         score_rows.append({
@@ -76,6 +82,7 @@ def summarise_movement(tokens: pd.DataFrame, quantiles=(0.1, 0.5, 0.9), bootstra
             "last_layer_movement": float(means[-1]),
             "previous_layer_movement": float(means[-2]) if len(means) > 1 else float("nan"),
             "last_layer_ratio": float(means[-1] / means[-2]) if len(means) > 1 else float("nan"),
+            "norm_floor": norm_floor,
             "num_layers": len(layers), "n_tokens": int(counts.sum()), "n_documents": len(documents),
         })
     return pd.DataFrame(layer_rows), pd.DataFrame(score_rows)

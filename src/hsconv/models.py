@@ -136,14 +136,19 @@ def _check_local_dir(path: Path) -> None:
                                "give a directory written by `hsconv prepare-model` or `save_pretrained`")
 
 
-def prepare_model(name: str, source: dict, out_dir: str | Path) -> Path:
-    """Resolve ``source`` into the model directory ``out_dir`` (written atomically) and return it."""
+def prepare_model(name: str, source: dict, out_dir: str | Path, fold_final_norm_gain: bool = False) -> Path:
+    """Resolve ``source`` into the model directory ``out_dir`` (written atomically) and return it.
+
+    ``fold_final_norm_gain``: write the model with its final norm's gain moved into the LM head
+    (:func:`hsconv.hidden_states.fold_final_norm_gain`; the same function, another parametrisation), so that
+    hub and local weights are copied, in float32."""
     check_source(name, source)
     out_dir = Path(out_dir)
     kind = source["kind"]
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         manifest = {"name": name, "source": source, "weights": None}
+        model = None
         if kind == "hub":
             manifest["weights"] = str(_snapshot(name, source))
             check_model_dir(manifest["weights"])
@@ -157,9 +162,16 @@ def prepare_model(name: str, source: dict, out_dir: str | Path) -> Path:
                 raise ModelSourceError(f"model {name!r}: cannot read the GGUF file ({type(error).__name__}: "
                                        f"{error})", str(path), "the file is truncated or corrupt; reinstall or "
                                        "download it again") from None
-            save_hf(model, tokenizer, tmp)
         elif kind == "tiny":
             model, tokenizer = build_tiny_model(source)
+        if fold_final_norm_gain:
+            from hsconv.hidden_states import fold_final_norm_gain as fold
+
+            if model is None:  # hub or local: the referenced weights, copied
+                loaded = load_model(Path(manifest["weights"]))
+                model, tokenizer, manifest["weights"] = loaded.model, loaded.tokenizer, None
+            manifest["reparametrisation"] = fold(model)
+        if model is not None:
             save_hf(model, tokenizer, tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("prepared model %s (%s) in %s", name, kind, out_dir)

@@ -28,6 +28,9 @@ class TunedLensSettings:
 # The distillation's settings (config section ``distill``, flat): the loss's and the trainer's.
 KL_DIRECTIONS = ("student_target", "target_student")
 MOVEMENT_CONVENTIONS = ("hf", "pre_norm")
+# ζ2's per-layer step: the paper's ‖h_l − h_{l−1}‖² / ‖h_{l−1}‖² (eq. 5), or the scale-free 1 − cos(h_{l−1}, h_l)
+# (= 2 D_l), which a norm's gain cannot inflate or shrink.
+ZETA2_MEASURES = ("relative_step", "cosine_distance")
 EXIT_SAMPLING = ("uniform", "weighted", "uniform_keep_last")
 LOSS_IMPLEMENTATIONS = ("fused", "reference")
 PRECISIONS = ("auto", "float32", "bfloat16")
@@ -54,9 +57,12 @@ class LossSettings:
     # The frozen model's distribution read from a cache of its k most likely tokens per position (written once by
     # `hsconv cache-teacher`), KL folded onto those k and one bucket; None: recomputed exactly in every step.
     teacher_top_k: int | None = None
+    zeta2_measure: str = "relative_step"
 
     def __post_init__(self):
         check_settings(self.kl_direction, self.movement_convention)
+        if self.zeta2_measure not in ZETA2_MEASURES:
+            raise ValueError(f"zeta2_measure {self.zeta2_measure!r} is not one of {', '.join(ZETA2_MEASURES)}")
         if self.implementation not in LOSS_IMPLEMENTATIONS:
             raise ValueError(f"loss implementation {self.implementation!r} is not one of "
                              f"{', '.join(LOSS_IMPLEMENTATIONS)}")

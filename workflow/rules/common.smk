@@ -139,6 +139,14 @@ TRACED_MODELS = list(dict.fromkeys(
      *([config["figures"]["fig7"]["model"]] if "fig7" in config["figures"] else [])]))
 
 
+def model_flag(key, flag):
+    """A model's boolean setting as a CLI flag: the flag where true, nothing where false."""
+    def setting(wildcards):
+        return flag if config["models"][wildcards.model][key] else ""
+
+    return setting
+
+
 def cli_optional(value):
     """An optional CLI value: `none` stands for null."""
     return "none" if value is None else value

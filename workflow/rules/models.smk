@@ -4,6 +4,7 @@ rule prepare_model:
         directory("results/models/{model}/base"),
     params:
         source=model_source_json,
+        fold=model_flag("fold_final_norm_gain", "--fold-final-norm-gain"),
         code=code_fingerprint("hsconv.models"),
     log:
         "results/logs/prepare_model/{model}.log",
@@ -13,4 +14,5 @@ rule prepare_model:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "hsconv prepare-model --name {wildcards.model} --source {params.source:q} --out {output} > {log} 2>&1"
+        "hsconv prepare-model --name {wildcards.model} --source {params.source:q} --out {output} {params.fold}"
+        " > {log} 2>&1"

@@ -2,6 +2,7 @@
 
 ζ1 = Σ_{l=0..L} w_l KL_l, the logit-lens distribution of every layer against the frozen model's output;
 ζ2 = Σ_{l=1..L} w_l ‖h_l − h_{l−1}‖² / ‖h_{l−1}‖², the step between adjacent hidden states; w = softmax(k·l).
+(``zeta2_measure: cosine_distance`` puts the scale-free 1 − cos(h_{l−1}, h_l) in place of the relative step.)
 Both per-token quantities are averaged over the real (unpadded) tokens.
 
 The naive ζ1 materialises (L+1) × tokens × vocabulary logits plus their softmax and gradients: 24 GB for SmolLM2 at
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from hsconv.hidden_states import cap_logits
-from hsconv.settings import EXIT_SAMPLING, KL_DIRECTIONS, MOVEMENT_CONVENTIONS, check_settings  # noqa: F401 (re-exported)
+from hsconv.settings import (  # noqa: F401 (re-exported)
+    EXIT_SAMPLING, KL_DIRECTIONS, MOVEMENT_CONVENTIONS, ZETA2_MEASURES, check_settings)
 
 
 
@@ -259,14 +261,20 @@ class FusedLogitLensKL(torch.autograd.Function):
                 None, None, None, None, None, None, None, None)
 
 
-def relative_steps(states: list[torch.Tensor]) -> torch.Tensor:
-    """mean_t ‖h_l − h_{l−1}‖² / ‖h_{l−1}‖² for l = 1..L over the (already masked) tokens; differentiable."""
+def layer_steps(states: list[torch.Tensor], measure: str = "relative_step") -> torch.Tensor:
+    """ζ2's step per layer l = 1..L, averaged over the (already masked) tokens; differentiable.
+    ``relative_step``: ‖h_l − h_{l−1}‖² / ‖h_{l−1}‖² (eq. 5); ``cosine_distance``: 1 − cos(h_{l−1}, h_l)."""
+    if measure not in ZETA2_MEASURES:
+        raise ValueError(f"zeta2_measure {measure!r} is not one of {', '.join(ZETA2_MEASURES)}")
     steps = []
     compute = torch.promote_types(states[0].dtype, torch.float32)
     for previous, current in zip(states[:-1], states[1:]):
         previous, current = previous.to(compute), current.to(compute)
-        ratio = (current - previous).pow(2).sum(-1) / previous.pow(2).sum(-1).clamp_min(1e-12)
-        steps.append(ratio.mean())
+        if measure == "relative_step":
+            step = (current - previous).pow(2).sum(-1) / previous.pow(2).sum(-1).clamp_min(1e-12)
+        else:
+            step = 1.0 - F.cosine_similarity(previous, current, dim=-1, eps=1e-12)
+        steps.append(step.mean())
     return torch.stack(steps)
 
 
@@ -276,7 +284,8 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
                            movement_convention: str = "hf", chunk_tokens: int = 256,
                            exit_samples: int | None = None, exit_sampling: str = "uniform",
                            generator: torch.Generator | None = None,
-                           cached_target: TopKTarget | None = None, softcap: float | None = None) -> LossTerms:
+                           cached_target: TopKTarget | None = None, softcap: float | None = None,
+                           zeta2_measure: str = "relative_step") -> LossTerms:
     """ζ for one batch.
 
     ``pre_norm_states``: h_0..h_L of the student, all before the final norm (B, T, d each); ``target_hidden``:
@@ -313,7 +322,7 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
         last = normed[-1] if chosen[-1] == num_layers else final_norm(pre_norm_states[-1][mask])
     else:
         last = pre_norm_states[-1][mask]
-    step = relative_steps([state[mask] for state in pre_norm_states[:-1]] + [last])
+    step = layer_steps([state[mask] for state in pre_norm_states[:-1]] + [last], zeta2_measure)
     zeta2 = (weights[1:].to(step.dtype) * step).sum()
     total = zeta1 + alpha * zeta2
     return LossTerms(total=total, zeta1=zeta1, zeta2=zeta2, kl=kl.detach(), step=step.detach(), tokens=tokens,
@@ -323,7 +332,7 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
 def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Module, head: torch.nn.Linear,
                    target_hidden: torch.Tensor, target_head: torch.nn.Linear, mask: torch.Tensor, alpha: float,
                    k: float, direction: str = "student_target", movement_convention: str = "hf",
-                   softcap: float | None = None) -> LossTerms:
+                   softcap: float | None = None, zeta2_measure: str = "relative_step") -> LossTerms:
     """ζ the plain way: every layer's logits materialised at once, gradients by autograd. For tests and the
     benchmark's naive baseline; run it in float64 for an independent check of :func:`self_distillation_loss`."""
     check_settings(direction, movement_convention)
@@ -342,7 +351,7 @@ def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Mod
     states = list(pre_norm_states)
     if movement_convention == "hf":
         states[-1] = normed[-1]
-    step = relative_steps([state[mask] for state in states])
+    step = layer_steps([state[mask] for state in states], zeta2_measure)
     zeta2 = (weights[1:] * step.to(weights.dtype)).sum()
     return LossTerms(total=zeta1 + alpha * zeta2, zeta1=zeta1, zeta2=zeta2, kl=kl.detach(), step=step.detach(),
                      tokens=int(mask.sum()))

@@ -60,7 +60,8 @@ class SelfDistillation(torch.nn.Module):
             target_head = self.target.get_output_embeddings()
         settings = self.settings
         common = dict(mask=attention_mask, alpha=settings.alpha, k=settings.k, direction=settings.kl_direction,
-                      movement_convention=settings.movement_convention, softcap=self.softcap)
+                      movement_convention=settings.movement_convention, softcap=self.softcap,
+                      zeta2_measure=settings.zeta2_measure)
         if settings.implementation == "reference":
             return reference_loss(pre_norm, self.final_norm, self.head, target_hidden, target_head, **common)
         generator = None

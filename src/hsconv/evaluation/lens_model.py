@@ -117,24 +117,27 @@ class LogitLensLM(HFLM):
 
     def _score_positions(self, states, rows, positions, targets) -> tuple[np.ndarray, np.ndarray]:
         """log p(target) and whether it is the argmax, at every exit, for the scored positions only."""
-        count = len(targets)
-        logprob = np.empty((self.num_layers + 1, count), dtype=np.float64)
-        greedy = np.empty((self.num_layers + 1, count), dtype=bool)
+        exits, count = len(states), len(targets)
+        selected = []
         for layer, state in enumerate(states):
-            selected = state[rows.to(state.device), positions.to(state.device)]
-            if self.tuned_lens is not None:
-                selected = self.tuned_lens(layer, selected)
-            for start in range(0, count, self.head_chunk_tokens):
-                chunk = slice(start, start + self.head_chunk_tokens)
-                logits = self.readout(selected[chunk]).to(self.softmax_dtype)
-                # log p(target) = z_target − logsumexp(z): HFLM's log-softmax without writing a normalised
-                # vocabulary-sized array. The V-sized logits are read twice after the head writes them: once for
-                # the max (whose index is the greedy token: the argmax of z is the argmax of log p), once for
-                # Σ exp(z − max) computed in place; at every exit of every WikiText token these passes cost about
-                # a fifth of the head's product each.
-                target_logit = logits.gather(1, targets[chunk, None]).squeeze(1)
-                top, top_token = logits.max(dim=-1)
-                normaliser = top + logits.sub_(top[:, None]).exp_().sum(dim=-1).log()
-                logprob[layer, chunk] = (target_logit - normaliser).double().cpu().numpy()
-                greedy[layer, chunk] = (top_token == targets[chunk]).cpu().numpy()
-        return logprob, greedy
+            inputs = state[rows.to(state.device), positions.to(state.device)]
+            selected.append(inputs if self.tuned_lens is None else self.tuned_lens(layer, inputs))
+        # All exits' rows go through the head together, in chunks of head_chunk_tokens: each head product reads the
+        # whole V × d weight, so a LAMBADA batch (a few target tokens) costs one read for all exits, not one each.
+        selected = torch.cat(selected)
+        targets = targets.repeat(exits)
+        logprob = np.empty(exits * count, dtype=np.float64)
+        greedy = np.empty(exits * count, dtype=bool)
+        for start in range(0, exits * count, self.head_chunk_tokens):
+            chunk = slice(start, start + self.head_chunk_tokens)
+            logits = self.readout(selected[chunk]).to(self.softmax_dtype)
+            # log p(target) = z_target − logsumexp(z): HFLM's log-softmax without writing a normalised
+            # vocabulary-sized array. The V-sized logits are read twice after the head writes them: once for the
+            # max (whose index is the greedy token: the argmax of z is the argmax of log p), once for Σ exp(z − max)
+            # computed in place.
+            target_logit = logits.gather(1, targets[chunk, None]).squeeze(1)
+            top, top_token = logits.max(dim=-1)
+            normaliser = top + logits.sub_(top[:, None]).exp_().sum(dim=-1).log()
+            logprob[chunk] = (target_logit - normaliser).double().cpu().numpy()
+            greedy[chunk] = (top_token == targets[chunk]).cpu().numpy()
+        return logprob.reshape(exits, count), greedy.reshape(exits, count)

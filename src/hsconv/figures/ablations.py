@@ -11,9 +11,11 @@ from hsconv.ablations import REFERENCE
 from hsconv.figures.style import apply_style, model_colour, save_figure
 from hsconv.io import read_input_table
 
-FACTOR_LABELS = {"alpha": "α = {}", "k": "k = {}", "kl_direction": "KL {}", "movement_convention": "$h_L$ {}"}
+FACTOR_LABELS = {"alpha": "α = {}", "k": "k = {}", "kl_direction": "KL {}", "movement_convention": "$h_L$ {}",
+                 "zeta2_measure": "ζ2 step {}"}
 VALUE_LABELS = {"student_target": "(q_l ‖ q_target)", "target_student": "(q_target ‖ q_l)",
-                "pre_norm": "before final norm", "hf": "after final norm"}
+                "pre_norm": "before final norm", "hf": "after final norm",
+                "relative_step": "‖Δh‖²/‖h‖²", "cosine_distance": "1 − cos"}
 
 
 def setting_label(row) -> str:

@@ -32,6 +32,10 @@ def plot_movement(layer_table: str | os.PathLike, pdf_out: str | os.PathLike, pn
                       markersize=3.5, linewidth=1.5, **style)
             axis.fill_between(rows["layer"], rows["ci_low"], rows["ci_high"], color=model_colour(index), alpha=0.2,
                               linewidth=0)
+            floor = rows["norm_floor"].dropna() if "norm_floor" in rows.columns else ()
+            if final_norm == "hf" and len(floor):  # what the final norm alone contributes to D_L(hf)
+                axis.scatter([rows["layer"].max()], [floor.iloc[-1]], marker="x", s=30, color=model_colour(index),
+                             zorder=3, label=f"{variant}: norm floor " r"$D(h_{L-1}, \mathrm{Norm}(h_{L-1}))$")
         tokens, documents = int(rows["n_tokens"].iloc[0]), int(rows["n_documents"].iloc[0])
         axis.set_title(f"({chr(97 + index)}) {label}\n{tokens:,} tokens, {documents:,} documents", fontsize=10)
         axis.set_xlabel("layer $l$")
