@@ -165,6 +165,7 @@ def test_one_tuned_lens_step(family_model, tokens, tmp_path):
     assert (tmp_path / "lens").is_dir()
 
 
+@pytest.mark.heavy
 def test_last_exit_equals_stock_lm_eval_in_every_family(family_model, tmp_path):
     """Stock HFLM and the logit lens's last exit through lm-eval's own tasks: the same numbers, request by request."""
     lm_eval = pytest.importorskip("lm_eval")
@@ -198,6 +199,7 @@ def test_last_exit_equals_stock_lm_eval_in_every_family(family_model, tmp_path):
                 assert flag_a == flag_b, task
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("tied", [False, True])
 def test_folding_the_final_norm_gain_keeps_every_exits_logits(family_model, tmp_path, tied):
     """The folded model (gain in the head, untied) gives every exit the same logits; with an RMSNorm its hf h_L is
