@@ -5,7 +5,10 @@
 For each task, in one process: stock lm-eval's HFLM at the last layer (one evaluation), then ``LogitLensLM``
 evaluating every exit 0..L as the evaluation stage does (``evaluate_exits``: lm-eval's requests built once, one
 forward pass per batch for all exits, each exit's responses through the task's own ``process_results`` and
-aggregation; before 2026-12-03 each exit was a full ``lm_eval.evaluate`` that rebuilt the requests). Looping
+aggregation; before 2026-12-03 each exit was a full ``lm_eval.evaluate`` that rebuilt the requests; since then the head
+is scored by ``Readout.score_targets``, 1,024 rows × 2,048 vocabulary entries at a time with an online logsumexp, so
+the vocabulary-sized logits are never written to memory and read back: WikiText went from 1.72× its counted floor
+to 1.30×, same day, same machine). Looping
 stock lm-eval over the exits (a truncated model per exit) would cost about (L+1) × the stock evaluation. For WikiText, which needs
 every exit's head at every token, the arithmetic floor is counted: the decoder's FLOPs plus L+1 head products per
 scored token, at the matmul limit measured in the same process; and, as a second reference, timed: one decoder

@@ -153,6 +153,31 @@ def test_intermediate_exit_equals_hand_computed_logit_lens(model_dir, texts):
         assert greedy == all(logits[p].argmax().item() == t for p, t in zip(positions, target_ids))
 
 
+@pytest.mark.parametrize("bias, softcap, vocab_block", [(False, None, 7), (True, None, 16), (False, 3.0, 5),
+                                                          (False, None, 1000)])
+def test_blocked_target_scores_equal_a_float64_log_softmax(bias, softcap, vocab_block):
+    """Readout.score_targets (the lens's kernel: the vocabulary in blocks, an online logsumexp) against log_softmax of
+    the whole logits in float64, with a bias, a softcap, a last block shorter than the others and one block larger
+    than the vocabulary; and the argmax is the first maximal token, ties included."""
+    from hsconv.hidden_states import Readout
+
+    torch.manual_seed(0)
+    vocab, width, rows = 37, 12, 40
+    head = torch.nn.Linear(width, vocab, bias=bias)
+    readout = Readout(torch.nn.LayerNorm(width), head, softcap)
+    states, targets = 4 * torch.randn(rows, width), torch.randint(0, vocab, (rows,))
+    with torch.no_grad():
+        head.weight[9] = head.weight[30]  # tokens 9 and 30 tie everywhere (in different blocks for the small ones)
+        if bias:
+            head.bias[9] = head.bias[30]
+        logprob, top_token = readout.score_targets(states, targets, vocab_block)
+        logits = readout(states).double()
+    expected = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    assert torch.allclose(logprob.double(), expected, rtol=0, atol=1e-5)
+    assert torch.equal(top_token, logits.argmax(-1))
+    assert (top_token == 9).any() and (top_token != 30).all()  # 30 only ever ties with 9, which comes first
+
+
 def test_per_layer_table_and_bad_input(model_dir, texts, tmp_path):
     datasets = texts[0]
     table = evaluate_per_layer(model_dir, datasets, tmp_path / "eval.parquet", tmp_path / "eval.json", model="tiny",

@@ -1,12 +1,20 @@
 """D_l and S_model against hand computations on constructed examples."""
 
+import itertools
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from hsconv.errors import InputError
 from hsconv.hidden_states import movement
-from hsconv.metrics import bootstrap_layer_means, convergence_score, summarise_movement
+from hsconv.metrics import (
+    bootstrap_layer_means,
+    convergence_score,
+    paired_convergence_differences,
+    summarise_movement,
+)
 
 
 def test_movement_of_hand_picked_vectors():
@@ -74,3 +82,45 @@ def test_bootstrap_resamples_whole_documents():
     # only three outcomes are possible: both doc 0 (1.0), both doc 1 (0.0), one each (1/4)
     assert set(np.round(np.unique(replicates), 6)) <= {0.0, 0.25, 1.0}
     assert np.mean(replicates == 0.25) == pytest.approx(0.5, abs=0.05)
+
+
+def _score_by_hand(movement):  # the paper's Definition 2 written out again, for the paired test
+    steps = [b - a for a, b in itertools.pairwise(movement)]
+    return 1 - sum(max(step, 0) for step in steps) / sum(abs(step) for step in steps)
+
+
+def test_paired_score_difference_resamples_the_same_documents_for_both():
+    """Two one-token documents: a paired draw is {0, 0}, {1, 1} (¼ each) or one of each (½), the same documents for
+    base and variant, so S(variant) − S(base) takes three values, and the 95% interval runs from the least to the
+    greatest of them. An unpaired draw would mix e.g. base {0, 0} with variant {1, 1}, a fourth value."""
+    base = {0: [[0.4, 0.2, 0.3]], 1: [[0.5, 0.3, 0.1]]}
+    variant = {0: [[0.4, 0.2, 0.1]], 1: [[0.5, 0.3, 0.2]]}
+    table = paired_convergence_differences(_token_table(base), _token_table(variant), samples=1000, seed=0)
+    row = table.set_index("final_norm").loc["hf"]
+
+    def mean(documents, chosen):
+        return [sum(documents[d][0][layer] for d in chosen) / len(chosen) for layer in range(3)]
+
+    outcomes = [_score_by_hand(mean(variant, chosen)) - _score_by_hand(mean(base, chosen))
+                for chosen in ([0, 0], [1, 1], [0, 1])]
+    assert row["s_model_difference"] == pytest.approx(outcomes[2])
+    assert row["s_model_base"] == pytest.approx(_score_by_hand(mean(base, [0, 1])))
+    assert row["s_model_difference_low"] == pytest.approx(min(outcomes))
+    assert row["s_model_difference_high"] == pytest.approx(max(outcomes))
+    ratios = [mean(variant, chosen)[2] / mean(variant, chosen)[1] - mean(base, chosen)[2] / mean(base, chosen)[1]
+              for chosen in ([0, 0], [1, 1], [0, 1])]
+    assert row["last_layer_ratio_difference"] == pytest.approx(ratios[2])
+    assert (row["last_layer_ratio_difference_low"], row["last_layer_ratio_difference_high"]) == pytest.approx(
+        (min(ratios), max(ratios)))
+    assert set(table["final_norm"]) == {"hf", "pre_norm"} and (table["n_documents"] == 2).all()
+
+
+def test_paired_difference_of_a_table_with_itself_is_exactly_zero_and_other_documents_are_refused():
+    tokens = _token_table({0: [[0.4, 0.1, 0.3], [0.2, 0.1, 0.1]], 1: [[0.6, 0.4, 0.2]], 2: [[0.3, 0.2, 0.5]]})
+    same = paired_convergence_differences(tokens, tokens.copy(), samples=200)
+    for name in ("s_model", "last_layer_ratio"):
+        assert (same[[f"{name}_difference", f"{name}_difference_low", f"{name}_difference_high"]] == 0).all().all()
+    with pytest.raises(InputError, match="different documents or tokens"):
+        paired_convergence_differences(tokens, tokens[tokens["document"] != 2])
+    with pytest.raises(InputError, match="no movement under the pre_norm convention"):
+        paired_convergence_differences(tokens, tokens.drop(columns="movement_pre_norm"))

@@ -163,6 +163,16 @@ def test_early_exit_pruned_models_and_paired_differences(finished_run):
     assert len(merged) == len(paired) == 2 * (5 + 4)
     assert ((merged["baseline_value"] - merged["value"]).abs() <= 1e-9 * merged["value"].abs() + 1e-12).all()
     assert ((paired["lower"] <= paired["difference"] + 1e-12) & (paired["difference"] <= paired["upper"] + 1e-12)).all()
+    # distilled − base S_model, paired by document: its two sides are the convergence table's own scores
+    scores = pd.read_parquet(results / "tables/convergence_paired.parquet")
+    convergence = pd.read_parquet(results / "tables/convergence.parquet").set_index(
+        ["model", "variant", "dataset", "final_norm"])["s_model"]
+    assert len(scores) == 2 * 2 * 2  # models × data sets × conventions
+    for row in scores.itertuples():
+        for side, variant in ((row.s_model_base, "base"), (row.s_model_variant, "distilled")):
+            assert side == pytest.approx(convergence[(row.model, variant, row.dataset, row.final_norm)], abs=1e-12)
+        assert row.s_model_difference == pytest.approx(row.s_model_variant - row.s_model_base)
+        assert row.s_model_difference_low <= row.s_model_difference_high
 
 
 @pytest.mark.slow
@@ -277,11 +287,13 @@ RERUN_MATRIX = {
                       {"plot_movement_figure": 2, "all": 1}),
     "metric code": ("metrics.py", "\nDEFAULT_CONFIDENCE = 0.95\n",
                     {"compute_convergence": 10, "tabulate_layer_movement": 1, "tabulate_convergence": 1,
+                     "compare_convergence": 4, "tabulate_convergence_paired": 1,
                      "plot_movement_figure": 2, "tabulate_ablations": 1, "plot_ablations": 1, "all": 1,
                      "findings": 1}),
     # the loss: both distillations and everything that reads a distilled model, and no base-model job
     "loss code": ("distill/loss.py", "\nDEFAULT_CHUNK = 256\n",
                   {"distill": 2, "plot_training": 2, "dump_hidden_states": 6, "compute_convergence": 6,
+                   "compare_convergence": 4, "tabulate_convergence_paired": 1,
                    "evaluate_layers": 2, "trace_sentence": 2, "tabulate_layer_movement": 1,
                    "tabulate_convergence": 1, "tabulate_evaluation": 1, "tabulate_sentence": 1,
                    "plot_movement_figure": 2, "plot_per_layer_figure": 4, "plot_fig4": 1, "plot_fig7": 1,
@@ -330,7 +342,7 @@ STUDY_RULES = {"ablations": {"distill_ablation", "evaluate_ablation", "tabulate_
                "tuned_lens": {"train_tuned_lens", "tabulate_tuned_lens_evaluation", "plot_tuned_lens_figure",
                               "paired_tuned_lens_differences"},
                "early_exit": {"prune_model", "evaluate_pruned", "tabulate_early_exit", "plot_early_exit"},
-               "paired": {"paired_differences"}}
+               "paired": {"paired_differences", "compare_convergence", "tabulate_convergence_paired"}}
 
 
 def test_the_default_target_is_the_paper_and_each_study_has_a_name(tmp_path):

@@ -269,6 +269,18 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--confidence", type=real(0, 1, open_low=True, open_high=True), default=0.95)
     stage.add_argument("--seed", type=integer(0), default=0)
 
+    stage = stages.add_parser("compare-convergence", help="variant − base S_model and last-layer ratio, paired by "
+                              "document")
+    stage.add_argument("--base", required=True, help="the base model's per-token table")
+    stage.add_argument("--hidden", required=True, help="the variant's per-token table")
+    stage.add_argument("--out", required=True)
+    stage.add_argument("--model", required=True)
+    stage.add_argument("--variant", required=True)
+    stage.add_argument("--dataset", required=True)
+    stage.add_argument("--bootstrap-samples", type=integer(1), default=1000)
+    stage.add_argument("--confidence", type=real(0, 1, open_low=True, open_high=True), default=0.95)
+    stage.add_argument("--seed", type=integer(0), default=0)
+
     stage = stages.add_parser("gather-tables", help="concatenate per-model tables into Parquet, CSV and Markdown")
     stage.add_argument("--inputs", nargs="+", required=True)
     stage.add_argument("--out", required=True, help="the Parquet table; .csv and .md are written beside it")
@@ -410,6 +422,11 @@ def run(args: argparse.Namespace) -> None:
         compute_convergence(args.hidden, args.layers_out, args.scores_out, args.model, args.variant, args.dataset,
                             quantiles=tuple(args.quantiles), bootstrap_samples=args.bootstrap_samples,
                             confidence=args.confidence, seed=args.seed)
+    elif args.stage == "compare-convergence":
+        from hsconv.metrics import compare_convergence
+
+        compare_convergence(args.base, args.hidden, args.out, args.model, args.variant, args.dataset,
+                            bootstrap_samples=args.bootstrap_samples, confidence=args.confidence, seed=args.seed)
     elif args.stage == "gather-tables":
         from hsconv.tables import gather_tables
 

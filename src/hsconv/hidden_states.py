@@ -74,6 +74,45 @@ class Readout:
     def __call__(self, pre_norm: torch.Tensor) -> torch.Tensor:
         return self.logits(self.final_norm(pre_norm))
 
+    def score_targets(self, pre_norm: torch.Tensor, targets: torch.Tensor, vocab_block: int = 2048,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(target) under the logits of each row, and the row's argmax token, without writing the rows ×
+        vocabulary logits: the head's vocabulary is read in blocks of ``vocab_block`` rows, each block's logits are
+        scored while they are still in cache, and log Σ exp(z) is carried across blocks as a running maximum and a
+        rescaled sum (the online logsumexp). Writing and rereading the whole V-sized logits from memory cost as much
+        as the head product itself on a CPU (BENCHMARKS.md). ``dtype``: the precision of the softmax (lm-eval's
+        ``softmax_dtype``). The argmax is the first maximal token, as ``torch.max`` gives it."""
+        normed = self.final_norm(pre_norm)
+        weight, bias = getattr(self.head, "weight", None), getattr(self.head, "bias", None)
+        if not isinstance(self.head, torch.nn.Linear):  # another head: score its full logits
+            logits = self.logits(normed).to(dtype)
+            normaliser = torch.logsumexp(logits, dim=-1)
+            return logits.gather(1, targets[:, None]).squeeze(1) - normaliser, logits.argmax(dim=-1)
+        rows, vocab = normed.shape[0], weight.shape[0]
+        top = torch.full((rows,), -torch.inf, dtype=dtype, device=normed.device)
+        total = torch.zeros(rows, dtype=dtype, device=normed.device)
+        top_token = torch.zeros(rows, dtype=torch.long, device=normed.device)
+        target_logit = torch.empty(rows, dtype=dtype, device=normed.device)
+        storage = torch.empty(rows * min(vocab_block, vocab), dtype=normed.dtype, device=normed.device)
+        for low in range(0, vocab, vocab_block):
+            high = min(low + vocab_block, vocab)
+            block = storage[:rows * (high - low)].view(rows, high - low)  # contiguous, as mm's out= wants
+            if bias is None:
+                torch.mm(normed, weight[low:high].T, out=block)
+            else:
+                torch.addmm(bias[low:high], normed, weight[low:high].T, out=block)
+            if self.softcap is not None:  # cap_logits, in place
+                block.div_(self.softcap).tanh_().mul_(self.softcap)
+            block = block.to(dtype)
+            inside = ((targets >= low) & (targets < high)).nonzero().squeeze(1)
+            target_logit[inside] = block[inside, targets[inside] - low]
+            block_top, block_token = block.max(dim=1)
+            top_token = torch.where(block_top > top, block_token + low, top_token)  # strict: the first maximum
+            new_top = torch.maximum(top, block_top)
+            total = total * (top - new_top).exp() + block.sub_(new_top[:, None]).exp_().sum(dim=1)
+            top = new_top
+        return target_logit - (top + total.log()), top_token
+
 
 def readout(model: torch.nn.Module) -> Readout:
     family = family_of_config(model.config)

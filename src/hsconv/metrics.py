@@ -118,3 +118,70 @@ def compute_convergence(hidden_path: str, layers_out: str | os.PathLike, scores_
     for row in scores.itertuples():
         log.info("%s/%s on %s (%s): S_model=%.4f, last D=%.4f (%.2fx the layer before)", model, variant, dataset,
                  row.final_norm, row.s_model, row.last_layer_movement, row.last_layer_ratio)
+
+
+def _paired_document_sums(base: pd.DataFrame, variant: pd.DataFrame, column: str, names: tuple[str, str]):
+    """Per-document token counts and movement sums of both variants, refused unless they measured the same tokens."""
+    (base_documents, base_counts, base_sums), (documents, counts, sums) = (per_document_sums(frame, column)
+                                                                          for frame in (base, variant))
+    if not (np.array_equal(base_documents, documents) and np.array_equal(base_counts, counts)):
+        raise InputError(f"{names[1]} and {names[0]} were measured on different documents or tokens; a paired "
+                         f"comparison needs the same ones (dump both from the same texts)")
+    return documents, counts, base_sums, sums
+
+
+def paired_convergence_differences(base: pd.DataFrame, variant: pd.DataFrame, samples: int = 1000,
+                                   confidence: float = 0.95, seed: int = 0,
+                                   names: tuple[str, str] = ("base", "variant")) -> pd.DataFrame:
+    """Variant − base S_model and last-layer ratio D_L / D_{L−1}, per last-state convention, with percentile
+    intervals over resamples of the documents drawn once for both variants.
+
+    Both dumps hold the same documents, so one draw weights the same documents in both: what the two have in common
+    (a hard passage moves every layer more, whatever the weights) cancels from the difference, and the interval is
+    the one a claim "distillation raised S" needs, not two separate intervals that happen not to overlap."""
+    rows = []
+    tail = (1.0 - confidence) / 2.0
+    conventions = [column.removeprefix("movement_") for column in base.columns if column.startswith("movement_")]
+    missing = [name for name in conventions if f"movement_{name}" not in variant.columns]
+    if missing:
+        raise InputError(f"{names[1]} has no movement under the {', '.join(missing)} convention(s) that {names[0]} has")
+    for convention in conventions:
+        documents, counts, base_sums, sums = _paired_document_sums(base, variant, f"movement_{convention}", names)
+        rng = np.random.default_rng(seed)
+        weights = rng.multinomial(len(documents), np.full(len(documents), 1.0 / len(documents)),
+                                  size=samples).astype(np.float64)
+        row = {"final_norm": convention}
+        for name, function in (("s_model", convergence_score), ("last_layer_ratio", _last_layer_ratio)):
+            base_value, value = (float(function(frame.sum(axis=0) / counts.sum())) for frame in (base_sums, sums))
+            replicates = (function((weights @ sums) / (weights @ counts)[:, None])
+                          - function((weights @ base_sums) / (weights @ counts)[:, None]))
+            low, high = np.quantile(replicates, [tail, 1.0 - tail])
+            row.update({f"{name}_base": base_value, f"{name}_variant": value, f"{name}_difference": value - base_value,
+                        f"{name}_difference_low": float(low), f"{name}_difference_high": float(high)})
+        row.update(confidence=confidence, n_documents=len(documents), n_tokens=int(counts.sum()),
+                   bootstrap_samples=samples)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _last_layer_ratio(movement_by_layer) -> np.ndarray:
+    movement = np.asarray(movement_by_layer, dtype=np.float64)
+    return movement[..., -1] / movement[..., -2]
+
+
+def compare_convergence(base_path: str, variant_path: str, out: str | os.PathLike, model: str, variant: str,
+                        dataset: str, bootstrap_samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> None:
+    """Stage entry point: the base and one variant's per-token tables of one model and data set → their paired
+    differences in S_model and in the last-layer ratio."""
+    base, other = (read_hidden_state_dump(path, model) for path in (base_path, variant_path))
+    table = paired_convergence_differences(base, other, bootstrap_samples, confidence, seed, ("base", variant))
+    for position, (key, value) in enumerate({"model": model, "baseline": "base", "variant": variant,
+                                             "dataset": dataset}.items()):
+        table.insert(position, key, value)
+    settings = {"bootstrap_samples": bootstrap_samples, "confidence": confidence, "seed": seed,
+                "hidden_states": {name: read_provenance(path).get("hidden_states")
+                                  for name, path in (("base", base_path), (variant, variant_path))}}
+    write_parquet(table, out, {"metrics": {"model": model, "variant": variant, "dataset": dataset, **settings}})
+    for row in table.itertuples():
+        log.info("%s %s − base on %s (%s): S_model %+.4f [%+.4f, %+.4f]", model, variant, dataset, row.final_norm,
+                 row.s_model_difference, row.s_model_difference_low, row.s_model_difference_high)

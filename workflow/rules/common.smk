@@ -233,6 +233,12 @@ def measured_combinations(pattern):
     return expand(pattern, model=MODELS, variant=VARIANTS, dataset=MEASURED_DATASETS)
 
 
+def measured_comparisons(pattern):
+    """Every trained variant (not the base) of every model on every measured data set."""
+    return expand(pattern, model=MODELS, variant=[name for name in VARIANTS if name != "base"],
+                  dataset=MEASURED_DATASETS)
+
+
 def paper_targets():
     """The paper's own outputs (the default target `all`): every configured figure (PDF and PNG), the convergence and
     per-layer tables, the sentence traces, the training curves and the packed corpora."""
@@ -257,6 +263,10 @@ def study_targets(study):
     if study == "ablations":
         return (["results/tables/ablations.csv", "results/figures/ablations.pdf", "results/figures/ablations.png"]
                 if ABLATION_MODELS else [])
+    if study == "paired":  # distilled − base: S_model and the last-layer ratio; each evaluated exit's metric
+        return ([*expand("results/tables/convergence_paired.{ext}", ext=("csv", "md")),
+                 *(["results/tables/paired_differences.csv"] if EVALUATED_DATASETS else [])]
+                if "distilled" in VARIANTS else [])
     if not EVALUATED_DATASETS:
         return []
     if study == "tuned_lens":
@@ -268,8 +278,6 @@ def study_targets(study):
         return ["results/tables/early_exit.csv", "results/tables/pruned_vs_lens.csv",
                 *(["results/figures/early_exit.pdf", "results/figures/early_exit.png"]
                   if "early_exit" in config["figures"] else [])]
-    if study == "paired":
-        return ["results/tables/paired_differences.csv"] if "distilled" in VARIANTS else []
     raise ValueError(f"unknown study {study!r}")
 
 

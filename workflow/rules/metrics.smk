@@ -70,3 +70,41 @@ rule tabulate_convergence:
     shell:
         "hsconv gather-tables --inputs {input} --out {output.parquet} --config-hash {params.config_hash}"
         " > {log} 2>&1"
+
+
+rule compare_convergence:
+    """Variant − base S_model and last-layer ratio for one model and data set, paired by document."""
+    input:
+        base="results/hidden/{model}/base/{dataset}.parquet",
+        hidden="results/hidden/{model}/{variant}/{dataset}.parquet",
+    output:
+        "results/metrics/{model}/{variant}/{dataset}/convergence_paired.parquet",
+    params:
+        samples=METRICS["bootstrap_samples"],
+        confidence=METRICS["confidence"],
+        seed=METRICS["seed"],
+        code=code_fingerprint("hsconv.metrics"),
+    log:
+        "results/logs/compare_convergence/{model}/{variant}/{dataset}.log",
+    benchmark:
+        "results/benchmarks/compare_convergence/{model}/{variant}/{dataset}.tsv"
+    threads: 1
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "hsconv compare-convergence --base {input.base} --hidden {input.hidden} --out {output}"
+        " --model {wildcards.model} --variant {wildcards.variant} --dataset {wildcards.dataset}"
+        " --bootstrap-samples {params.samples} --confidence {params.confidence} --seed {params.seed} > {log} 2>&1"
+
+
+use rule tabulate_layer_movement as tabulate_convergence_paired with:
+    input:
+        measured_comparisons("results/metrics/{model}/{variant}/{dataset}/convergence_paired.parquet"),
+    output:
+        parquet="results/tables/convergence_paired.parquet",
+        csv="results/tables/convergence_paired.csv",
+        md="results/tables/convergence_paired.md",
+    log:
+        "results/logs/tabulate_convergence_paired.log",
+    benchmark:
+        "results/benchmarks/tabulate_convergence_paired.tsv"

@@ -35,14 +35,15 @@ class ExitLayerError(InputError):
 @register_model(MODEL_NAME)
 class LogitLensLM(HFLM):
     def __init__(self, pretrained, exit_layer: int | None = None, head_chunk_tokens: int = 1024,
-                 tuned_lens: str | None = None, **kwargs):
+                 head_vocab_block: int = 2048, tuned_lens: str | None = None, **kwargs):
         super().__init__(pretrained=pretrained, **kwargs)
         if self.backend != "causal":
             raise InputError(f"the logit lens needs a decoder-only model; {type(self.model).__name__} is "
                              f"{self.backend}")
         self.readout = readout(self.model)
         self.num_layers = self.model.config.num_hidden_layers
-        self.head_chunk_tokens = head_chunk_tokens
+        # Rows × vocabulary block of the head product (1024 × 2048: 8 MB of float32 logits, which stay in cache).
+        self.head_chunk_tokens, self.head_vocab_block = head_chunk_tokens, head_vocab_block
         # With a tuned lens, exit l reads LMHead(FinalNorm(T_l(h_l))) instead (hsconv.tuned_lens).
         self.tuned_lens = None
         if tuned_lens is not None:
@@ -130,14 +131,9 @@ class LogitLensLM(HFLM):
         greedy = np.empty(exits * count, dtype=bool)
         for start in range(0, exits * count, self.head_chunk_tokens):
             chunk = slice(start, start + self.head_chunk_tokens)
-            logits = self.readout(selected[chunk]).to(self.softmax_dtype)
-            # log p(target) = z_target − logsumexp(z): HFLM's log-softmax without writing a normalised
-            # vocabulary-sized array. The V-sized logits are read twice after the head writes them: once for the
-            # max (whose index is the greedy token: the argmax of z is the argmax of log p), once for Σ exp(z − max)
-            # computed in place.
-            target_logit = logits.gather(1, targets[chunk, None]).squeeze(1)
-            top, top_token = logits.max(dim=-1)
-            normaliser = top + logits.sub_(top[:, None]).exp_().sum(dim=-1).log()
-            logprob[chunk] = (target_logit - normaliser).double().cpu().numpy()
-            greedy[chunk] = (top_token == targets[chunk]).cpu().numpy()
+            # HFLM's log-softmax at the target, computed block by block over the vocabulary (Readout.score_targets)
+            logprob_chunk, top_token = self.readout.score_targets(selected[chunk], targets[chunk],
+                                                                  self.head_vocab_block, self.softmax_dtype)
+            logprob[chunk] = logprob_chunk.double().cpu().numpy()
+            greedy[chunk] = (top_token == targets[chunk]).cpu().numpy()  # the argmax of z is the argmax of log p
         return logprob.reshape(exits, count), greedy.reshape(exits, count)
