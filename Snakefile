@@ -1,7 +1,7 @@
 # hsconv: hidden-state convergence of Transformer language models.
 #   snakemake --cores all                          the paper's figures and tables for the embedded default (config.yaml)
 #   snakemake --cores all findings                 the studies beyond the paper too (ablations, tuned lens, early
-#                                                  exit, paired differences); or one of them by its name
+#                                                  exit, paired differences, seeds); or one of them by its name
 #   snakemake --cores all results/figures/fig3.pdf one target
 #   snakemake --cores all --configfile configs/paper.yaml   a preset replaces config.yaml entirely
 from snakemake.utils import min_version, validate
@@ -39,7 +39,7 @@ rule all:
 
 
 rule findings:
-    """Every study beyond the paper: ablations, the tuned-lens baseline, early exit and paired differences."""
+    """Every study beyond the paper: ablations, the tuned-lens baseline, early exit, paired differences, seeds."""
     input:
         [study_targets(study) for study in STUDIES],
 
@@ -67,3 +67,9 @@ rule paired:
     """Distilled − base at every exit, with paired bootstrap intervals over the same documents."""
     input:
         study_targets("paired"),
+
+
+rule seeds:
+    """The main distillation repeated from distill.seeds seeds: the spread of S_model and the last-layer ratio."""
+    input:
+        study_targets("seeds"),

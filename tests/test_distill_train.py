@@ -102,6 +102,20 @@ def test_untied_qwen2_head_trains_under_zero1_with_one_sampled_exit(tmp_path, co
     assert pd.read_parquet(outputs["log_out"])["zeta1"].notna().all()
 
 
+def test_another_seed_gives_another_run(tmp_path, corpus):
+    """distill.seeds trains the same settings from seeds seed, seed + 1, …: another seed is another order of the
+    packed sequences, so another run (the same seed twice gives the same run, as the resume test shows)."""
+    model_dir, tokens = make_model(tmp_path, corpus)
+    runs = {}
+    for seed in (0, 1):
+        result, outputs = run_distill(tmp_path, model_dir, tokens, f"seed{seed}",
+                                      settings={**SETTINGS, "max_steps": 2, "seed": seed})
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[seed] = (load_file(outputs["out"] / "model.safetensors"), pd.read_parquet(outputs["log_out"]))
+    assert any(not torch.equal(runs[0][0][name], runs[1][0][name]) for name in runs[0][0])
+    assert not np.allclose(runs[0][1]["zeta"], runs[1][1]["zeta"])
+
+
 @pytest.mark.heavy
 def test_bfloat16_training_runs_on_cpu_close_to_float32(tmp_path, corpus):
     """The GPU default (DeepSpeed bf16: bf16 weights and activations, fp32 master weights) run here on the CPU, so the

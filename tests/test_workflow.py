@@ -361,6 +361,17 @@ def test_the_default_target_is_the_paper_and_each_study_has_a_name(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_distill_seeds_trains_the_main_run_again_from_each_further_seed(tmp_path):
+    """distill.seeds: 3 adds two trainings per model (seeds 1 and 2 beside `distilled`'s 0), their dumps and scores,
+    and the spread table, all under the `seeds` study; the paper's target trains each model once."""
+    write_config(tmp_path, edit=lambda config: config["distill"].update(seeds=3))
+    planned = planned_counts(snakemake(tmp_path, "-n", "seeds"))
+    measured = len(yaml.safe_load((tmp_path / "config.yaml").read_text())["hidden_states"]["datasets"])
+    assert planned["distill_seed"] == 2 * 2 and planned["distill"] == 2 and planned["tabulate_seeds"] == 1
+    assert planned["compute_convergence"] == 2 * 3 * measured  # models × seeds × measured data sets
+    assert "distill_seed" not in planned_counts(snakemake(tmp_path, "-n"))
+
+
 def test_a_plain_run_in_the_project_reads_the_default_profile(tmp_path):
     """Snakemake looks for profiles/default beside the Snakefile; a plain `snakemake -n` must say it uses it, so that
     its rerun triggers, rerun-incomplete and the GPU resource apply without --workflow-profile."""

@@ -281,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--confidence", type=real(0, 1, open_low=True, open_high=True), default=0.95)
     stage.add_argument("--seed", type=integer(0), default=0)
 
+    stage = stages.add_parser("tabulate-seeds", help="spread of S_model and the last-layer ratio over the main "
+                              "distillation's seeds")
+    stage.add_argument("--convergence", nargs="+", required=True, help="compute-convergence scores of every seed")
+    stage.add_argument("--first-seed", type=integer(0), required=True, help="distill.seed")
+    stage.add_argument("--seeds", type=integer(2), required=True, help="distill.seeds")
+    stage.add_argument("--out", required=True, help="the Parquet table; .csv and .md are written beside it")
+    stage.add_argument("--config-hash", required=True)
+
     stage = stages.add_parser("gather-tables", help="concatenate per-model tables into Parquet, CSV and Markdown")
     stage.add_argument("--inputs", nargs="+", required=True)
     stage.add_argument("--out", required=True, help="the Parquet table; .csv and .md are written beside it")
@@ -427,6 +435,10 @@ def run(args: argparse.Namespace) -> None:
 
         compare_convergence(args.base, args.hidden, args.out, args.model, args.variant, args.dataset,
                             bootstrap_samples=args.bootstrap_samples, confidence=args.confidence, seed=args.seed)
+    elif args.stage == "tabulate-seeds":
+        from hsconv.seeds import tabulate_seeds
+
+        tabulate_seeds(args.convergence, args.first_seed, args.seeds, Path(args.out).with_suffix(""), args.config_hash)
     elif args.stage == "gather-tables":
         from hsconv.tables import gather_tables
 

@@ -145,8 +145,9 @@ def _check_distill(config: dict) -> None:
 
 
 def trainer_settings(distill: dict) -> dict:
-    """The trainer's settings: the distill section less what only the workflow uses (launcher, resources)."""
-    return {key: value for key, value in distill.items() if key not in ("launcher", "resources")}
+    """The trainer's settings: the distill section less what only the workflow uses (launcher, resources, and how
+    many seeds it trains)."""
+    return {key: value for key, value in distill.items() if key not in ("launcher", "resources", "seeds")}
 
 
 def _check_ablations(config: dict) -> None:

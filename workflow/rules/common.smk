@@ -12,6 +12,7 @@ from hsconv.config import (FIGURE_TARGETS, PER_LAYER_FIGURES, ConfigError, check
                            trainer_settings)
 from hsconv.fingerprint import code_fingerprint
 from hsconv.io import stable_hash
+from hsconv.seeds import seed_variants
 
 try:
     for _path in workflow.configfiles:
@@ -42,6 +43,9 @@ ABLATION_VARIANTS = {
 # Models whose base is also read through a tuned lens (the baseline beside self-distillation in Figs. 5 and 6).
 TUNED_LENS_MODELS = config.get("tuned_lens", {}).get("models", [])
 TRAINED_ABLATIONS = [name for name, variant in ABLATION_VARIANTS.items() if variant.startswith(ABLATION_PREFIX)]
+# The main distillation repeated from further seeds (distill.seeds > 1): {variant: seed}, `distilled` first.
+SEED_VARIANTS = (seed_variants(config["distill"]["seed"], config["distill"]["seeds"])
+                 if "distilled" in VARIANTS and config["distill"]["seeds"] > 1 else {})
 
 
 def regex_alternatives(names):
@@ -50,7 +54,9 @@ def regex_alternatives(names):
 
 wildcard_constraints:
     model="|".join(MODELS),
-    variant=regex_alternatives([*VARIANTS, *(ABLATION_PREFIX + name for name in TRAINED_ABLATIONS)]),
+    variant=regex_alternatives([*VARIANTS, *(ABLATION_PREFIX + name for name in TRAINED_ABLATIONS),
+                                *SEED_VARIANTS]),
+    seed=r"\d+",
     setting=regex_alternatives(TRAINED_ABLATIONS),
     dataset="|".join(config["datasets"]),
     tokenizer="|".join(TOKENIZERS),
@@ -180,6 +186,11 @@ def distill_settings_json():
     return json.dumps(trainer_settings(config["distill"]), sort_keys=True)
 
 
+def seed_settings_json(wildcards):
+    """The main run's settings from another seed."""
+    return json.dumps({**trainer_settings(config["distill"]), "seed": int(wildcards.seed)}, sort_keys=True)
+
+
 def ablation_settings_json(wildcards):
     return json.dumps(ABLATION_SETTINGS[wildcards.setting], sort_keys=True)
 
@@ -259,7 +270,8 @@ def paper_targets():
 
 def study_targets(study):
     """The outputs of one study beyond the paper, built only when asked for by name (`snakemake findings` builds
-    them all): `ablations`, `tuned_lens`, `early_exit` (with the pruned models) or `paired` (distilled − base)."""
+    them all): `ablations`, `tuned_lens`, `early_exit` (with the pruned models), `paired` (distilled − base) or
+    `seeds` (the spread over distill.seeds)."""
     if study == "ablations":
         return (["results/tables/ablations.csv", "results/figures/ablations.pdf", "results/figures/ablations.png"]
                 if ABLATION_MODELS else [])
@@ -267,6 +279,8 @@ def study_targets(study):
         return ([*expand("results/tables/convergence_paired.{ext}", ext=("csv", "md")),
                  *(["results/tables/paired_differences.csv"] if EVALUATED_DATASETS else [])]
                 if "distilled" in VARIANTS else [])
+    if study == "seeds":
+        return expand("results/tables/seeds.{ext}", ext=("csv", "md")) if SEED_VARIANTS else []
     if not EVALUATED_DATASETS:
         return []
     if study == "tuned_lens":
@@ -281,7 +295,7 @@ def study_targets(study):
     raise ValueError(f"unknown study {study!r}")
 
 
-STUDIES = ("ablations", "tuned_lens", "early_exit", "paired")
+STUDIES = ("ablations", "tuned_lens", "early_exit", "paired", "seeds")
 # The configured per-layer figures (5, 6, 9, 10) whose models all have a tuned lens, drawn again with it as a third
 # curve.
 TUNED_LENS_FIGURES = [name for name in PER_LAYER_FIGURES if name in config["figures"]

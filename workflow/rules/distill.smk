@@ -106,6 +106,52 @@ rule distill_ablation:
         DISTILL_COMMAND
 
 
+use rule distill_ablation as distill_seed with:
+    """The main distillation from another seed (distill.seeds): the same settings, another order of the packed
+    sequences."""
+    input:
+        model="results/models/{model}/base",
+        tokens=model_tokens,
+        teacher=teacher_cache_input(DISTILL),
+    output:
+        model=directory("results/models/{model}/distilled-seed-{seed}"),
+        steps="results/training/{model}/distilled-seed-{seed}/steps.parquet",
+        layers="results/training/{model}/distilled-seed-{seed}/layers.parquet",
+    params:
+        settings=seed_settings_json,
+        checkpoints="results/checkpoints/{model}/distilled-seed-{seed}",
+    log:
+        "results/logs/distill_seed/{model}/{seed}.log",
+    benchmark:
+        "results/benchmarks/distill_seed/{model}/{seed}.tsv"
+
+
+rule tabulate_seeds:
+    """S_model and the last-layer ratio over the main distillation's seeds: mean, standard deviation and range, beside
+    the first seed's bootstrap interval."""
+    input:
+        expand("results/metrics/{model}/{variant}/{dataset}/convergence.parquet", model=MODELS,
+               variant=SEED_VARIANTS, dataset=MEASURED_DATASETS),
+    output:
+        parquet="results/tables/seeds.parquet",
+        csv="results/tables/seeds.csv",
+        md="results/tables/seeds.md",
+    params:
+        first_seed=DISTILL["seed"],
+        seeds=DISTILL["seeds"],
+        config_hash=CONFIG_HASH,
+        code=code_fingerprint("hsconv.seeds"),
+    log:
+        "results/logs/tabulate_seeds.log",
+    benchmark:
+        "results/benchmarks/tabulate_seeds.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "hsconv tabulate-seeds --convergence {input} --first-seed {params.first_seed} --seeds {params.seeds}"
+        " --out {output.parquet} --config-hash {params.config_hash} > {log} 2>&1"
+
+
 rule plot_training:
     """Loss curves of one distillation run: ζ, ζ1, ζ2 per step and the per-layer KL at the first and last step."""
     input:

@@ -1,0 +1,40 @@
+"""The spread of the main distillation over seeds (hsconv.seeds), against values worked out by hand."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from hsconv.errors import InputError
+from hsconv.seeds import seed_spread, seed_variants
+
+
+def _scores(values: dict[str, tuple[float, float]]) -> pd.DataFrame:
+    """Convergence-table rows (one model, data set and convention) with S_model and the last-layer ratio given."""
+    return pd.DataFrame([{"model": "m", "variant": variant, "dataset": "lambada", "final_norm": "pre_norm",
+                          "s_model": s, "s_model_ci_low": s - 0.01, "s_model_ci_high": s + 0.02,
+                          "last_layer_ratio": ratio, "last_layer_movement": ratio / 10}
+                         for variant, (s, ratio) in values.items()])
+
+
+def test_seed_variants_name_the_first_seed_distilled():
+    assert seed_variants(4, 3) == {"distilled": 4, "distilled-seed-5": 5, "distilled-seed-6": 6}
+
+
+def test_spread_is_the_sample_standard_deviation_over_seeds_beside_the_first_runs_interval():
+    scores = _scores({"distilled": (0.80, 2.0), "distilled-seed-1": (0.84, 3.0), "distilled-seed-2": (0.86, 4.0),
+                      "base": (0.70, 5.0)})  # base is not a seed: left out
+    row = seed_spread(scores, seed_variants(0, 3)).iloc[0]
+    # mean 0.8333…; deviations −0.0333, 0.0067, 0.0267; Σ squares 0.0018667 / (3 − 1) → std 0.030551
+    assert row["s_model_mean"] == pytest.approx(2.5 / 3)
+    assert row["s_model_std"] == pytest.approx(0.0305505, abs=1e-7)
+    assert (row["s_model_min"], row["s_model_max"]) == pytest.approx((0.80, 0.86))
+    assert row["last_layer_ratio_std"] == pytest.approx(1.0)  # 2, 3, 4
+    assert row["n_seeds"] == 3 and row["seeds"] == "0 1 2"
+    assert (row["s_model_first"], row["s_model_first_ci_low"], row["s_model_first_ci_high"]) == pytest.approx(
+        (0.80, 0.79, 0.82))
+
+
+def test_a_missing_seed_is_named():
+    with pytest.raises(InputError, match="distilled-seed-2"):
+        seed_spread(_scores({"distilled": (0.8, 2.0), "distilled-seed-1": (0.84, 3.0)}), seed_variants(0, 3))
