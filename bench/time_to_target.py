@@ -313,12 +313,13 @@ def main() -> None:
     parser.add_argument("--report-dir", default=None, help="also copy the table, figure and Markdown here")
     args = parser.parse_args()
     from bench.report import model_dir
+    from hsconv.config import trainer_settings
 
     settings = dict(args.setting) if args.setting else SETTINGS
     out = Path(args.out)
     model = args.model_dir or model_dir()
     defaults = __import__("yaml").safe_load((ROOT / "config.yaml").read_text())["distill"]
-    base_settings = {key: value for key, value in defaults.items() if key != "resources"}
+    base_settings = trainer_settings(defaults)  # less what only the workflow reads (resources, seeds)
     batch, seq = base_settings["batch_size"], 128
     inputs = prepare_inputs(model, out, max(setting[2] for setting in settings.values()), batch, seq,
                             args.accuracy_passages, args.movement_passages)
