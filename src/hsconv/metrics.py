@@ -39,11 +39,15 @@ def per_document_sums(tokens: pd.DataFrame, column: str) -> tuple[np.ndarray, np
     return sums.index.to_numpy(), counts, sums.to_numpy(dtype=np.float64)
 
 
+def document_resamples(documents: int, samples: int, seed: int) -> np.ndarray:
+    """How often each document is drawn in each of ``samples`` bootstrap resamples (samples × documents)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(documents, np.full(documents, 1.0 / documents), size=samples).astype(np.float64)
+
+
 def bootstrap_layer_means(counts: np.ndarray, sums: np.ndarray, samples: int, seed: int) -> np.ndarray:
     """Token-weighted mean D per layer for ``samples`` resamples of the documents (samples × layers)."""
-    rng = np.random.default_rng(seed)
-    documents = len(counts)
-    weights = rng.multinomial(documents, np.full(documents, 1.0 / documents), size=samples).astype(np.float64)
+    weights = document_resamples(len(counts), samples, seed)
     return (weights @ sums) / (weights @ counts)[:, None]
 
 
@@ -147,9 +151,7 @@ def paired_convergence_differences(base: pd.DataFrame, variant: pd.DataFrame, sa
         raise InputError(f"{names[1]} has no movement under the {', '.join(missing)} convention(s) that {names[0]} has")
     for convention in conventions:
         documents, counts, base_sums, sums = _paired_document_sums(base, variant, f"movement_{convention}", names)
-        rng = np.random.default_rng(seed)
-        weights = rng.multinomial(len(documents), np.full(len(documents), 1.0 / len(documents)),
-                                  size=samples).astype(np.float64)
+        weights = document_resamples(len(documents), samples, seed)  # one draw for both: the pairing
         row = {"final_norm": convention}
         for name, function in (("s_model", convergence_score), ("last_layer_ratio", _last_layer_ratio)):
             base_value, value = (float(function(frame.sum(axis=0) / counts.sum())) for frame in (base_sums, sums))
