@@ -1,7 +1,7 @@
 # hsconv: hidden-state convergence of Transformer language models.
 #   snakemake --cores all                          the paper's figures and tables for the embedded default (config.yaml)
 #   snakemake --cores all findings                 the studies beyond the paper too (ablations, tuned lens, early
-#                                                  exit, paired differences, seeds); or one of them by its name
+#                                                  exit, paired differences, seeds, output); or one of them by name
 #   snakemake --cores all results/figures/fig3.pdf one target
 #   snakemake --cores all --configfile configs/paper.yaml   a preset replaces config.yaml entirely
 from snakemake.utils import min_version, validate
@@ -29,6 +29,7 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/early_exit.smk"
 include: "workflow/rules/ablations.smk"
 include: "workflow/rules/tuned_lens.smk"
+include: "workflow/rules/output.smk"
 
 
 rule all:
@@ -39,7 +40,8 @@ rule all:
 
 
 rule findings:
-    """Every study beyond the paper: ablations, the tuned-lens baseline, early exit, paired differences, seeds."""
+    """Every study beyond the paper: ablations, the tuned-lens baseline, early exit, paired differences, seeds and
+    the output on larger sets."""
     input:
         [study_targets(study) for study in STUDIES],
 
@@ -73,3 +75,10 @@ rule seeds:
     """The main distillation repeated from distill.seeds seeds: the spread of S_model and the last-layer ratio."""
     input:
         study_targets("seeds"),
+
+
+rule output:
+    """The output alone (stock lm-eval) of base, distilled and every seed on evaluation.output_datasets (the whole
+    LAMBADA test set by default), each paired against base, and the spread of those differences over seeds."""
+    input:
+        study_targets("output"),

@@ -159,6 +159,9 @@ CASES = [
          config_edit(lambda c: c["datasets"].update(notes={"kind": "jsonl", "path": "x.jsonl"})
                      or c["evaluation"].update(datasets=["lambada", "notes"])), "evaluation.datasets",
          "a jsonl data set given to the lm-eval evaluation"),
+    Case("config-output-unknown-dataset", "config",
+         config_edit(_set("evaluation.output_datasets", ["lambada_everything"])), "evaluation.output_datasets",
+         "the output evaluation naming a data set that is not configured"),
     Case("config-batch-not-multiple", "config", config_edit(_set("distill.micro_batch_size", 3)),
          "distill.batch_size", "a batch that micro-batches do not divide"),
     # --- prepare-model ---

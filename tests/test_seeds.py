@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 
 from hsconv.errors import InputError
-from hsconv.seeds import seed_spread, seed_variants
+from hsconv.paired import paired_differences
+from hsconv.seeds import difference_spread, seed_spread, seed_variants
 
 
 def _scores(values: dict[str, tuple[float, float]]) -> pd.DataFrame:
@@ -38,3 +39,31 @@ def test_spread_is_the_sample_standard_deviation_over_seeds_beside_the_first_run
 def test_a_missing_seed_is_named():
     with pytest.raises(InputError, match="distilled-seed-2"):
         seed_spread(_scores({"distilled": (0.8, 2.0), "distilled-seed-1": (0.84, 3.0)}), seed_variants(0, 3))
+
+
+def test_a_partly_missing_seed_is_named():
+    scores = pd.concat([_scores({"distilled": (0.8, 2.0), "distilled-seed-1": (0.84, 3.0)}),
+                        _scores({"distilled": (0.7, 2.0)}).assign(dataset="wikitext")])
+    with pytest.raises(InputError, match="wikitext.*distilled-seed-1"):
+        seed_spread(scores, seed_variants(0, 2))
+
+
+def test_output_difference_spread_over_seeds_from_a_paired_table():
+    """Four LAMBADA passages at the output (exit 4); base gets 2 right. Seed 0 gets 3 right (+25 points), seed 1
+    gets 1 (−25), seed 2 gets 2 (0): the differences' mean is 0 and their sample standard deviation 0.25."""
+    outcomes = {"base": [1, 1, 0, 0], "distilled": [1, 1, 1, 0], "distilled-seed-1": [1, 0, 0, 0],
+                "distilled-seed-2": [0, 1, 1, 0]}
+    documents = pd.DataFrame([{"model": "m", "variant": variant, "task": "lambada_full", "kind": "lambada",
+                               "layer": 4, "doc_id": doc, "acc": float(acc)}
+                              for variant, accs in outcomes.items() for doc, acc in enumerate(accs)])
+    paired = paired_differences(documents, samples=200, seed=0)
+    row = difference_spread(paired, seed_variants(0, 3)).iloc[0]
+    assert (row["task"], row["kind"], row["metric"], row["layer"]) == ("lambada_full", "lambada", "acc", 4)
+    assert row["baseline_value"] == 0.5 and row["n_documents"] == 4
+    assert row["difference_mean"] == pytest.approx(0.0)
+    assert row["difference_std"] == pytest.approx(0.25)
+    assert (row["difference_min"], row["difference_max"]) == (-0.25, 0.25)
+    assert row["variant_value_mean"] == pytest.approx(0.5)
+    first = paired[paired["variant"] == "distilled"].iloc[0]
+    assert (row["difference_first"], row["difference_first_low"], row["difference_first_high"]) == (
+        0.25, first["lower"], first["upper"])

@@ -173,6 +173,15 @@ def test_early_exit_pruned_models_and_paired_differences(finished_run):
             assert side == pytest.approx(convergence[(row.model, variant, row.dataset, row.final_norm)], abs=1e-12)
         assert row.s_model_difference == pytest.approx(row.s_model_variant - row.s_model_base)
         assert row.s_model_difference_low <= row.s_model_difference_high
+    # the output alone (stock lm-eval): the same passages and numbers as the per-layer table's last exit
+    output = pd.read_parquet(results / "tables/output_paired.parquet")
+    last_exit = evaluation[evaluation["layer"] == evaluation.groupby("model")["layer"].transform("max")]
+    merged = output.merge(last_exit, on=["model", "task", "metric", "layer"], suffixes=("", "_lens"))
+    assert len(output) == 2 and len(merged) == 2 * 2 and set(output["variant"]) == {"distilled"}
+    assert (output["n_documents"] == 12).all()
+    for variant, column in (("base", "baseline_value"), ("distilled", "variant_value")):
+        rows = merged[merged["variant_lens"] == variant]
+        assert len(rows) == 2 and ((rows[column] - rows["value"]).abs() < 1e-9).all(), rows
 
 
 @pytest.mark.slow
@@ -342,7 +351,8 @@ STUDY_RULES = {"ablations": {"distill_ablation", "evaluate_ablation", "tabulate_
                "tuned_lens": {"train_tuned_lens", "tabulate_tuned_lens_evaluation", "plot_tuned_lens_figure",
                               "paired_tuned_lens_differences"},
                "early_exit": {"prune_model", "evaluate_pruned", "tabulate_early_exit", "plot_early_exit"},
-               "paired": {"paired_differences", "compare_convergence", "tabulate_convergence_paired"}}
+               "paired": {"paired_differences", "compare_convergence", "tabulate_convergence_paired"},
+               "output": {"evaluate_output", "output_paired_differences"}}
 
 
 def test_the_default_target_is_the_paper_and_each_study_has_a_name(tmp_path):
@@ -370,6 +380,10 @@ def test_distill_seeds_trains_the_main_run_again_from_each_further_seed(tmp_path
     assert planned["distill_seed"] == 2 * 2 and planned["distill"] == 2 and planned["tabulate_seeds"] == 1
     assert planned["compute_convergence"] == 2 * 3 * measured  # models × seeds × measured data sets
     assert "distill_seed" not in planned_counts(snakemake(tmp_path, "-n"))
+    # the output study: base and each seed's output, paired against base, and the spread of that over seeds
+    output = planned_counts(snakemake(tmp_path, "-n", "output"))
+    assert output["evaluate_output"] == 2 * (1 + 3) and output["output_paired_differences"] == 1
+    assert output["tabulate_output_seeds"] == 1
 
 
 def test_a_plain_run_in_the_project_reads_the_default_profile(tmp_path):

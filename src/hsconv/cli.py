@@ -281,9 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--confidence", type=real(0, 1, open_low=True, open_high=True), default=0.95)
     stage.add_argument("--seed", type=integer(0), default=0)
 
-    stage = stages.add_parser("tabulate-seeds", help="spread of S_model and the last-layer ratio over the main "
-                              "distillation's seeds")
-    stage.add_argument("--convergence", nargs="+", required=True, help="compute-convergence scores of every seed")
+    stage = stages.add_parser("tabulate-seeds", help="spread over the main distillation's seeds: of S_model and the "
+                              "last-layer ratio, or of paired differences from base")
+    tables = stage.add_mutually_exclusive_group(required=True)
+    tables.add_argument("--convergence", nargs="+", help="compute-convergence scores of every seed")
+    tables.add_argument("--paired", nargs="+", help="paired-differences table(s) holding every seed's variant")
     stage.add_argument("--first-seed", type=integer(0), required=True, help="distill.seed")
     stage.add_argument("--seeds", type=integer(2), required=True, help="distill.seeds")
     stage.add_argument("--out", required=True, help="the Parquet table; .csv and .md are written beside it")
@@ -438,7 +440,8 @@ def run(args: argparse.Namespace) -> None:
     elif args.stage == "tabulate-seeds":
         from hsconv.seeds import tabulate_seeds
 
-        tabulate_seeds(args.convergence, args.first_seed, args.seeds, Path(args.out).with_suffix(""), args.config_hash)
+        tabulate_seeds(args.convergence or args.paired, args.first_seed, args.seeds, Path(args.out).with_suffix(""),
+                       args.config_hash, paired=args.paired is not None)
     elif args.stage == "gather-tables":
         from hsconv.tables import gather_tables
 

@@ -74,11 +74,12 @@ def check_config(config: dict) -> None:
     if "distilled" in config["variants"]:
         _check_distill(config)
     evaluation = config.get("evaluation", {})
-    _require_known("data set", evaluation.get("datasets", []), config["datasets"], "evaluation.datasets")
-    for name in evaluation.get("datasets", []):
-        if config["datasets"][name]["kind"] not in ("lambada", "wikitext"):
-            raise ConfigError(f"evaluation.datasets: {name!r} is of kind {config['datasets'][name]['kind']!r}; "
-                              f"per-layer lm-eval evaluation supports lambada and wikitext")
+    for key in ("datasets", "output_datasets"):
+        _require_known("data set", evaluation.get(key, []), config["datasets"], f"evaluation.{key}")
+        for name in evaluation.get(key, []):
+            if config["datasets"][name]["kind"] not in ("lambada", "wikitext"):
+                raise ConfigError(f"evaluation.{key}: {name!r} is of kind {config['datasets'][name]['kind']!r}; "
+                                  f"lm-eval evaluation supports lambada and wikitext")
     _require_known("data set", evaluation.get("limits", {}), evaluation.get("datasets", []), "evaluation.limits")
     for figure in PER_LAYER_FIGURES:
         if figure in config["figures"]:

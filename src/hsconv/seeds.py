@@ -28,30 +28,44 @@ def seed_variants(first_seed: int, count: int) -> dict[str, int]:
     return {"distilled": seeds[0], **{f"{SEED_PREFIX}{seed}": seed for seed in seeds[1:]}}
 
 
+def _require_seeds(variants, seeds: dict[str, int], what: str) -> None:
+    missing = sorted(set(seeds) - set(variants))
+    if missing:
+        raise InputError(f"no {what} for the seed variant(s) {', '.join(missing)}")
+    if len(seeds) < 2:
+        raise InputError(f"a spread over seeds needs at least 2 seeds, got {len(seeds)}")
+
+
+def _spread(values: pd.Series, column: str) -> dict[str, float]:
+    """Mean, standard deviation (ddof = 1), minimum and maximum of one quantity over the seeds."""
+    values = values.astype(float)
+    return {f"{column}_mean": values.mean(), f"{column}_std": values.std(ddof=1), f"{column}_min": values.min(),
+            f"{column}_max": values.max()}
+
+
+def _per_group(table: pd.DataFrame, seeds: dict[str, int], keys: list[str], what: str):
+    """(key values, that group's rows indexed by variant in seed order) for each group; a group that lacks a seed
+    is refused, so a partly missing run is not averaged over fewer seeds without a word."""
+    table = table[table["variant"].isin(list(seeds))]
+    for values, frame in table.groupby(keys, sort=True):
+        absent = sorted(set(seeds) - set(frame["variant"]))
+        if absent:
+            raise InputError(f"{' '.join(map(str, values))} has no {what} for {', '.join(absent)}")
+        yield dict(zip(keys, values)), frame.set_index("variant").loc[list(seeds)]
+
+
 def seed_spread(scores: pd.DataFrame, seeds: dict[str, int]) -> pd.DataFrame:
     """One row per model, data set and last-state convention: each compared quantity's mean, standard deviation
     (ddof = 1) and range over the seeds, and the first seed's own value with its bootstrap interval.
 
     ``scores``: convergence-table rows of the seeds' variants; ``seeds``: {variant: seed}, the first seed first."""
-    missing = sorted(set(seeds) - set(scores["variant"]))
-    if missing:
-        raise InputError(f"no convergence scores for the seed variant(s) {', '.join(missing)}")
-    if len(seeds) < 2:
-        raise InputError(f"a spread over seeds needs at least 2 seeds, got {len(seeds)}")
+    _require_seeds(scores["variant"], seeds, "convergence scores")
     first = next(iter(seeds))
-    scores = scores[scores["variant"].isin(list(seeds))]
     rows = []
-    for (model, dataset, convention), frame in scores.groupby(["model", "dataset", "final_norm"], sort=True):
-        absent = sorted(set(seeds) - set(frame["variant"]))
-        if absent:
-            raise InputError(f"{model} on {dataset} ({convention}) has no scores for {', '.join(absent)}")
-        frame = frame.set_index("variant").loc[list(seeds)]
-        row = {"model": model, "dataset": dataset, "final_norm": convention, "n_seeds": len(seeds),
-               "seeds": " ".join(str(seed) for seed in seeds.values())}
+    for keys, frame in _per_group(scores, seeds, ["model", "dataset", "final_norm"], "scores"):
+        row = {**keys, "n_seeds": len(seeds), "seeds": " ".join(str(seed) for seed in seeds.values())}
         for column in SPREAD_COLUMNS:
-            values = frame[column].astype(float)
-            row.update({f"{column}_mean": values.mean(), f"{column}_std": values.std(ddof=1),
-                        f"{column}_min": values.min(), f"{column}_max": values.max()})
+            row.update(_spread(frame[column], column))
         main = frame.loc[first]
         row.update(first_seed=seeds[first], s_model_first=main["s_model"], s_model_first_ci_low=main["s_model_ci_low"],
                    s_model_first_ci_high=main["s_model_ci_high"])
@@ -59,12 +73,39 @@ def seed_spread(scores: pd.DataFrame, seeds: dict[str, int]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def difference_spread(paired: pd.DataFrame, seeds: dict[str, int]) -> pd.DataFrame:
+    """One row per model, data set, metric and exit of a paired-differences table (:mod:`hsconv.paired`): the
+    variant's value and its difference from the baseline, each as mean, standard deviation (ddof = 1) and range over
+    the seeds, beside the first seed's paired bootstrap interval. Each seed's difference is paired on the same
+    documents; the spread says how much of it another training run would keep."""
+    _require_seeds(paired["variant"], seeds, "paired differences")
+    first = next(iter(seeds))
+    rows = []
+    for keys, frame in _per_group(paired, seeds, ["model", "task", "kind", "metric", "layer"], "paired differences"):
+        row = {**keys, "baseline": frame["baseline"].iloc[0], "baseline_value": frame["baseline_value"].iloc[0],
+               "n_documents": int(frame["n_documents"].iloc[0]), "n_seeds": len(seeds),
+               "seeds": " ".join(str(seed) for seed in seeds.values())}
+        for column in ("variant_value", "difference"):
+            row.update(_spread(frame[column], column))
+        main = frame.loc[first]
+        row.update(first_seed=seeds[first], difference_first=main["difference"], difference_first_low=main["lower"],
+                   difference_first_high=main["upper"], confidence=main["confidence"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def tabulate_seeds(paths: list[str], first_seed: int, count: int, out_stem: str | os.PathLike,
-                   config_hash: str) -> pd.DataFrame:
-    """Read the seeds' convergence scores and write the spread table (Parquet, CSV, Markdown)."""
+                   config_hash: str, paired: bool = False) -> pd.DataFrame:
+    """Read the seeds' convergence scores (or, with ``paired``, one paired-differences table holding every seed) and
+    write the spread table (Parquet, CSV, Markdown)."""
     seeds = seed_variants(first_seed, count)
-    scores = pd.concat([read_input_table(path, "convergence scores", ["model", "variant", "dataset", "s_model"],
-                                         made_by="compute-convergence") for path in paths], ignore_index=True)
-    table = seed_spread(scores, seeds)
+    if paired:
+        differences = pd.concat([read_input_table(path, "paired differences", ["model", "variant", "difference"])
+                                 for path in paths], ignore_index=True)
+        table = difference_spread(differences, seeds)
+    else:
+        scores = pd.concat([read_input_table(path, "convergence scores", ["model", "variant", "dataset", "s_model"],
+                                             made_by="compute-convergence") for path in paths], ignore_index=True)
+        table = seed_spread(scores, seeds)
     write_table(table, out_stem, {"seeds": {"variants": seeds, "config_hash": config_hash}})
     return table

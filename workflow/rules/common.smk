@@ -232,12 +232,19 @@ def distill_mem_mb(wildcards, input):
 
 
 EVALUATED_DATASETS = config["evaluation"]["datasets"]
+# The output alone on larger sets: base, the other variants and every seed of the main distillation.
+OUTPUT_DATASETS = config["evaluation"]["output_datasets"]
+OUTPUT_VARIANTS = list(dict.fromkeys(["base", *VARIANTS, *SEED_VARIANTS]))
 
 
-def evaluation_dataset_args(wildcards, input):
-    """NAME=KIND=PATH for each evaluated data set, as `hsconv evaluate-layers --dataset` takes them."""
-    return " ".join(f"{name}={config['datasets'][name]['kind']}={path}"
-                    for name, path in zip(EVALUATED_DATASETS, input.texts))
+def dataset_args(names):
+    """NAME=KIND=PATH for each named data set (its texts are the job's input.texts, in that order), as
+    `hsconv evaluate-layers --dataset` takes them."""
+
+    def args(wildcards, input):
+        return " ".join(f"{name}={config['datasets'][name]['kind']}={path}" for name, path in zip(names, input.texts))
+
+    return args
 
 
 def measured_combinations(pattern):
@@ -270,8 +277,8 @@ def paper_targets():
 
 def study_targets(study):
     """The outputs of one study beyond the paper, built only when asked for by name (`snakemake findings` builds
-    them all): `ablations`, `tuned_lens`, `early_exit` (with the pruned models), `paired` (distilled − base) or
-    `seeds` (the spread over distill.seeds)."""
+    them all): `ablations`, `tuned_lens`, `early_exit` (with the pruned models), `paired` (distilled − base),
+    `seeds` (the spread over distill.seeds) or `output` (the output alone on evaluation.output_datasets)."""
     if study == "ablations":
         return (["results/tables/ablations.csv", "results/figures/ablations.pdf", "results/figures/ablations.png"]
                 if ABLATION_MODELS else [])
@@ -281,6 +288,11 @@ def study_targets(study):
                 if "distilled" in VARIANTS else [])
     if study == "seeds":
         return expand("results/tables/seeds.{ext}", ext=("csv", "md")) if SEED_VARIANTS else []
+    if study == "output":  # each variant's and seed's output on the larger sets, paired against base
+        if not OUTPUT_DATASETS or len(OUTPUT_VARIANTS) < 2:
+            return []
+        return expand("results/tables/{table}.{ext}", ext=("csv", "md"),
+                      table=["output_paired", *(["output_seeds"] if SEED_VARIANTS else [])])
     if not EVALUATED_DATASETS:
         return []
     if study == "tuned_lens":
@@ -295,7 +307,7 @@ def study_targets(study):
     raise ValueError(f"unknown study {study!r}")
 
 
-STUDIES = ("ablations", "tuned_lens", "early_exit", "paired", "seeds")
+STUDIES = ("ablations", "tuned_lens", "early_exit", "paired", "seeds", "output")
 # The configured per-layer figures (5, 6, 9, 10) whose models all have a tuned lens, drawn again with it as a third
 # curve.
 TUNED_LENS_FIGURES = [name for name in PER_LAYER_FIGURES if name in config["figures"]

@@ -30,7 +30,7 @@ rule evaluate_pruned:
         table="results/early_exit/{model}/{variant}/stock.parquet",
         json="results/early_exit/{model}/{variant}/stock_lm_eval.json",
     params:
-        datasets=evaluation_dataset_args,
+        datasets=dataset_args(EVALUATED_DATASETS),
         limits=" ".join(f"{name}={limit}" for name, limit in EVALUATION["limits"].items()),
         batch_size=EVALUATION["batch_size"],
         bootstrap_iters=EVALUATION["bootstrap_iters"],

@@ -16,7 +16,7 @@ rule evaluate_layers:
     wildcard_constraints:
         variant=regex_alternatives([*VARIANTS, *ABLATION_VARIANTS.values(), "tuned_lens"]),
     params:
-        datasets=evaluation_dataset_args,
+        datasets=dataset_args(EVALUATED_DATASETS),
         lens=lambda wildcards, input: f"--tuned-lens {input.lens}" if input.lens else "",
         limits=" ".join(f"{name}={limit}" for name, limit in EVALUATION["limits"].items()),
         layers=" ".join(map(str, EVALUATION["layers"] or [])),

@@ -1,0 +1,58 @@
+# The output alone (stock lm-eval, one exit) on larger sets than the per-layer evaluation can afford: the whole
+# LAMBADA test set and 20 WikiText articles. Every variant and every seed of the main distillation is paired against
+# base on the same documents; the spread over seeds says how much of a difference another training run would keep.
+
+
+use rule evaluate_ablation as evaluate_output with:
+    input:
+        model=variant_model_dir,
+        texts=expand("results/data/eval/{dataset}.parquet", dataset=OUTPUT_DATASETS),
+    output:
+        table="results/output/{model}/{variant}/stock.parquet",
+        json="results/output/{model}/{variant}/stock_lm_eval.json",
+        documents="results/output/{model}/{variant}/per_document.parquet",
+    params:
+        dataset=dataset_args(OUTPUT_DATASETS),
+        limit="",  # the data sets' own subsets are the evaluated sets
+    log:
+        "results/logs/evaluate_output/{model}/{variant}.log",
+    benchmark:
+        "results/benchmarks/evaluate_output/{model}/{variant}.tsv"
+
+
+use rule paired_differences as output_paired_differences with:
+    input:
+        expand("results/output/{model}/{variant}/per_document.parquet", model=MODELS, variant=OUTPUT_VARIANTS),
+    output:
+        parquet="results/tables/output_paired.parquet",
+        csv=report("results/tables/output_paired.csv", caption="../report/paired_table.rst", category="Tables"),
+        md="results/tables/output_paired.md",
+    log:
+        "results/logs/output_paired_differences.log",
+    benchmark:
+        "results/benchmarks/output_paired_differences.tsv"
+
+
+rule tabulate_output_seeds:
+    """The output's paired difference from base over the main distillation's seeds: mean, standard deviation and
+    range, beside the first seed's paired bootstrap interval."""
+    input:
+        "results/tables/output_paired.parquet",
+    output:
+        parquet="results/tables/output_seeds.parquet",
+        csv="results/tables/output_seeds.csv",
+        md="results/tables/output_seeds.md",
+    params:
+        first_seed=DISTILL["seed"],
+        seeds=DISTILL["seeds"],
+        config_hash=CONFIG_HASH,
+        code=code_fingerprint("hsconv.seeds"),
+    log:
+        "results/logs/tabulate_output_seeds.log",
+    benchmark:
+        "results/benchmarks/tabulate_output_seeds.tsv"
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "hsconv tabulate-seeds --paired {input} --first-seed {params.first_seed} --seeds {params.seeds}"
+        " --out {output.parquet} --config-hash {params.config_hash} > {log} 2>&1"
