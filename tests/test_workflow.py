@@ -308,6 +308,7 @@ RERUN_MATRIX = {
                    "plot_movement_figure": 2, "plot_per_layer_figure": 4, "plot_fig4": 1, "plot_fig7": 1,
                    "prune_model": 2, "evaluate_pruned": 2, "tabulate_early_exit": 1, "plot_early_exit": 1,
                    "paired_differences": 1, "distill_ablation": 2, "evaluate_ablation": 2,
+                   "evaluate_output": 2, "output_paired_differences": 1,
                    "tabulate_ablations": 1, "plot_ablations": 1, "tabulate_tuned_lens_evaluation": 1,
                    "plot_tuned_lens_figure": 2, "all": 1, "findings": 1}),
     "PCA figure code": ("figures/trajectory.py", "\nVIEW_ELEVATION = 22\n", {"plot_fig4": 1, "all": 1}),
