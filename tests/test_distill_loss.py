@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from hsconv.distill.loss import layer_weights, reference_loss, self_distillation_loss
+from hsconv.distill.loss import RecomputedTarget, layer_weights, reference_loss, self_distillation_loss
 from hsconv.hidden_states import decoder_states, final_norm_module
 from hsconv.models import build_tiny_model
 
@@ -43,8 +43,8 @@ def loss_and_grads(loss_fn, student, target, **settings):
     pre_norm = result["states"][:-1] + [result["pre_norm_last"]]
     with torch.no_grad():
         target_hidden = decoder_states(target, input_ids, mask)["states"][-1]
-    terms = loss_fn(pre_norm, final_norm_module(student), student.get_output_embeddings(), target_hidden,
-                    target.get_output_embeddings(), mask, **settings)
+    terms = loss_fn(pre_norm, final_norm_module(student), student.get_output_embeddings(),
+                    RecomputedTarget(target_hidden, target.get_output_embeddings()), mask, **settings)
     terms.total.backward()
     grads = {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
     return terms, grads
@@ -229,8 +229,8 @@ def cached_loss_and_grads(student, target, top_k: int, **settings):
     student.zero_grad()
     result = decoder_states(student, input_ids, mask)
     pre_norm = result["states"][:-1] + [result["pre_norm_last"]]
-    terms = self_distillation_loss(pre_norm, final_norm_module(student), student.get_output_embeddings(), None,
-                                   None, mask, cached_target=cached, **settings)
+    terms = self_distillation_loss(pre_norm, final_norm_module(student), student.get_output_embeddings(), cached,
+                                   mask, **settings)
     terms.total.backward()
     return terms, {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}, cached
 
@@ -280,18 +280,16 @@ def test_cached_top_k_loss_equals_autograd_of_the_folded_kl(direction):
     assert torch.all(terms.kl < exact.kl)
 
 
-def test_cached_and_recomputed_targets_are_not_both_given():
-    from hsconv.distill.loss import TopKTarget
-
+def test_the_target_is_one_teacher_object():
+    """The frozen model comes as one object, recomputed or cached; its parts loose (the old calling convention) are
+    refused with a message that names both kinds."""
     student, target = make_pair(tied=True)
     input_ids, mask = batch()
     states = decoder_states(student, input_ids, mask)
     pre_norm = states["states"][:-1] + [states["pre_norm_last"]]
-    cached = TopKTarget(torch.zeros(2, 11, 3), torch.zeros(2, 11, 3, dtype=torch.long), torch.zeros(2, 11))
-    with pytest.raises(ValueError, match="either the target's hidden states and head or a cached target"):
+    with pytest.raises(TypeError, match="RecomputedTarget or a TopKTarget, not Tensor"):
         self_distillation_loss(pre_norm, final_norm_module(student), student.get_output_embeddings(),
-                               states["states"][-1], target.get_output_embeddings(), mask, alpha=1.0, k=0.25,
-                               cached_target=cached)
+                               states["states"][-1], mask, alpha=1.0, k=0.25)
 
 
 def test_keep_last_sampling_always_computes_the_output_exit_at_its_own_weight():

@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from hsconv.io import KILL_BEFORE_RENAME_ENV, KILL_SELECTION, package_versions, read_provenance
+from hsconv.faults import KILL_BEFORE_RENAME_ENV, KILL_SELECTION
+from hsconv.io import package_versions, read_provenance
 
 from conftest import REPO, SHARED_DATA
 

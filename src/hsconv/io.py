@@ -9,7 +9,6 @@ import importlib.metadata
 import json
 import os
 import shutil
-import signal
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -19,16 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hsconv.errors import InputError
+from hsconv.faults import maybe_kill_before_rename
 
 PROVENANCE_KEY = b"hsconv"
-# Testing hook: a folder. A process about to rename its first finished output into place SIGKILLs itself instead,
-# unless that output was killed once already (a marker file in the folder records it, with whether the target
-# existed): each stage is killed once at its worst moment, to prove that it leaves nothing that looks complete and
-# that its rerun writes the same bytes. Where the folder holds KILL_SELECTION ({job: [its declared outputs]}), only
-# those jobs are killed, each once, just before it renames one of its declared outputs (a sample of the jobs, for CI).
-KILL_BEFORE_RENAME_ENV = "HSCONV_KILL_BEFORE_RENAME"
-KILL_SELECTION = "selected_jobs.json"
-_first_rename_done = False
 _TRACKED_PACKAGES = ("hsconv", "torch", "transformers", "deepspeed", "lm_eval", "pandas", "numpy")
 
 
@@ -76,36 +68,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield target
         if not target.exists():
             raise RuntimeError(f"stage finished without writing {path}")
-        _maybe_kill_before_rename(path)
+        maybe_kill_before_rename(path)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(target, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _maybe_kill_before_rename(path: Path) -> None:
-    global _first_rename_done
-    folder = os.environ.get(KILL_BEFORE_RENAME_ENV)
-    if not folder or _first_rename_done:
-        return
-    path = path.resolve()
-    selection = Path(folder) / KILL_SELECTION
-    if selection.is_file():
-        jobs = json.loads(selection.read_text())
-        job = next((job for job, outputs in jobs.items()
-                    if any(path == Path(output) or Path(output) in path.parents for output in outputs)), None)
-        if job is None:
-            return  # not a selected job's output (or a selected job's scratch, such as a checkpoint)
-        record = {"job": job}  # once per job, whichever of its outputs it renames first
-    else:
-        record = {}  # once per output path
-    _first_rename_done = True
-    marker = Path(folder) / hashlib.sha256(json.dumps(record or str(path)).encode()).hexdigest()[:16]
-    if marker.exists():
-        return
-    marker.write_text(json.dumps({"path": str(path), "existed": path.exists(), **record}))
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def write_parquet(frame: pd.DataFrame, path: str | os.PathLike, metadata: dict | None = None) -> None:

@@ -102,8 +102,36 @@ class TopKTarget:
     ids: torch.Tensor
     rest: torch.Tensor
 
-    def select(self, mask: torch.Tensor) -> "TopKTarget":
+    def select(self, mask: torch.Tensor) -> TopKTarget:
+        mask = mask.to(self.values.device)
         return TopKTarget(self.values[mask], self.ids[mask], self.rest[mask])
+
+    def chunk(self, start: int, stop: int, direction: str, compute: torch.dtype, softcap: float | None):
+        """Tokens start..stop as the fused kernel reads them, and the KL (and logit gradient) against them."""
+        return ({"ids": self.ids[start:stop], "logp_top": self.values[start:stop].to(compute),
+                 "log_rest": self.rest[start:stop].to(compute)}, _folded_kl_and_logit_grad)
+
+
+@dataclass
+class RecomputedTarget:
+    """The frozen model as the teacher, exactly: its last normalised state (…, d) and its head, from which q_target is
+    formed one chunk of tokens at a time (never for every token at once)."""
+
+    hidden: torch.Tensor
+    head: torch.nn.Module
+
+    def select(self, mask: torch.Tensor) -> RecomputedTarget:
+        return RecomputedTarget(self.hidden[mask].detach(), self.head)
+
+    def chunk(self, start: int, stop: int, direction: str, compute: torch.dtype, softcap: float | None):
+        """:meth:`TopKTarget.chunk` for the recomputed teacher: the chunk's log p (and p, Σ p log p)."""
+        bias = None if self.head.bias is None else self.head.bias.detach()
+        logits = F.linear(self.hidden[start:stop], self.head.weight.detach(), bias).to(compute)
+        return _target_chunk(cap_logits(logits, softcap), direction), _kl_and_logit_grad
+
+
+# The teacher of ζ1: the frozen model recomputed each step, or its top-k read from a cache.
+Target = RecomputedTarget | TopKTarget
 
 
 def folded_kl(log_q: torch.Tensor, target: TopKTarget, direction: str) -> torch.Tensor:
@@ -195,16 +223,14 @@ class FusedLogitLensKL(torch.autograd.Function):
     """Σ_l w_l · mean_t KL_l(t) over layers and tokens, with gradients computed in the forward, chunk by chunk.
 
     Inputs: ``normed`` (L+1, N, d): every layer's state after the final norm (the tokens already masked);
-    ``head_weight`` (V, d) and ``head_bias`` (V or None); ``target_hidden`` (N, d) and ``target_weight``/``bias``:
-    the frozen model's last normalised state and head, from which q_target is formed one chunk at a time; or, in
-    their place (all three None), ``cached``: a :class:`TopKTarget` of the N tokens, against which KL is folded.
+    ``head_weight`` (V, d) and ``head_bias`` (V or None); ``target``: the N tokens' teacher, a
+    :class:`RecomputedTarget` (q_target formed one chunk at a time) or a :class:`TopKTarget` (KL folded onto its k).
     ``softcap``: the family's output cap on both models' logits (Gemma 2/3), None for none.
     Returns ζ1 and the per-layer mean KL (not differentiable).
     """
 
     @staticmethod
-    def forward(ctx, normed, head_weight, head_bias, target_hidden, target_weight, target_bias, weights,
-                direction, chunk_tokens, cached=None, softcap=None):
+    def forward(ctx, normed, head_weight, head_bias, weights, target: Target, direction, chunk_tokens, softcap=None):
         layers, tokens, _ = normed.shape
         # Logits and softmax in float32 at least (bf16 logits lose the small probabilities KL depends on).
         compute = torch.promote_types(normed.dtype, torch.float32)
@@ -218,18 +244,11 @@ class FusedLogitLensKL(torch.autograd.Function):
         scale = weights.to(compute) / tokens
         for start in range(0, tokens, chunk_tokens):
             stop = min(start + chunk_tokens, tokens)
-            if cached is None:
-                target_logits = F.linear(target_hidden[start:stop], target_weight, target_bias).to(compute)
-                target = _target_chunk(cap_logits(target_logits, softcap), direction)
-                kl_and_grad = _kl_and_logit_grad
-            else:
-                target = {"ids": cached.ids[start:stop], "logp_top": cached.values[start:stop].to(compute),
-                          "log_rest": cached.rest[start:stop].to(compute)}
-                kl_and_grad = _folded_kl_and_logit_grad
+            chunk, kl_and_grad = target.chunk(start, stop, direction, compute, softcap)
             for layer in range(layers):
                 x = normed[layer, start:stop]
                 logits, slope = _capped_logits(F.linear(x, head_weight, head_bias).to(compute), softcap)
-                kl, grad_logits = kl_and_grad(logits, target, direction)
+                kl, grad_logits = kl_and_grad(logits, chunk, direction)
                 del logits
                 if slope is not None:  # through the cap: d/dz c·tanh(z/c) = 1 − tanh²
                     grad_logits = grad_logits.mul_(slope)
@@ -258,7 +277,7 @@ class FusedLogitLensKL(torch.autograd.Function):
         return (grad_normed * g.to(grad_normed.dtype) if has_normed else None,
                 (grad_weight * g).to(ctx.weight_dtype) if has_weight else None,
                 (grad_bias * g).to(ctx.weight_dtype) if has_bias else None,
-                None, None, None, None, None, None, None, None)
+                None, None, None, None, None)
 
 
 def layer_steps(states: list[torch.Tensor], measure: str = "relative_step") -> torch.Tensor:
@@ -279,19 +298,17 @@ def layer_steps(states: list[torch.Tensor], measure: str = "relative_step") -> t
 
 
 def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Module,
-                           head: torch.nn.Linear, target_hidden: torch.Tensor, target_head: torch.nn.Linear,
-                           mask: torch.Tensor, alpha: float, k: float, direction: str = "student_target",
-                           movement_convention: str = "hf", chunk_tokens: int = 256,
-                           exit_samples: int | None = None, exit_sampling: str = "uniform",
-                           generator: torch.Generator | None = None,
-                           cached_target: TopKTarget | None = None, softcap: float | None = None,
+                           head: torch.nn.Linear, target: Target, mask: torch.Tensor, alpha: float, k: float,
+                           direction: str = "student_target", movement_convention: str = "hf",
+                           chunk_tokens: int = 256, exit_samples: int | None = None, exit_sampling: str = "uniform",
+                           generator: torch.Generator | None = None, softcap: float | None = None,
                            zeta2_measure: str = "relative_step") -> LossTerms:
     """ζ for one batch.
 
-    ``pre_norm_states``: h_0..h_L of the student, all before the final norm (B, T, d each); ``target_hidden``:
-    the frozen model's last state after its final norm (B, T, d); ``mask`` (B, T): the real tokens.
-    ``cached_target`` (B, T, k) replaces ``target_hidden`` and ``target_head`` (both None then): ζ1 against the
-    frozen model's cached top-k distribution, folded (see :func:`folded_kl`).
+    ``pre_norm_states``: h_0..h_L of the student, all before the final norm (B, T, d each); ``target``: the frozen
+    model, a :class:`RecomputedTarget` (its last state after its final norm, (B, T, d), and its head) or a
+    :class:`TopKTarget` (B, T, k) read from a teacher cache, against which ζ1 is folded (see :func:`folded_kl`);
+    ``mask`` (B, T): the real tokens.
     ``movement_convention`` chooses h_L in ζ2: after the final norm (``hf``, as ``output_hidden_states`` gives it)
     or before it. q_L is always LMHead(FinalNorm(pre-norm h_L)): the final norm is never applied twice.
     ``exit_samples``/``exit_sampling``: ζ1 on a random subset of the exits (:func:`sample_exits`); ζ2 stays exact.
@@ -299,8 +316,8 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
     """
     check_settings(direction, movement_convention)
     num_layers = len(pre_norm_states) - 1
-    if (cached_target is None) == (target_hidden is None):
-        raise ValueError("give either the target's hidden states and head or a cached target, not both")
+    if not isinstance(target, (RecomputedTarget, TopKTarget)):
+        raise TypeError(f"the target is a RecomputedTarget or a TopKTarget, not {type(target).__name__}")
     device = pre_norm_states[0].device
     weights = layer_weights(num_layers, k, dtype=torch.float64).to(device)
     mask = mask.bool()
@@ -309,13 +326,8 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
         raise ValueError("the batch has no real tokens (every position is padding)")
     chosen, coefficients = sample_exits(weights, exit_samples, exit_sampling, generator)
     normed = torch.stack([final_norm(pre_norm_states[layer][mask]) for layer in chosen.tolist()])
-    if cached_target is None:
-        target = (target_hidden[mask].detach(), target_head.weight.detach(),
-                  None if target_head.bias is None else target_head.bias.detach(), None)
-    else:
-        target = (None, None, None, cached_target.select(mask.to(cached_target.values.device)))
-    zeta1, chosen_kl = FusedLogitLensKL.apply(normed, head.weight, head.bias, *target[:3], coefficients.to(device),
-                                              direction, chunk_tokens, target[3], softcap)
+    zeta1, chosen_kl = FusedLogitLensKL.apply(normed, head.weight, head.bias, coefficients.to(device),
+                                              target.select(mask), direction, chunk_tokens, softcap)
     kl = torch.full((num_layers + 1,), float("nan"), dtype=chosen_kl.dtype, device=chosen_kl.device)
     kl[chosen.to(kl.device)] = chosen_kl
     if movement_convention == "hf":
@@ -330,7 +342,7 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
 
 
 def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Module, head: torch.nn.Linear,
-                   target_hidden: torch.Tensor, target_head: torch.nn.Linear, mask: torch.Tensor, alpha: float,
+                   target: RecomputedTarget, mask: torch.Tensor, alpha: float,
                    k: float, direction: str = "student_target", movement_convention: str = "hf",
                    softcap: float | None = None, zeta2_measure: str = "relative_step") -> LossTerms:
     """ζ the plain way: every layer's logits materialised at once, gradients by autograd. For tests and the
@@ -341,7 +353,7 @@ def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Mod
     weights = layer_weights(num_layers, k, dtype=pre_norm_states[0].dtype).to(mask.device)
     normed = [final_norm(state) for state in pre_norm_states]
     logq = torch.log_softmax(cap_logits(torch.stack([head(state) for state in normed]), softcap), dim=-1)  # (L+1,B,T,V)
-    logp = torch.log_softmax(cap_logits(target_head(target_hidden), softcap), dim=-1).unsqueeze(0)
+    logp = torch.log_softmax(cap_logits(target.head(target.hidden), softcap), dim=-1).unsqueeze(0)
     if direction == "target_student":
         per_token = (logp.exp() * (logp - logq)).sum(-1)
     else:

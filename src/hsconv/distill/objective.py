@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from hsconv.distill.loss import LossTerms, TopKTarget, reference_loss, self_distillation_loss
+from hsconv.distill.loss import LossTerms, RecomputedTarget, TopKTarget, reference_loss, self_distillation_loss
 from hsconv.settings import LOSS_IMPLEMENTATIONS, LossSettings  # noqa: F401 (LossSettings is imported from here too)
 from hsconv.hidden_states import decoder_states, lens_states, readout
 
@@ -53,21 +53,21 @@ class SelfDistillation(torch.nn.Module):
             raise ValueError("pass the batch's cached target exactly when the loss reads the teacher from a cache")
         states = decoder_states(self.student, input_ids, attention_mask)
         pre_norm = lens_states(states)
-        target_hidden = target_head = None
-        if self.target is not None:
+        if self.target is None:
+            target = cached_target
+        else:
             with torch.no_grad():
                 target_hidden = decoder_states(self.target, input_ids, attention_mask)["states"][-1]
-            target_head = self.target.get_output_embeddings()
+            target = RecomputedTarget(target_hidden, self.target.get_output_embeddings())
         settings = self.settings
         common = dict(mask=attention_mask, alpha=settings.alpha, k=settings.k, direction=settings.kl_direction,
                       movement_convention=settings.movement_convention, softcap=self.softcap,
                       zeta2_measure=settings.zeta2_measure)
         if settings.implementation == "reference":
-            return reference_loss(pre_norm, self.final_norm, self.head, target_hidden, target_head, **common)
+            return reference_loss(pre_norm, self.final_norm, self.head, target, **common)
         generator = None
         if settings.exit_samples is not None and exit_seed is not None:
             generator = torch.Generator().manual_seed(exit_seed)
-        return self_distillation_loss(pre_norm, self.final_norm, self.head, target_hidden, target_head,
+        return self_distillation_loss(pre_norm, self.final_norm, self.head, target,
                                       chunk_tokens=settings.chunk_tokens, exit_samples=settings.exit_samples,
-                                      exit_sampling=settings.exit_sampling, generator=generator,
-                                      cached_target=cached_target, **common)
+                                      exit_sampling=settings.exit_sampling, generator=generator, **common)

@@ -13,31 +13,30 @@ import logging
 import math
 import os
 import shutil
-import signal
 import socket
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from hsconv.errors import check_device_available
-from hsconv.distill.loss import layer_weights
-from hsconv.distill.objective import SelfDistillation
-from hsconv.settings import DistillSettings, LossSettings, TrainingError, TrainSettings  # noqa: F401 (re-exported)
 from hsconv.corpus import read_sequences
+from hsconv.distill.loss import LossTerms, layer_weights
+from hsconv.distill.objective import SelfDistillation
+from hsconv.errors import check_device_available
+from hsconv.faults import TrainingFaults
 from hsconv.io import atomic_path, sha256_file, stable_hash, write_parquet
-from hsconv.models import MANIFEST, context_length, load_model, read_manifest
+from hsconv.models import MANIFEST, LoadedModel, context_length, load_model, read_manifest
+from hsconv.settings import DistillSettings, LossSettings, TrainingError, TrainSettings  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from hsconv.distill.teacher import TeacherCache
 
 log = logging.getLogger(__name__)
 
-# Testing hook: SIGKILL this process right after the given optimizer step (and its checkpoint, if one is due),
-# to prove that a run killed at any point resumes to the same result.
-KILL_AFTER_STEP_ENV = "HSCONV_KILL_AFTER_STEP"
-# Testing hook: make every optimizer step last at least this many seconds, so that a scheduler's time limit
-# (Slurm's, in tests/test_slurm.py) reliably falls in the middle of a run.
-MIN_STEP_SECONDS_ENV = "HSCONV_MIN_STEP_SECONDS"
 CHECKSUMS = "sha256.json"
 
 
@@ -162,6 +161,61 @@ class _Checkpoints:
 
 
 
+@dataclass
+class StepStats:
+    """One optimizer step's statistics, summed over its micro-batches (and, after :meth:`all_reduce`, over ranks)."""
+
+    zetas: torch.Tensor  # ζ, ζ1, ζ2
+    kl_sums: torch.Tensor  # per exit (L + 1): KL summed over the micro-batches that computed it
+    kl_counts: torch.Tensor  # per exit: how many did (all of them without exit sampling)
+    hidden_steps: torch.Tensor  # per layer 1..L: the hidden-state step
+    tokens: torch.Tensor  # one value
+
+    @classmethod
+    def zeros(cls, num_layers: int) -> StepStats:
+        return cls(*(torch.zeros(size, dtype=torch.float64)
+                     for size in (3, num_layers + 1, num_layers + 1, num_layers, 1)))
+
+    def add(self, terms: LossTerms) -> None:
+        self.zetas += torch.stack([terms.total.detach(), terms.zeta1.detach(), terms.zeta2.detach()]).double().cpu()
+        self.kl_sums += terms.kl.double().cpu().nan_to_num(0.0)
+        self.kl_counts += (~terms.kl.isnan()).double().cpu()
+        self.hidden_steps += terms.step.double().cpu()
+        self.tokens += float(terms.tokens)
+
+    def all_reduce(self, device: torch.device) -> StepStats:
+        """The sums over every rank, in one collective."""
+        parts = [getattr(self, field.name) for field in fields(self)]
+        packed = torch.cat(parts).to(device)
+        torch.distributed.all_reduce(packed)
+        return StepStats(*packed.cpu().split([part.numel() for part in parts]))
+
+    def rows(self, step: int, micro_batches: int, weights: list[float]) -> tuple[dict, list[dict]]:
+        """The step log's loss columns (means over micro-batches) and the layer log's rows."""
+        zeta, zeta1, zeta2 = (self.zetas / micro_batches).tolist()
+        kl = (self.kl_sums / self.kl_counts).tolist()  # NaN at an exit no micro-batch sampled
+        hidden_steps = (self.hidden_steps / micro_batches).tolist()
+        layer_rows = [{"step": step, "layer": layer, "weight": weights[layer], "kl": kl[layer],
+                       "hidden_step": hidden_steps[layer - 1] if layer else float("nan")}
+                      for layer in range(len(kl))]
+        return {"zeta": zeta, "zeta1": zeta1, "zeta2": zeta2}, layer_rows
+
+
+@dataclass
+class _Plan:
+    """What a run trains, checked before any process group exists."""
+
+    name: str
+    base: LoadedModel  # becomes the student
+    ids: np.ndarray
+    n_tokens: np.ndarray
+    accumulation: int
+    steps_per_epoch: int
+    total_steps: int
+    last_step: int
+    cache: TeacherCache | None  # the frozen model's top-k, read instead of recomputed
+
+
 def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_dir: str | os.PathLike,
             log_out: str | os.PathLike, layers_out: str | os.PathLike, checkpoint_dir: str | os.PathLike,
             settings: DistillSettings, device: str = "cpu", name: str | None = None,
@@ -170,12 +224,47 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
 
     ``teacher_cache`` (with the ``teacher_top_k`` setting): a directory written by ``hsconv cache-teacher`` for
     these packed rows; the frozen model's distribution is read from it and no target model is loaded."""
+    plan = _plan(model_dir, tokens_path, settings, device, name, teacher_cache)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    rank, world, local_rank = _init_distributed(device_type)
+    # An exit with the group alive lets gloo's threads be torn down by the C++ runtime, which can abort
+    # ("terminate called without an active exception", exit -6) after a run that finished.
+    try:
+        engine, scheduler, bf16 = _engine(plan, model_dir, settings, device_type, local_rank)
+        settings_record = {"distill": settings.to_dict(), "world_size": world, "tokens": str(tokens_path),
+                           "sequences": int(len(plan.ids)), "sequence_length": int(plan.ids.shape[1])}
+        if plan.cache is not None:
+            settings_record["teacher_cache"] = {key: plan.cache.manifest[key]
+                                                for key in ("top_k", "tokens_sha256", "dtype")}
+        checkpoints = _Checkpoints(Path(checkpoint_dir) / stable_hash(settings_record), settings.train.keep_checkpoints)
+        log.info("distilling %s: %d sequences × %d tokens, %d steps of %d sequences (%d per forward × %d accumulation "
+                 "× %d ranks), %s, ZeRO stage %d", plan.name, len(plan.ids), plan.ids.shape[1], plan.last_step,
+                 settings.train.batch_size, settings.train.micro_batch_size, plan.accumulation, world,
+                 "bf16" if bf16 else "float32", settings.train.zero_stage)
+        step_rows, layer_rows = _train(engine, scheduler, plan, settings, checkpoints, settings_record, rank, world)
+        state = _master_weights(engine)  # every rank: assembling ZeRO's partitions is a collective
+        if rank == 0:
+            _save_model(state, plan.base, model_dir, out_dir, plan.name, settings_record)
+            provenance = {"model": plan.name, "settings": settings_record}
+            write_parquet(pd.DataFrame(step_rows), log_out, {"distill": provenance})
+            write_parquet(pd.DataFrame(layer_rows), layers_out, {"distill": provenance})
+        if world > 1:
+            torch.distributed.barrier()
+        summary = {"model": plan.name, "steps": len(step_rows), "tokens": step_rows[-1]["tokens"] if step_rows else 0,
+                   "final_zeta": step_rows[-1]["zeta"] if step_rows else None}
+        log.info("distilled %s: %s", plan.name, json.dumps(summary))
+        return summary
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _plan(model_dir, tokens_path, settings: DistillSettings, device: str, name: str | None, teacher_cache) -> _Plan:
+    """Everything that can be wrong with the settings or data, checked before any process group exists."""
     train, loss_settings = settings.train, settings.loss
     if (teacher_cache is None) != (loss_settings.teacher_top_k is None):
         raise TrainingError("teacher_top_k is set but no teacher cache was given (--teacher-cache)"
                             if teacher_cache is None else
                             "a teacher cache was given but teacher_top_k is not set")
-    # Everything that can be wrong with the settings or data is checked before any process group exists.
     world = int(os.environ.get("WORLD_SIZE", 1))
     accumulation, remainder = divmod(train.batch_size, world * train.micro_batch_size)
     if remainder or accumulation == 0:
@@ -194,156 +283,125 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
         raise TrainingError(f"{tokens_path} has {len(ids)} sequences, fewer than one batch of {train.batch_size}; "
                             f"raise packing.token_budget or lower distill.batch_size")
     total_steps = steps_per_epoch * train.epochs
-    last_step = min(total_steps, train.max_steps or total_steps)
     cache = None
     if teacher_cache is not None:
         from hsconv.distill.teacher import TeacherCache
 
         cache = TeacherCache(teacher_cache)
         cache.check(tokens_path, loss_settings.teacher_top_k, base.model.get_output_embeddings().weight.shape[0])
+    return _Plan(name, base, ids, n_tokens, accumulation, steps_per_epoch, total_steps,
+                 min(total_steps, train.max_steps or total_steps), cache)
 
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    rank, world, local_rank = _init_distributed(device_type)
-    # An exit with the group alive lets gloo's threads be torn down by the C++ runtime, which can abort
-    # ("terminate called without an active exception", exit -6) after a run that finished.
-    try:
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
 
-        bf16 = train.precision == "bfloat16" or (train.precision == "auto" and device_type == "cuda")
-        if device_type == "cpu" and bf16:
-            log.warning("bfloat16 on CPU is slow; precision auto would choose float32")
-        torch_device = torch.device(get_accelerator().device_name(local_rank)) if device_type == "cuda" else \
-            torch.device("cpu")
-        if train.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.manual_seed(train.seed)
+def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str, local_rank: int):
+    """The DeepSpeed engine around student + frozen target, its learning-rate schedule, and whether it runs bf16."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
-        student = base.model
-        if train.gradient_checkpointing:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        student.train()
-        target = None
-        if cache is None:
-            target = load_model(model_dir, dtype="bfloat16" if bf16 else "float32", device=str(torch_device)).model
-        module = SelfDistillation(student, target, loss_settings)
+    train = settings.train
+    bf16 = train.precision == "bfloat16" or (train.precision == "auto" and device_type == "cuda")
+    if device_type == "cpu" and bf16:
+        log.warning("bfloat16 on CPU is slow; precision auto would choose float32")
+    torch_device = torch.device(get_accelerator().device_name(local_rank)) if device_type == "cuda" else \
+        torch.device("cpu")
+    if train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(train.seed)
+    student = plan.base.model
+    if train.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student.train()
+    target = None
+    if plan.cache is None:
+        target = load_model(model_dir, dtype="bfloat16" if bf16 else "float32", device=str(torch_device)).model
+    module = SelfDistillation(student, target, settings.loss)
+    optimizer = None
+    if not train.offload_optimizer:
+        optimizer = torch.optim.AdamW(student.parameters(), lr=train.learning_rate, betas=train.adam_betas,
+                                      weight_decay=train.weight_decay)
 
-        ds_config = _deepspeed_config(train, accumulation, bf16)
-        optimizer = None
-        if not train.offload_optimizer:
-            optimizer = torch.optim.AdamW(student.parameters(), lr=train.learning_rate, betas=train.adam_betas,
-                                          weight_decay=train.weight_decay)
-        # Given as a callable, DeepSpeed builds the schedule on its own optimizer, steps it at each accumulation
-        # boundary and keeps its state in the checkpoints.
-        def schedule(wrapped_optimizer):
-            return torch.optim.lr_scheduler.LambdaLR(
-                wrapped_optimizer, lambda index: lr_factor(index, train.warmup_steps, total_steps, train.min_lr_ratio))
+    # Given as a callable, DeepSpeed builds the schedule on its own optimizer, steps it at each accumulation
+    # boundary and keeps its state in the checkpoints.
+    def schedule(wrapped_optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            wrapped_optimizer, lambda index: lr_factor(index, train.warmup_steps, plan.total_steps, train.min_lr_ratio))
 
-        engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config,
-                                                       lr_scheduler=schedule,
-                                                       model_parameters=None if optimizer else student.parameters())
-        if train.zero_stage == 3:
-            module.register_for_zero3()  # needs the partitioned parameters that initialize() made
+    engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
+                                                   config=_deepspeed_config(train, plan.accumulation, bf16),
+                                                   lr_scheduler=schedule,
+                                                   model_parameters=None if optimizer else student.parameters())
+    if train.zero_stage == 3:
+        module.register_for_zero3()  # needs the partitioned parameters that initialize() made
+    return engine, scheduler, bf16
 
-        settings_record = {"distill": settings.to_dict(), "world_size": world, "tokens": str(tokens_path),
-                           "sequences": int(len(ids)), "sequence_length": int(ids.shape[1])}
-        if cache is not None:
-            settings_record["teacher_cache"] = {key: cache.manifest[key] for key in ("top_k", "tokens_sha256", "dtype")}
-        fingerprint = stable_hash(settings_record)
-        checkpoints = _Checkpoints(Path(checkpoint_dir) / fingerprint, train.keep_checkpoints)
-        step, step_rows, layer_rows = 0, [], []
-        resume_tag = checkpoints.newest_intact()
-        if resume_tag:
-            _, client = engine.load_checkpoint(str(checkpoints.root), tag=resume_tag)
-            step, step_rows, layer_rows = client["step"], client["step_rows"], client["layer_rows"]
-            log.info("resumed from checkpoint %s (step %d of %d)", resume_tag, step, last_step)
-        else:
-            log.info("no checkpoint in %s; starting from the pretrained model", checkpoints.root)
 
-        num_layers = student.config.num_hidden_layers
-        weights = layer_weights(num_layers, loss_settings.k).tolist()
-        log.info("distilling %s: %d sequences × %d tokens, %d steps of %d sequences (%d per forward × %d accumulation "
-                 "× %d ranks), %s, ZeRO stage %d", name, len(ids), ids.shape[1], last_step, train.batch_size,
-                 train.micro_batch_size, accumulation, world, "bf16" if bf16 else "float32", train.zero_stage)
-        kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0)
-        min_step_seconds = float(os.environ.get(MIN_STEP_SECONDS_ENV, "0") or 0)
-        tokens_seen = step_rows[-1]["tokens"] if step_rows else 0
-        started_run, first_step = time.perf_counter(), step
-        while step < last_step:
-            epoch, index_in_epoch = divmod(step, steps_per_epoch)
-            order = np.random.default_rng([train.seed, epoch]).permutation(len(ids))
-            batch = order[index_in_epoch * train.batch_size:(index_in_epoch + 1) * train.batch_size]
-            mine = batch[rank * accumulation * train.micro_batch_size:(rank + 1) * accumulation * train.micro_batch_size]
-            started, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-            # ζ, ζ1, ζ2; per exit: KL sum and how many micro-batches computed it (all, without exit sampling);
-            # per layer: step; tokens.
-            sums = torch.zeros(3 + 2 * (num_layers + 1) + num_layers + 1, dtype=torch.float64)
-            for micro in range(accumulation):
-                rows = mine[micro * train.micro_batch_size:(micro + 1) * train.micro_batch_size]
-                input_ids = torch.from_numpy(ids[rows]).to(engine.device)
-                mask = (torch.arange(ids.shape[1])[None, :] < torch.from_numpy(n_tokens[rows])[:, None]).long()
-                exit_seed = int(np.random.default_rng([train.seed, step, micro, rank]).integers(2**62))
-                cached = None if cache is None else cache.rows(rows, engine.device)
-                terms = engine(input_ids, mask.to(engine.device), exit_seed=exit_seed, cached_target=cached)
-                problem = _first_non_finite(terms)
-                if problem:
-                    raise FloatingPointError(f"model {name!r}, step {step + 1}, micro-batch {micro + 1}: non-finite loss "
-                                             f"term {problem} (lower the learning rate, or use float32)")
-                engine.backward(terms.total)
-                engine.step()
-                sums += torch.cat([torch.stack([terms.total.detach(), terms.zeta1.detach(), terms.zeta2.detach()]).double()
-                                   .cpu(), terms.kl.double().cpu().nan_to_num(0.0),
-                                   (~terms.kl.isnan()).double().cpu(), terms.step.double().cpu(),
-                                   torch.tensor([terms.tokens], dtype=torch.float64)])
-            if world > 1:
-                reduced = sums.to(engine.device)
-                torch.distributed.all_reduce(reduced)
-                sums = reduced.cpu()
-            step += 1
-            if min_step_seconds:
-                time.sleep(max(0.0, min_step_seconds - (time.perf_counter() - started)))
-            elapsed = time.perf_counter() - started
-            count = accumulation * world
-            tokens = int(sums[-1].item())
-            tokens_seen += tokens
-            mean = (sums[:-1] / count).tolist()
-            grad_norm = engine.get_global_grad_norm()
-            step_rows.append({"step": step, "epoch": epoch, "tokens": tokens_seen, "lr": lr, "zeta": mean[0],
-                              "zeta1": mean[1], "zeta2": mean[2],
-                              "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                              "seconds": elapsed, "tokens_per_second": tokens / elapsed})
-            exits = num_layers + 1
-            kl_sums, kl_counts = sums[3:3 + exits], sums[3 + exits:3 + 2 * exits]
-            kl = (kl_sums / kl_counts).tolist()  # NaN at an exit no micro-batch sampled
-            steps = mean[3 + 2 * exits:]
-            for layer in range(num_layers + 1):
-                layer_rows.append({"step": step, "layer": layer, "weight": weights[layer], "kl": kl[layer],
-                                   "hidden_step": steps[layer - 1] if layer else float("nan")})
-            # Steps of this process only: a resumed run's earlier steps took their time in another process.
-            remaining = (last_step - step) * (time.perf_counter() - started_run) / (step - first_step)
-            log.info("step %d/%d  ζ=%.5f ζ1=%.5f ζ2=%.5f  lr=%.2e  |g|=%.3f  %.1f tokens/s  ~%.0f s left", step,
-                     last_step, mean[0], mean[1], mean[2], lr, step_rows[-1]["grad_norm"], tokens / elapsed, remaining)
-            if step % train.checkpoint_every == 0 or step == last_step:
-                checkpoints.save(engine, step, {"step": step, "step_rows": step_rows, "layer_rows": layer_rows,
-                                                "settings": settings_record}, rank)
-            if kill_after and step == kill_after:
-                log.warning("%s=%d: killing this process", KILL_AFTER_STEP_ENV, kill_after)
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        state = _master_weights(engine)  # every rank: assembling ZeRO's partitions is a collective
-        if rank == 0:
-            _save_model(state, base, model_dir, out_dir, name, settings_record)
-            provenance = {"model": name, "settings": settings_record}
-            write_parquet(pd.DataFrame(step_rows), log_out, {"distill": provenance})
-            write_parquet(pd.DataFrame(layer_rows), layers_out, {"distill": provenance})
+def _train(engine, scheduler, plan: _Plan, settings: DistillSettings, checkpoints: _Checkpoints,
+           settings_record: dict, rank: int, world: int) -> tuple[list[dict], list[dict]]:
+    """The step loop, from the newest intact checkpoint (or the start) to the last step: the step and layer logs."""
+    train = settings.train
+    step, step_rows, layer_rows = 0, [], []
+    resume_tag = checkpoints.newest_intact()
+    if resume_tag:
+        _, client = engine.load_checkpoint(str(checkpoints.root), tag=resume_tag)
+        step, step_rows, layer_rows = client["step"], client["step_rows"], client["layer_rows"]
+        log.info("resumed from checkpoint %s (step %d of %d)", resume_tag, step, plan.last_step)
+    else:
+        log.info("no checkpoint in %s; starting from the pretrained model", checkpoints.root)
+    weights = layer_weights(plan.base.num_layers, settings.loss.k).tolist()
+    faults = TrainingFaults.from_environment()
+    tokens_seen = step_rows[-1]["tokens"] if step_rows else 0
+    started_run, first_step = time.perf_counter(), step
+    while step < plan.last_step:
+        started, lr = time.perf_counter(), scheduler.get_last_lr()[0]
+        stats = _step(engine, plan, train, step, rank)
         if world > 1:
-            torch.distributed.barrier()
-        summary = {"model": name, "steps": step, "tokens": tokens_seen,
-                   "final_zeta": step_rows[-1]["zeta"] if step_rows else None}
-        log.info("distilled %s: %s", name, json.dumps(summary))
-        return summary
-    finally:
-        torch.distributed.destroy_process_group()
+            stats = stats.all_reduce(engine.device)
+        step += 1
+        faults.pace(started)
+        elapsed = time.perf_counter() - started
+        tokens = int(stats.tokens.item())
+        tokens_seen += tokens
+        losses, layers = stats.rows(step, plan.accumulation * world, weights)
+        grad_norm = engine.get_global_grad_norm()
+        step_rows.append({"step": step, "epoch": (step - 1) // plan.steps_per_epoch, "tokens": tokens_seen,
+                          "lr": lr, **losses, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                          "seconds": elapsed, "tokens_per_second": tokens / elapsed})
+        layer_rows.extend(layers)
+        # Steps of this process only: a resumed run's earlier steps took their time in another process.
+        remaining = (plan.last_step - step) * (time.perf_counter() - started_run) / (step - first_step)
+        log.info("step %d/%d  ζ=%.5f ζ1=%.5f ζ2=%.5f  lr=%.2e  |g|=%.3f  %.1f tokens/s  ~%.0f s left", step,
+                 plan.last_step, losses["zeta"], losses["zeta1"], losses["zeta2"], lr, step_rows[-1]["grad_norm"],
+                 tokens / elapsed, remaining)
+        if step % train.checkpoint_every == 0 or step == plan.last_step:
+            checkpoints.save(engine, step, {"step": step, "step_rows": step_rows, "layer_rows": layer_rows,
+                                            "settings": settings_record}, rank)
+        faults.after_step(step)
+    return step_rows, layer_rows
+
+
+def _step(engine, plan: _Plan, train: TrainSettings, step: int, rank: int) -> StepStats:
+    """One optimizer step on this rank's slice of the step's batch (a permutation of the rows per epoch, seeded)."""
+    epoch, index_in_epoch = divmod(step, plan.steps_per_epoch)
+    order = np.random.default_rng([train.seed, epoch]).permutation(len(plan.ids))
+    batch = order[index_in_epoch * train.batch_size:(index_in_epoch + 1) * train.batch_size]
+    per_rank = plan.accumulation * train.micro_batch_size
+    mine = batch[rank * per_rank:(rank + 1) * per_rank]
+    stats = StepStats.zeros(plan.base.num_layers)
+    for micro in range(plan.accumulation):
+        rows = mine[micro * train.micro_batch_size:(micro + 1) * train.micro_batch_size]
+        input_ids = torch.from_numpy(plan.ids[rows]).to(engine.device)
+        mask = (torch.arange(plan.ids.shape[1])[None, :] < torch.from_numpy(plan.n_tokens[rows])[:, None]).long()
+        exit_seed = int(np.random.default_rng([train.seed, step, micro, rank]).integers(2**62))
+        cached = None if plan.cache is None else plan.cache.rows(rows, engine.device)
+        terms = engine(input_ids, mask.to(engine.device), exit_seed=exit_seed, cached_target=cached)
+        problem = _first_non_finite(terms)
+        if problem:
+            raise FloatingPointError(f"model {plan.name!r}, step {step + 1}, micro-batch {micro + 1}: non-finite "
+                                     f"loss term {problem} (lower the learning rate, or use float32)")
+        engine.backward(terms.total)
+        engine.step()
+        stats.add(terms)
+    return stats
 
 
 def _master_weights(engine) -> dict[str, torch.Tensor]:
