@@ -78,7 +78,7 @@ rule seeds:
 
 
 rule output:
-    """The output alone (stock lm-eval) of base, distilled and every seed on evaluation.output_datasets (the whole
+    """The output alone (lm-eval's stock tasks) of base, distilled and every seed on evaluation.output_datasets (the whole
     LAMBADA test set by default), each paired against base, and the spread of those differences over seeds."""
     input:
         study_targets("output"),

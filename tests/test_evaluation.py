@@ -310,5 +310,26 @@ def test_data_sets_are_matched_by_kind_not_by_name(model_dir, texts, tmp_path, c
                                                          for variant in ("base", "distilled")}
     # progress a person can read: requests and tokens scored, with the time left
     progress = [record.getMessage() for record in caplog.records if "requests scored" in record.getMessage()]
-    finished = re.match(r"all (\d+) exits: (\d+)/\2 requests scored, (\d+)/\3 tokens, .* ~0 s left", progress[-1])
+    finished = re.match(r"(\d+) exits: (\d+)/\2 requests scored, (\d+)/\3 tokens, .* ~0 s left", progress[-1])
     assert finished and int(finished.group(1)) == TINY_SOURCE["num_layers"] + 1, progress[-3:]
+
+
+def test_the_output_alone_through_the_lens_is_stock_lm_eval(model_dir, task_dict):
+    """Scoring only the output exit (what the output study runs on large sets) gives stock HFLM's numbers request by
+    request, and another exit is refused rather than read from a memo that never scored it."""
+    from lm_eval.models.huggingface import HFLM
+
+    from hsconv.evaluation.lens_model import ExitLayerError
+
+    stock = run(HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4), task_dict)
+    lens = LogitLensLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4)
+    lens.scored_exits = [lens.num_layers]
+    ours = run(lens, task_dict)
+    for task in ("lambada_openai", "wikitext"):
+        for mine, theirs in zip(ours["samples"][task], stock["samples"][task], strict=True):
+            for (a, *flag_a), (b, *flag_b) in zip(mine["resps"], theirs["resps"], strict=True):
+                a, b = (a[0], b[0]) if isinstance(a, (tuple, list)) else (a, b)
+                assert a == pytest.approx(b, rel=1e-6, abs=1e-6) and flag_a == flag_b, task
+    lens.exit_layer = 1
+    with pytest.raises(ExitLayerError, match="not among the scored exits"):
+        run(lens, task_dict)

@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--stock", action="store_true",
                        help="lm-eval's own HFLM on the model's output (one exit), e.g. for a pruned model")
     stage.add_argument("--tuned-lens", default=None, help="translators of train-tuned-lens in front of each exit")
+    stage.add_argument("--output-only", action="store_true",
+                       help="the model's output alone, through the lens: stock lm-eval's numbers, memory-bounded")
 
     stage = stages.add_parser("train-tuned-lens", help="per-layer affine translators (the tuned-lens baseline)")
     stage.add_argument("--model-dir", required=True)
@@ -388,7 +390,8 @@ def run(args: argparse.Namespace) -> None:
         evaluate_per_layer(args.model_dir, datasets, args.out, args.json_out, args.model, args.variant,
                            layers=args.layers or None, batch_size=args.batch_size, dtype=args.dtype,
                            device=args.device, bootstrap_iters=args.bootstrap_iters, limits=limits,
-                           documents_out=args.documents_out, stock=args.stock, tuned_lens=args.tuned_lens)
+                           documents_out=args.documents_out, stock=args.stock, tuned_lens=args.tuned_lens,
+                           output_only=args.output_only)
     elif args.stage == "train-tuned-lens":
         from hsconv.tuned_lens import train_tuned_lens
 

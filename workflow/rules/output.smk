@@ -1,23 +1,40 @@
-# The output alone (stock lm-eval, one exit) on larger sets than the per-layer evaluation can afford: the whole
-# LAMBADA test set and 20 WikiText articles. Every variant and every seed of the main distillation is paired against
+# The output alone (lm-eval's stock tasks, one exit) on larger sets than the per-layer evaluation can afford: the
+# whole LAMBADA test set and 20 WikiText articles. Every variant and every seed of the main distillation is paired against
 # base on the same documents; the spread over seeds says how much of a difference another training run would keep.
 
 
-use rule evaluate_ablation as evaluate_output with:
+rule evaluate_output:
+    """A model's own output on the larger sets, every document's outcome kept for the paired intervals. Scored through
+    the lens at the output exit alone: stock lm-eval's numbers (tested request by request), without stock HFLM's
+    batch × window × vocabulary logits, which long WikiText articles cannot fit in memory."""
     input:
         model=variant_model_dir,
         texts=expand("results/data/eval/{dataset}.parquet", dataset=OUTPUT_DATASETS),
     output:
-        table="results/output/{model}/{variant}/stock.parquet",
-        json="results/output/{model}/{variant}/stock_lm_eval.json",
+        table="results/output/{model}/{variant}/output.parquet",
+        json="results/output/{model}/{variant}/lm_eval.json",
         documents="results/output/{model}/{variant}/per_document.parquet",
     params:
-        dataset=dataset_args(OUTPUT_DATASETS),
-        limit="",  # the data sets' own subsets are the evaluated sets
+        datasets=dataset_args(OUTPUT_DATASETS),
+        batch_size=EVALUATION["batch_size"],
+        bootstrap_iters=EVALUATION["bootstrap_iters"],
+        dtype=model_setting("dtype"),
+        device=model_setting("device"),
+        code=code_fingerprint("hsconv.evaluation.per_layer"),
     log:
         "results/logs/evaluate_output/{model}/{variant}.log",
     benchmark:
         "results/benchmarks/evaluate_output/{model}/{variant}.tsv"
+    threads: 8  # scaled down to --cores
+    resources:
+        mem_mb=16000,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "OMP_NUM_THREADS={threads} hsconv evaluate-layers --output-only --model-dir {input.model}"
+        " --dataset {params.datasets} --out {output.table} --json-out {output.json} --documents-out {output.documents}"
+        " --model {wildcards.model} --variant {wildcards.variant} --batch-size {params.batch_size}"
+        " --dtype {params.dtype} --device {params.device} --bootstrap-iters {params.bootstrap_iters} > {log} 2>&1"
 
 
 use rule paired_differences as output_paired_differences with:

@@ -56,6 +56,8 @@ class LogitLensLM(HFLM):
         self._memo: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.forward_passes = 0
         self.exit_layer = self.num_layers if exit_layer is None else exit_layer
+        # The exits each forward pass scores (all, by default); fewer make the head's work that much smaller.
+        self.scored_exits = list(range(self.num_layers + 1))
 
     @property
     def exit_layer(self) -> int:
@@ -70,6 +72,8 @@ class LogitLensLM(HFLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         keys = [(tuple(context), tuple(continuation)) for _, context, continuation in requests]
+        if self._exit_layer not in self.scored_exits:
+            raise ExitLayerError(f"exit {self._exit_layer} is not among the scored exits {self.scored_exits}")
         missing = list(dict.fromkeys(key for key in keys if key not in self._memo))
         if missing:
             batch_size = override_bs or (self.batch_size if isinstance(self.batch_size, int) else 1)
@@ -101,15 +105,18 @@ class LogitLensLM(HFLM):
                               in enumerate(spans)])
             positions = torch.cat([torch.arange(begin, stop) for begin, stop in spans])
             targets = torch.cat([torch.tensor(continuation, dtype=torch.long) for _, continuation in batch])
-            logprob, greedy = self._score_positions(pre_norm, rows, positions, targets.to(self.device))
+            scored = self._score_positions(pre_norm, rows, positions, targets.to(self.device))
+            logprob = np.full((self.num_layers + 1, len(targets)), np.nan)  # NaN at exits not scored
+            greedy = np.zeros((self.num_layers + 1, len(targets)), dtype=bool)
+            logprob[self.scored_exits], greedy[self.scored_exits] = scored
             offsets = np.cumsum([0] + [stop - begin for begin, stop in spans])
             for index, key in enumerate(batch):
                 piece = slice(offsets[index], offsets[index + 1])
                 self._memo[key] = (logprob[:, piece].sum(axis=1), greedy[:, piece].all(axis=1))
             tokens_done += sum(stop for _, stop in spans)  # the windows' lengths
             rate = tokens_done / (time.perf_counter() - started)
-            log.info("all %d exits: %d/%d requests scored, %d/%d tokens, %.0f tokens/s, ~%.0f s left",
-                     self.num_layers + 1, min(start + batch_size, len(order)), len(order), tokens_done,
+            log.info("%d exits: %d/%d requests scored, %d/%d tokens, %.0f tokens/s, ~%.0f s left",
+                     len(self.scored_exits), min(start + batch_size, len(order)), len(order), tokens_done,
                      total_tokens, rate, (total_tokens - tokens_done) / max(rate, 1e-9))
 
     def _window(self, context: tuple, continuation: tuple) -> tuple:
@@ -117,10 +124,11 @@ class LogitLensLM(HFLM):
         return (context + continuation)[-(self.max_length + 1):][:-1]
 
     def _score_positions(self, states, rows, positions, targets) -> tuple[np.ndarray, np.ndarray]:
-        """log p(target) and whether it is the argmax, at every exit, for the scored positions only."""
-        exits, count = len(states), len(targets)
+        """log p(target) and whether it is the argmax, at each of ``scored_exits``, for the scored positions only."""
+        exits, count = len(self.scored_exits), len(targets)
         selected = []
-        for layer, state in enumerate(states):
+        for layer in self.scored_exits:
+            state = states[layer]
             inputs = state[rows.to(state.device), positions.to(state.device)]
             selected.append(inputs if self.tuned_lens is None else self.tuned_lens(layer, inputs))
         # All exits' rows go through the head together, in chunks of head_chunk_tokens: each head product reads the

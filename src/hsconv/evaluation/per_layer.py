@@ -174,14 +174,18 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
                        batch_size: int = 8, dtype: str = "float32", device: str = "cpu",
                        bootstrap_iters: int = 1000, limits: dict[str, int] | None = None,
                        documents_out: str | os.PathLike | None = None, stock: bool = False,
-                       tuned_lens: str | os.PathLike | None = None) -> pd.DataFrame:
+                       tuned_lens: str | os.PathLike | None = None, output_only: bool = False) -> pd.DataFrame:
     """Evaluate every exit (or ``layers``) on ``datasets`` ({name: (kind, texts parquet)}), each cut to its first
     ``limits[name]`` documents where given; write a tidy table and lm-eval's result JSON, and with ``documents_out``
     every document's outcome per exit (what paired comparisons resample).
 
     ``stock`` evaluates the model as it is with lm-eval's own ``HFLM`` (one exit: its output), which is how a pruned
     model is checked against the logit lens. ``tuned_lens`` (a directory written by
-    :func:`hsconv.tuned_lens.train_tuned_lens`) puts its translators in front of every exit but the last."""
+    :func:`hsconv.tuned_lens.train_tuned_lens`) puts its translators in front of every exit but the last.
+    ``output_only`` scores the output exit alone through the lens: the numbers of stock lm-eval (tested request by
+    request), with the head read in blocks at the scored positions only, so that long documents in a batch never
+    hold a batch × length × vocabulary logit tensor (stock ``HFLM`` does, which 20 WikiText articles in batches of
+    8 at SmolLM2's 8,192-token window cannot fit in 24 GB)."""
     import lm_eval
 
     from hsconv.evaluation.lens_model import LogitLensLM
@@ -192,8 +196,9 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
         data_files = {name: (kind, write_task_data(texts_path, kind, Path(tmp) / f"{name}.jsonl",
                                                    (limits or {}).get(name)))
                       for name, (kind, texts_path) in datasets.items()}
-        if stock and tuned_lens is not None:
-            raise InputError("a stock evaluation reads the model's output; a tuned lens reads its layers")
+        if stock and (tuned_lens is not None or output_only):
+            raise InputError("a stock evaluation reads the model's output with lm-eval's own model; a tuned lens "
+                             "reads its layers, and --output-only reads the output through the lens")
         if stock:
             from lm_eval.models.huggingface import HFLM
 
@@ -207,9 +212,12 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
             lm = LogitLensLM(pretrained=str(weights_dir(Path(model_dir))), dtype=dtype, device=device,
                              batch_size=batch_size, tuned_lens=None if tuned_lens is None else str(tuned_lens))
             num_layers = lm.num_layers
-            exits = list(range(num_layers + 1)) if layers is None else layers
+            if output_only and layers is not None:
+                raise InputError("give the exits to evaluate or ask for the output alone, not both")
+            exits = [num_layers] if output_only else list(range(num_layers + 1)) if layers is None else layers
             for layer in exits:  # validate all before the first forward pass
                 lm.exit_layer = layer
+            lm.scored_exits = sorted(set(exits))
         task_dict, task_names = stock_tasks(data_files, Path(tmp))
         kinds = {name: kind for name, (kind, _) in datasets.items()}
         rows, raw, documents = [], {}, []
