@@ -65,13 +65,13 @@ def head_bias_check(normed: torch.Tensor, head: torch.nn.Module, dimension: int)
     held = normed.clone()
     held[:, dimension] = normed[:, dimension].mean()
     agree, kl = 0, 0.0
-    weight = head.weight.detach().double()
-    bias = None if head.bias is None else head.bias.detach().double()
+    weight = head.weight.detach().float()
+    bias = None if head.bias is None else head.bias.detach().float()
     for start in range(0, len(normed), HEAD_CHUNK):
-        real, fixed = (torch.nn.functional.linear(x[start:start + HEAD_CHUNK], weight, bias).log_softmax(-1)
+        real, fixed = (torch.nn.functional.linear(x[start:start + HEAD_CHUNK].float(), weight, bias).log_softmax(-1)
                        for x in (normed, held))
         agree += int((real.argmax(-1) == fixed.argmax(-1)).sum())
-        kl += float((real.exp() * (real - fixed)).sum())
+        kl += float((real.exp() * (real - fixed)).sum(dtype=torch.float64))
     return agree / len(normed), kl / len(normed)
 
 
