@@ -115,7 +115,7 @@ def plot(summary: pd.DataFrame, dimensions: pd.DataFrame, layers: pd.DataFrame, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, frame in layers.groupby("model", sort=False):
         left.plot(frame["layer"], frame["share_of_squared_norm"], marker="o", markersize=3, label=name)
     dimension = int(summary["dimension"].iloc[0])
@@ -130,7 +130,7 @@ def plot(summary: pd.DataFrame, dimensions: pd.DataFrame, layers: pd.DataFrame, 
         right.bar(np.arange(len(top)) + number * width, frame["cosine_term"], width, label=name)
     gains = first.set_index("dimension").loc[top, "gain"]
     right.set_xticks(np.arange(len(top)) + width * (dimensions["model"].nunique() - 1) / 2,
-                     [f"{d}\ng={g:.2f}" for d, g in zip(top, gains)])
+                     [f"{d}\ng={g:.2f}" for d, g in zip(top, gains)], fontsize=8)
     right.axhline(0, color="black", linewidth=0.8)
     right.set(xlabel="dimension i of h_{L−1} (final-norm gain g_i)",
               ylabel="term g_i h_i² / (‖h‖ ‖g⊙h‖), mean over tokens",
@@ -150,9 +150,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lambada", default=str(SHARED / "lambada_test.jsonl"))
     parser.add_argument("--out", required=True, help="folder for the CSVs, the Markdown summary and the figure")
     parser.add_argument("--title", default="SmolLM2-135M-Instruct: the final norm and its massive dimension")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the figure from the CSVs in --out")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.plot_only:
+        plot(*(pd.read_csv(out / f"{name}.csv") for name in ("summary", "dimensions", "layers")), out / "final_norm",
+             args.title)
+        return
     texts = passages(Path(args.lambada), args.passages)
     rows, dimension_tables, layer_tables, dimension = [], [], [], None
     for spec in args.model:
