@@ -85,12 +85,16 @@ def test_last_exit_equals_stock_lm_eval(model_dir, task_dict):
                          ("wikitext", "byte_perplexity"), ("wikitext", "bits_per_byte")]:
         assert ours["results"][task][f"{metric},none"] == pytest.approx(stock["results"][task][f"{metric},none"],
                                                                         rel=1e-6), (task, metric)
-    # per request, too: the same log-likelihoods and greedy flags
+    assert_same_responses(ours, stock)  # per request, too
+
+
+def assert_same_responses(ours: dict, stock: dict) -> None:
+    """The same log-likelihood and greedy flag for every request of both tasks."""
     for task in ("lambada_openai", "wikitext"):
-        for mine, theirs in zip(ours["samples"][task], stock["samples"][task]):
-            for (a, *flag_a), (b, *flag_b) in zip(mine["resps"], theirs["resps"]):
+        for mine, theirs in zip(ours["samples"][task], stock["samples"][task], strict=True):
+            for (a, *flag_a), (b, *flag_b) in zip(mine["resps"], theirs["resps"], strict=True):
                 a, b = (a[0], b[0]) if isinstance(a, (tuple, list)) else (a, b)
-                assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+                assert a == pytest.approx(b, rel=1e-6, abs=1e-6) and flag_a == flag_b, task
 
 
 def test_all_exits_from_one_forward_pass_per_batch(model_dir, task_dict):
@@ -324,12 +328,11 @@ def test_the_output_alone_through_the_lens_is_stock_lm_eval(model_dir, task_dict
     stock = run(HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4), task_dict)
     lens = LogitLensLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4)
     lens.scored_exits = [lens.num_layers]
-    ours = run(lens, task_dict)
-    for task in ("lambada_openai", "wikitext"):
-        for mine, theirs in zip(ours["samples"][task], stock["samples"][task], strict=True):
-            for (a, *flag_a), (b, *flag_b) in zip(mine["resps"], theirs["resps"], strict=True):
-                a, b = (a[0], b[0]) if isinstance(a, (tuple, list)) else (a, b)
-                assert a == pytest.approx(b, rel=1e-6, abs=1e-6) and flag_a == flag_b, task
+    assert_same_responses(run(lens, task_dict), stock)
     lens.exit_layer = 1
     with pytest.raises(ExitLayerError, match="not among the scored exits"):
         run(lens, task_dict)
+    # scoring every exit again forgets the output-only scores (NaN at exit 1), as a fresh lens would score it
+    lens.scored_exits = range(lens.num_layers + 1)
+    fresh = LogitLensLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4, exit_layer=1)
+    assert_same_responses(run(lens, task_dict), run(fresh, task_dict))

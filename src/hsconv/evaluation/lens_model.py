@@ -56,7 +56,6 @@ class LogitLensLM(HFLM):
         self._memo: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self.forward_passes = 0
         self.exit_layer = self.num_layers if exit_layer is None else exit_layer
-        # The exits each forward pass scores (all, by default); fewer make the head's work that much smaller.
         self.scored_exits = list(range(self.num_layers + 1))
 
     @property
@@ -69,6 +68,19 @@ class LogitLensLM(HFLM):
             raise ExitLayerError(f"exit layer {layer} is out of range: {type(self.model).__name__} has exits "
                                  f"0..{self.num_layers} (0 = embeddings, {self.num_layers} = the model's output)")
         self._exit_layer = int(layer)
+
+    @property
+    def scored_exits(self) -> list[int]:
+        """The exits each forward pass scores (all, by default); fewer make the head's work that much smaller."""
+        return self._scored_exits
+
+    @scored_exits.setter
+    def scored_exits(self, exits: list[int]) -> None:
+        exits = sorted(set(int(layer) for layer in exits))
+        if not exits or not 0 <= exits[0] <= exits[-1] <= self.num_layers:
+            raise ExitLayerError(f"scored exits {exits} are not a non-empty subset of 0..{self.num_layers}")
+        self._scored_exits = exits
+        self._memo.clear()  # scores memoised for other exits hold NaN where these need numbers
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         keys = [(tuple(context), tuple(continuation)) for _, context, continuation in requests]

@@ -217,7 +217,7 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
             exits = [num_layers] if output_only else list(range(num_layers + 1)) if layers is None else layers
             for layer in exits:  # validate all before the first forward pass
                 lm.exit_layer = layer
-            lm.scored_exits = sorted(set(exits))
+            lm.scored_exits = exits
         task_dict, task_names = stock_tasks(data_files, Path(tmp))
         kinds = {name: kind for name, (kind, _) in datasets.items()}
         rows, raw, documents = [], {}, []
