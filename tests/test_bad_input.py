@@ -286,6 +286,12 @@ CASES = [
     Case("dump-max-tokens-over-context", "dump-hidden-states", dump_args("lambada", max_tokens=100000),
          "max_tokens", "a sequence longer than the model's context"),
     Case("dump-dtype", "dump-hidden-states", dump_args("lambada", dtype="float8"), "--dtype", "an unknown dtype"),
+    Case("dump-settings-unknown-key", "dump-hidden-states",
+         lambda i: dump_args("lambada")(i) + ["--settings", '{"max_token": 512}'], "max_token",
+         "a misspelt key in the hidden_states section passed whole"),
+    Case("dump-settings-out-of-range", "dump-hidden-states",
+         lambda i: dump_args("lambada")(i) + ["--settings", '{"max_tokens": 1}'], "hidden_states.max_tokens",
+         "a section whose max_tokens is 1"),
     # --- distill ---
     Case("distill-tokens-without-input-ids", "distill", distill_args(VALID_SETTINGS, "lambada"),
          lambda i: i["lambada"], "texts given where packed tokens are needed"),
@@ -323,6 +329,9 @@ CASES = [
          "--confidence", "a confidence of 1.5"),
     Case("convergence-quantile", "compute-convergence", lambda i: convergence_args()(i) + ["--quantiles", "2"],
          "--quantiles", "a quantile of 2"),
+    Case("convergence-settings-wrong-type", "compute-convergence",
+         lambda i: convergence_args()(i) + ["--settings", '{"confidence": "high"}'], "metrics.confidence",
+         "a confidence level that is a word"),
     Case("convergence-bootstrap-zero", "compute-convergence",
          lambda i: convergence_args()(i) + ["--bootstrap-samples", "0"], "--bootstrap-samples", "0 resamples"),
     # --- tables and figures ---

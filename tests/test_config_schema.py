@@ -104,26 +104,59 @@ def test_an_unknown_key_anywhere_is_refused(tmp_path: Path):
             validate(config, str(SCHEMA_PATH))
 
 
-@pytest.mark.parametrize("section, settings", [
-    ("distill", "LossSettings"), ("distill", "TrainSettings"), ("tuned_lens", "TunedLensSettings")])
+SETTINGS_SECTIONS = [("distill", "LossSettings"), ("distill", "TrainSettings"), ("tuned_lens", "TunedLensSettings"),
+                     ("corpus", "CorpusSettings"), ("packing", "PackingSettings"),
+                     ("hidden_states", "HiddenStatesSettings"), ("metrics", "MetricsSettings"),
+                     ("evaluation", "EvaluationSettings"), ("early_exit", "EarlyExitSettings"),
+                     ("sentence", "SentenceSettings")]
+
+
+@pytest.mark.parametrize("section, settings", SETTINGS_SECTIONS)
 def test_schema_defaults_are_the_settings_defaults(section, settings):
-    """hsconv.settings declares each stage's defaults; the schema, which fills a config's missing keys, must agree
-    with it, or a stage run by the workflow and the same stage run by hand would differ."""
+    """hsconv.settings declares each stage's defaults, ranges and choices; the schema, which fills a config's missing
+    keys and refuses bad values before any job starts, must agree with it, or a stage run by the workflow and the same
+    stage run by hand would differ."""
+    import typing
     from dataclasses import fields
 
     import hsconv.settings
 
     properties = SCHEMA["properties"][section]["properties"]
+    settings_class = getattr(hsconv.settings, settings)
+    hints = typing.get_type_hints(settings_class)
     compared = 0
-    for field in fields(getattr(hsconv.settings, settings)):
+    for field in fields(settings_class):
         if field.name not in properties:
             continue
+        schema = properties[field.name]
         default = field.default
-        assert "default" in properties[field.name], f"{section}.{field.name} has no default in the schema"
+        assert "default" in schema, f"{section}.{field.name} has no default in the schema"
         expected = list(default) if isinstance(default, tuple) else default
-        assert properties[field.name]["default"] == expected, f"{section}.{field.name}"
+        assert schema["default"] == expected, f"{section}.{field.name}"
+        values = schema.get("items", schema) if schema.get("type") == "array" or "array" in schema.get("type", []) \
+            else schema
+        for bound in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            assert field.metadata.get(bound) == values.get(bound), f"{section}.{field.name}: {bound}"
+        if typing.get_origin(hints[field.name]) is typing.Literal:
+            choices = list(typing.get_args(hints[field.name]))
+        else:
+            choices = list(field.metadata["choices"]) if "choices" in field.metadata else None
+        assert choices == schema.get("enum"), f"{section}.{field.name}: choices"
         compared += 1
-    assert compared >= 5
+    assert compared == len([field for field in fields(settings_class) if field.name in properties]) >= 2
+
+
+@pytest.mark.parametrize("section, settings", SETTINGS_SECTIONS[2:])
+def test_every_setting_of_a_stage_is_a_config_key(section, settings):
+    """A rule passes its section whole; a settings field the schema does not know could never be set from the
+    config."""
+    from dataclasses import fields
+
+    import hsconv.settings
+
+    missing = [field.name for field in fields(getattr(hsconv.settings, settings))
+               if field.name not in SCHEMA["properties"][section]["properties"]]
+    assert not missing
 
 
 def test_loading_and_checking_the_default_config_imports_no_torch():

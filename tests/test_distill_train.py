@@ -102,6 +102,23 @@ def test_untied_qwen2_head_trains_under_zero1_with_one_sampled_exit(tmp_path, co
     assert pd.read_parquet(outputs["log_out"])["zeta1"].notna().all()
 
 
+def test_frozen_parts_keep_their_pretrained_values_and_the_rest_trains(tmp_path, corpus):
+    """distill.frozen: the embeddings (with the tied head: one tensor) and the final norm's gain are left bit for bit
+    as they were, every decoder layer still trains."""
+    model_dir, tokens = make_model(tmp_path, corpus)
+    result, outputs = run_distill(tmp_path, model_dir, tokens, "frozen",
+                                  settings={**SETTINGS, "max_steps": 2, "frozen": ["embeddings", "final_norm"]})
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after = load_file(model_dir / "model.safetensors"), load_file(outputs["out"] / "model.safetensors")
+    frozen = {"model.embed_tokens.weight", "model.norm.weight"}
+    assert frozen <= after.keys()
+    for name in frozen:
+        assert torch.equal(before[name], after[name]), name
+    layers = [name for name in after if name.startswith("model.layers.")]
+    assert layers and all(not torch.equal(before[name], after[name]) for name in layers if name.endswith("proj.weight"))
+    assert load_model(outputs["out"]).manifest["training"]["distill"]["frozen"] == ["embeddings", "final_norm"]
+
+
 def test_another_seed_gives_another_run(tmp_path, corpus):
     """distill.seeds trains the same settings from seeds seed, seed + 1, …: another seed is another order of the
     packed sequences, so another run (the same seed twice gives the same run, as the resume test shows)."""

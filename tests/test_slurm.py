@@ -113,8 +113,7 @@ def test_preset_runs_as_slurm_jobs_and_a_timed_out_distillation_resumes(partitio
     assert all(log.is_file() for log in slurm_logs)
     rules_with_logs = {log.relative_to(results / "logs/slurm").parts[0].removeprefix("rule_") for log in slurm_logs}
     expected = {"prepare_model", "prepare_texts", "sample_corpus", "pack_tokens", "distill", "dump_hidden_states",
-                "compute_convergence", "evaluate_layers", "trace_sentence", "tabulate_layer_movement",
-                "tabulate_convergence", "tabulate_evaluation", "tabulate_sentence", "plot_movement_figure",
+                "compute_convergence", "evaluate_layers", "trace_sentence", "gather_table", "plot_movement_figure",
                 "plot_per_layer_figure", "plot_fig4", "plot_fig7", "plot_training"}
     assert expected - {"prepare_model", "sample_corpus", "pack_tokens"} <= rules_with_logs, sorted(rules_with_logs)
     queue = subprocess.run(["squeue", "--states=all", "--format=%i %j %T %M"], capture_output=True, text=True)

@@ -296,22 +296,21 @@ RERUN_MATRIX = {
     "plotting code": ("figures/movement.py", "\nLEGEND_FONT_SIZE = 8\n",
                       {"plot_movement_figure": 2, "all": 1}),
     "metric code": ("metrics.py", "\nDEFAULT_CONFIDENCE = 0.95\n",
-                    {"compute_convergence": 10, "tabulate_layer_movement": 1, "tabulate_convergence": 1,
-                     "compare_convergence": 4, "tabulate_convergence_paired": 1,
+                    {"compute_convergence": 10, "gather_table": 3,  # layer movement, convergence, paired
+                     "compare_convergence": 4,
                      "plot_movement_figure": 2, "tabulate_ablations": 1, "plot_ablations": 1, "all": 1,
                      "findings": 1}),
     # the loss: both distillations and everything that reads a distilled model, and no base-model job
     "loss code": ("distill/loss.py", "\nDEFAULT_CHUNK = 256\n",
                   {"distill": 2, "plot_training": 2, "dump_hidden_states": 6, "compute_convergence": 6,
-                   "compare_convergence": 4, "tabulate_convergence_paired": 1,
-                   "evaluate_layers": 2, "trace_sentence": 2, "tabulate_layer_movement": 1,
-                   "tabulate_convergence": 1, "tabulate_evaluation": 1, "tabulate_sentence": 1,
+                   "compare_convergence": 4, "evaluate_layers": 2, "trace_sentence": 2,
+                   "gather_table": 7,  # every gathered table holds a distilled model's rows
                    "plot_movement_figure": 2, "plot_per_layer_figure": 4, "plot_fig4": 1, "plot_fig7": 1,
                    "prune_model": 2, "evaluate_pruned": 2, "tabulate_early_exit": 1, "plot_early_exit": 1,
                    "paired_differences": 1, "distill_ablation": 2, "evaluate_ablation": 2,
                    "evaluate_output": 2, "output_paired_differences": 1,
-                   "tabulate_ablations": 1, "plot_ablations": 1, "tabulate_tuned_lens_evaluation": 1,
-                   "plot_tuned_lens_figure": 2, "all": 1, "findings": 1}),
+                   "tabulate_ablations": 1, "plot_ablations": 1, "plot_tuned_lens_figure": 2, "all": 1,
+                   "findings": 1}),
     "PCA figure code": ("figures/trajectory.py", "\nVIEW_ELEVATION = 22\n", {"plot_fig4": 1, "all": 1}),
     "a comment in the corpus code": ("corpus.py", "\n# a comment\n", {}),
     "a comment and a docstring in the loss": ("distill/loss.py", "\n# why this is so\n", {}),
@@ -350,10 +349,10 @@ def test_changing_the_text_subset_reruns_measurement_not_models(finished_run, tm
 
 
 STUDY_RULES = {"ablations": {"distill_ablation", "evaluate_ablation", "tabulate_ablations", "plot_ablations"},
-               "tuned_lens": {"train_tuned_lens", "tabulate_tuned_lens_evaluation", "plot_tuned_lens_figure",
+               "tuned_lens": {"train_tuned_lens", "plot_tuned_lens_figure",
                               "paired_tuned_lens_differences"},
                "early_exit": {"prune_model", "evaluate_pruned", "tabulate_early_exit", "plot_early_exit"},
-               "paired": {"paired_differences", "compare_convergence", "tabulate_convergence_paired"},
+               "paired": {"paired_differences", "compare_convergence"},
                "output": {"evaluate_output", "output_paired_differences"}}
 
 

@@ -17,9 +17,9 @@ import os
 import pandas as pd
 
 from hsconv.errors import InputError
-from hsconv.io import write_table
+from hsconv.io import read_input_table, write_table
 from hsconv.paired import paired_differences
-from hsconv.io import read_input_table
+from hsconv.settings import MetricsSettings
 
 REFERENCE = "reference"
 ABLATION_PREFIX = "ablation-"
@@ -71,7 +71,8 @@ def describe_settings(settings: dict[str, dict], reference: dict) -> pd.DataFram
 
 def tabulate_ablations(convergence_paths: list[str], stock_paths: list[str], document_paths: list[str],
                        settings: dict[str, dict], variants: dict[str, str], out_stem: str | os.PathLike,
-                       config_hash: str, samples: int = 1000, confidence: float = 0.95, seed: int = 0
+                       config_hash: str, samples: int = MetricsSettings.bootstrap_samples,
+                       confidence: float = MetricsSettings.confidence, seed: int = MetricsSettings.seed
                        ) -> pd.DataFrame:
     """One row per model, setting and final-norm convention: S_model (with its interval) and D_L on the measured
     data set, the model's stock LAMBADA accuracy, and its difference from the reference with a paired interval.
@@ -105,20 +106,7 @@ def tabulate_ablations(convergence_paths: list[str], stock_paths: list[str], doc
                "final_norm": final_norm, "s_model": score["s_model"], "s_model_ci_low": score["s_model_ci_low"],
                "s_model_ci_high": score["s_model_ci_high"],
                "last_layer_movement": score["last_layer_movement"], "num_layers": int(score["num_layers"])}
-        acc = accuracy[(accuracy["model"] == model) & (accuracy["variant"] == variant)]
-        if len(acc) != 1:
-            raise InputError(f"{model} {variant}: expected one stock LAMBADA accuracy, found {len(acc)}")
-        row["lambada_acc"] = float(acc["value"].iloc[0])
-        if variant == reference_variant:
-            row.update(acc_difference=0.0, acc_difference_low=0.0, acc_difference_high=0.0)
-        else:
-            diff = differences[(differences["model"] == model) & (differences["variant"] == variant)]
-            if len(diff) != 1:
-                raise InputError(f"{model} {variant}: expected one paired LAMBADA difference, found {len(diff)}")
-            row.update(acc_difference=float(diff["difference"].iloc[0]),
-                       acc_difference_low=float(diff["lower"].iloc[0]),
-                       acc_difference_high=float(diff["upper"].iloc[0]))
-        rows.append(row)
+        rows.append({**row, **_accuracy_columns(model, variant, accuracy, differences, reference_variant)})
     table = pd.DataFrame(rows).merge(description, on="setting", how="left")
     leading = ["model", "setting", "factor", "value"]
     table = table[leading + [column for column in table.columns if column not in leading]]
@@ -132,3 +120,19 @@ def tabulate_ablations(convergence_paths: list[str], stock_paths: list[str], doc
                                                                      "seed": seed},
                                                 "config_hash": config_hash}})
     return table
+
+
+def _accuracy_columns(model: str, variant: str, accuracy: pd.DataFrame, differences: pd.DataFrame,
+                      reference_variant: str) -> dict:
+    """A variant's stock LAMBADA accuracy and its paired difference from the reference (0 for the reference)."""
+    acc = accuracy[(accuracy["model"] == model) & (accuracy["variant"] == variant)]
+    if len(acc) != 1:
+        raise InputError(f"{model} {variant}: expected one stock LAMBADA accuracy, found {len(acc)}")
+    columns = {"lambada_acc": float(acc["value"].iloc[0])}
+    if variant == reference_variant:
+        return {**columns, "acc_difference": 0.0, "acc_difference_low": 0.0, "acc_difference_high": 0.0}
+    diff = differences[(differences["model"] == model) & (differences["variant"] == variant)]
+    if len(diff) != 1:
+        raise InputError(f"{model} {variant}: expected one paired LAMBADA difference, found {len(diff)}")
+    return {**columns, "acc_difference": float(diff["difference"].iloc[0]),
+            "acc_difference_low": float(diff["lower"].iloc[0]), "acc_difference_high": float(diff["upper"].iloc[0])}

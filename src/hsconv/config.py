@@ -6,9 +6,10 @@ this module runs after it, so every mistake is reported before any job starts.
 
 from __future__ import annotations
 
-from hsconv.errors import InputError
 from hsconv import cluster
+from hsconv.errors import InputError
 from hsconv.models import ModelSourceError, check_source
+from hsconv.names import EvaluationKind, choices
 
 # Every paper figure the workflow can build, and what it shows.
 FIGURE_TARGETS = {
@@ -77,7 +78,7 @@ def check_config(config: dict) -> None:
     for key in ("datasets", "output_datasets"):
         _require_known("data set", evaluation.get(key, []), config["datasets"], f"evaluation.{key}")
         for name in evaluation.get(key, []):
-            if config["datasets"][name]["kind"] not in ("lambada", "wikitext"):
+            if config["datasets"][name]["kind"] not in choices(EvaluationKind):
                 raise ConfigError(f"evaluation.{key}: {name!r} is of kind {config['datasets'][name]['kind']!r}; "
                                   f"lm-eval evaluation supports lambada and wikitext")
     _require_known("data set", evaluation.get("limits", {}), evaluation.get("datasets", []), "evaluation.limits")

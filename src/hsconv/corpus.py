@@ -21,14 +21,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hsconv.errors import InputError
-from hsconv.io import (atomic_path, check_input_file, iter_jsonl, iter_text_lines, read_input_table, sha256_file,
-                       write_parquet)
+from hsconv.io import (
+    atomic_path,
+    check_input_file,
+    iter_jsonl,
+    iter_text_lines,
+    read_input_table,
+    sha256_file,
+    write_parquet,
+)
+from hsconv.names import Boundary, choices
+from hsconv.settings import CorpusSettings, PackingSettings
 
 log = logging.getLogger(__name__)
 
 CORPUS_KINDS = ("hub", "jsonl", "text", "parquet")
-MANIFEST = "manifest.json"
-BOUNDARY_POLICIES = ("cut", "document")
+CORPUS_MANIFEST = "manifest.json"
+BOUNDARY_POLICIES = choices(Boundary)
 
 
 class CorpusError(InputError):
@@ -118,9 +127,10 @@ def shuffled(documents: Iterable, buffer_size: int, seed: int) -> Iterator:
 
 
 
-def sample_corpus(source: dict, out_dir: str | os.PathLike, documents: int | None = None, seed: int = 0,
-                  min_int_score: int | None = None, shuffle_buffer: int = 10000,
-                  shard_documents: int = 10000) -> dict:
+def sample_corpus(source: dict, out_dir: str | os.PathLike, documents: int | None = CorpusSettings.documents,
+                  seed: int = CorpusSettings.seed, min_int_score: int | None = CorpusSettings.min_int_score,
+                  shuffle_buffer: int = CorpusSettings.shuffle_buffer,
+                  shard_documents: int = CorpusSettings.shard_documents) -> dict:
     """Draw ``documents`` documents (all, when None) into Parquet shards plus a manifest, written atomically."""
     stream = ({**record, "source_index": index} for index, record in enumerate(iter_documents(source)))
     if min_int_score is not None:
@@ -149,7 +159,7 @@ def sample_corpus(source: dict, out_dir: str | os.PathLike, documents: int | Non
             raise CorpusError(f"corpus source {source} has only {total} documents; {documents} were requested")
         manifest = {"source": source, "seed": seed, "min_int_score": min_int_score, "shuffle_buffer": shuffle_buffer,
                     "documents": total, "shards": shards}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (tmp / CORPUS_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     log.info("sampled %d documents into %d shards in %s", total, len(shards), out_dir)
     return manifest
 
@@ -157,14 +167,14 @@ def sample_corpus(source: dict, out_dir: str | os.PathLike, documents: int | Non
 def read_corpus(corpus_dir: str | os.PathLike, verify: bool = True) -> Iterator[tuple[int, str]]:
     """(source_index, text) of every sampled document, shard by shard, checking each shard's sha256."""
     corpus_dir = Path(corpus_dir)
-    if not (corpus_dir / MANIFEST).is_file():
-        raise CorpusError(f"not a sampled corpus (no {MANIFEST})", str(corpus_dir),
+    if not (corpus_dir / CORPUS_MANIFEST).is_file():
+        raise CorpusError(f"not a sampled corpus (no {CORPUS_MANIFEST})", str(corpus_dir),
                           "give the directory that `hsconv sample-corpus` writes")
-    manifest = json.loads((corpus_dir / MANIFEST).read_text())
+    manifest = json.loads((corpus_dir / CORPUS_MANIFEST).read_text())
     for shard in manifest["shards"]:
         path = corpus_dir / shard["file"]
         if verify and sha256_file(path) != shard["sha256"]:
-            raise CorpusError(f"{path} does not match the sha256 in {corpus_dir / MANIFEST}: corrupted or edited")
+            raise CorpusError(f"{path} does not match the sha256 in {corpus_dir / CORPUS_MANIFEST}: corrupted or edited")
         table = pq.read_table(path, columns=["source_index", "text"])
         yield from zip(table.column("source_index").to_pylist(), table.column("text").to_pylist())
 
@@ -180,7 +190,8 @@ def read_sequences(tokens_path: str | os.PathLike, max_length: int, model_name: 
 
 
 def pack_tokens(corpus_dir: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
-                sequence_length: int, token_budget: int, boundary: str = "cut", batch_documents: int = 256) -> dict:
+                sequence_length: int = PackingSettings.sequence_length, token_budget: int = PackingSettings.token_budget,
+                boundary: Boundary = PackingSettings.boundary, batch_documents: int = 256) -> dict:
     """Tokenise documents, join them with EOS, and pack the stream into rows of ``sequence_length`` tokens.
 
     The budget is rounded down to whole sequences. ``boundary: cut`` fills every row and cuts the last document;
@@ -198,33 +209,10 @@ def pack_tokens(corpus_dir: str | os.PathLike, model_dir: str | os.PathLike, out
     eos = tokenizer.eos_token_id
     if eos is None:
         raise CorpusError(f"the tokenizer in {model_dir} has no EOS token to separate documents")
-    # Grown as documents arrive, so that a budget larger than the corpus fails on the corpus, not on allocation.
-    pieces: list[np.ndarray] = []
-    filled, used_documents, started = 0, 0, time.perf_counter()
-    last_document_cut = False
-    documents = read_corpus(corpus_dir)
-    exhausted = False
-    while filled < target:
-        batch = list(itertools.islice(documents, batch_documents))
-        if not batch:
-            exhausted = True
-            break
-        encoded = tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            ids = ids + [eos]
-            room = target - filled
-            if len(ids) > room:
-                if boundary == "cut":
-                    pieces.append(np.asarray(ids[:room], dtype=np.int32))
-                    filled, last_document_cut = target, True
-                    used_documents += 1
-                else:
-                    target = filled  # the next document does not fit whole: stop at this boundary
-                break
-            pieces.append(np.asarray(ids, dtype=np.int32))
-            filled += len(ids)
-            used_documents += 1
-    if exhausted and filled < target:
+    started = time.perf_counter()
+    pieces, filled, used_documents, last_document_cut, ran_out = _take_tokens(
+        read_corpus(corpus_dir), tokenizer, target, boundary, batch_documents)
+    if ran_out:
         raise CorpusError(f"the corpus in {corpus_dir} gives only {filled:,} tokens ({used_documents} documents) "
                           f"with this tokenizer; token_budget asks for {target:,}")
     rows = -(-filled // sequence_length)
@@ -238,8 +226,35 @@ def pack_tokens(corpus_dir: str | os.PathLike, model_dir: str | os.PathLike, out
     stats = {"sequence_length": sequence_length, "token_budget": token_budget, "tokens": int(filled),
              "sequences": int(rows), "boundary": boundary, "documents": used_documents,
              "last_document_cut": last_document_cut, "eos_token_id": int(eos),
-             "corpus": json.loads((Path(corpus_dir) / MANIFEST).read_text())["source"]}
+             "corpus": json.loads((Path(corpus_dir) / CORPUS_MANIFEST).read_text())["source"]}
     write_parquet(frame, out, {"packing": stats})
     log.info("packed %d tokens from %d documents into %d sequences of %d (%.0f tokens/s) -> %s", filled,
              used_documents, rows, sequence_length, filled / max(elapsed, 1e-9), out)
     return stats
+
+
+def _take_tokens(documents, tokenizer, target: int, boundary: str, batch_documents: int):
+    """Tokens of the documents in order, each followed by EOS, up to ``target``: (pieces, tokens taken, documents
+    used, whether the last was cut, whether the corpus ran out first). With ``boundary: document`` the stream stops
+    before the first document that does not fit whole."""
+    eos = tokenizer.eos_token_id
+    # Grown as documents arrive, so that a budget larger than the corpus fails on the corpus, not on allocation.
+    pieces: list[np.ndarray] = []
+    filled, used_documents = 0, 0
+    while True:
+        batch = list(itertools.islice(documents, batch_documents))
+        if not batch:
+            return pieces, filled, used_documents, False, True
+        for ids in tokenizer([text for _, text in batch], add_special_tokens=False)["input_ids"]:
+            ids = ids + [eos]
+            room = target - filled
+            if len(ids) > room:
+                if boundary == "cut":
+                    pieces.append(np.asarray(ids[:room], dtype=np.int32))
+                    return pieces, target, used_documents + 1, True, False
+                return pieces, filled, used_documents, False, False  # the next document does not fit whole
+            pieces.append(np.asarray(ids, dtype=np.int32))
+            filled += len(ids)
+            used_documents += 1
+            if filled == target:
+                return pieces, filled, used_documents, False, False

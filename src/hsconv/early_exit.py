@@ -16,10 +16,10 @@ import pandas as pd
 
 from hsconv.architectures import family_of_config
 from hsconv.errors import InputError
-from hsconv.io import atomic_path, write_table
-from hsconv.models import MANIFEST, save_hf, load_model
+from hsconv.io import atomic_path, read_input_table, write_table
+from hsconv.models import MODEL_MANIFEST, load_model, save_hf
+from hsconv.settings import EarlyExitSettings
 from hsconv.tables import with_kind
-from hsconv.io import read_input_table
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def prune_model(model_dir: str | os.PathLike, keep_layers: int | None, out_dir: 
         manifest = {"name": f"{loaded.name}-first{keep_layers}", "weights": None,
                     "source": {"kind": "pruned", "from": str(model_dir), "keep_layers": keep_layers,
                                "of_layers": total}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / MODEL_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("%s: kept layers 1..%d of %d -> %s", loaded.name, keep_layers, total, out_dir)
     return out_dir
 
@@ -105,7 +105,8 @@ def pruned_against_lens(evaluation: pd.DataFrame, pruned: pd.DataFrame) -> pd.Da
 
 
 def tabulate_early_exit(evaluation_path: str | os.PathLike, pruned_paths: list[str], exits_stem: str | os.PathLike,
-                        pruned_stem: str | os.PathLike, config_hash: str, tolerances=(0.01, 0.05)) -> None:
+                        pruned_stem: str | os.PathLike, config_hash: str,
+                        tolerances=EarlyExitSettings.tolerances) -> None:
     """Write the shallowest-exit table and the pruned-models-vs-logit-lens table (Parquet, CSV, Markdown)."""
     needed = ["model", "variant", "task", "layer", "metric", "value"]
     evaluation = read_input_table(evaluation_path, "per-layer evaluation", needed, made_by="evaluate-layers")

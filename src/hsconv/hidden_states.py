@@ -22,14 +22,15 @@ import torch
 
 from hsconv.architectures import family_of_config
 from hsconv.errors import InputError
-from hsconv.io import write_parquet
+from hsconv.io import read_input_table, write_parquet
 from hsconv.models import LoadedModel
-from hsconv.io import read_input_table
+from hsconv.names import Convention, Overflow, choices
+from hsconv.settings import HiddenStatesSettings
 
 log = logging.getLogger(__name__)
 
-FINAL_NORM_CONVENTIONS = ("hf", "pre_norm")
-OVERFLOW_POLICIES = ("error", "truncate", "split")
+FINAL_NORM_CONVENTIONS = choices(Convention)
+OVERFLOW_POLICIES = choices(Overflow)
 
 
 class ContextLengthError(InputError):
@@ -210,11 +211,13 @@ def movement(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     return (1.0 - cosine) / 2.0
 
 
-def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], max_tokens: int | None = None,
-                   overflow: str = "error", batch_size: int = 8, exclude_special_tokens: bool = True,
+def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str],
+                   max_tokens: int | None = HiddenStatesSettings.max_tokens,
+                   overflow: Overflow = HiddenStatesSettings.overflow, batch_size: int = HiddenStatesSettings.batch_size,
+                   exclude_special_tokens: bool = HiddenStatesSettings.exclude_special_tokens,
                    device: str = "cpu") -> tuple[pd.DataFrame, dict]:
     """Per-token, per-layer movement for every document: one row per (document, segment, position, layer)."""
-    tokenizer, model = loaded.tokenizer, loaded.model
+    tokenizer = loaded.tokenizer
     limit = loaded.context_length
     if max_tokens is None:
         max_tokens = limit
@@ -225,47 +228,15 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
     special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)) if exclude_special_tokens else [],
                                dtype=torch.long)
     num_layers = loaded.num_layers
-    pad_id = tokenizer.pad_token_id
-    final_norm = final_norm_module(model)
     # Longest first, so that each batch pads little and a memory problem shows in the first batch.
     order = sorted(range(len(segments)), key=lambda i: -len(segments[i].token_ids))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
-    layers = np.arange(1, num_layers + 1, dtype=np.int16)
     pieces = []
     started, tokens_done, segments_done = time.perf_counter(), 0, 0
     total_tokens = sum(len(segment.token_ids) for segment in segments)
     for number, batch in enumerate(batches, start=1):
-        width = max(len(segments[i].token_ids) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, index in enumerate(batch):
-            ids = segments[index].token_ids
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            attention_mask[row, :len(ids)] = 1
-        result = layer_states(model, input_ids.to(device), attention_mask.to(device))
-        states = result["states"]
-        _check_finite(states, attention_mask.to(device), number, loaded.name)
-        hf = torch.stack([movement(states[l - 1], states[l]) for l in range(1, num_layers + 1)], dim=-1).cpu()
-        pre_norm = hf.clone()
-        pre_norm[..., -1] = movement(states[-2], result["pre_norm_last"]).cpu()
-        norm_floor = torch.full_like(hf, float("nan"))
-        with torch.no_grad():
-            norm_floor[..., -1] = movement(states[-2], final_norm(states[-2])).cpu()
-        keep = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
-        rows, positions = keep.nonzero(as_tuple=True)
-        count = len(rows)
-        batch_documents = torch.tensor([segments[i].document for i in batch])[rows]
-        batch_segments = torch.tensor([segments[i].segment for i in batch])[rows]
-        pieces.append(pd.DataFrame({
-            "document": np.repeat(batch_documents.numpy().astype(np.int32), num_layers),
-            "segment": np.repeat(batch_segments.numpy().astype(np.int32), num_layers),
-            "position": np.repeat(positions.numpy().astype(np.int32), num_layers),
-            "token_id": np.repeat(input_ids[rows, positions].numpy().astype(np.int32), num_layers),
-            "layer": np.tile(layers, count),
-            "movement_hf": hf[rows, positions].reshape(-1).numpy(),
-            "movement_pre_norm": pre_norm[rows, positions].reshape(-1).numpy(),
-            "norm_floor": norm_floor[rows, positions].reshape(-1).numpy(),
-        }))
+        measured, attention_mask = _measure_batch(loaded, [segments[i] for i in batch], special_ids, number, device)
+        pieces.append(measured)
         tokens_done += int(attention_mask.sum())
         segments_done += len(batch)
         elapsed = time.perf_counter() - started
@@ -283,6 +254,43 @@ def token_movement(loaded: LoadedModel, documents: list[int], texts: list[str], 
     return frame, stats
 
 
+def _measure_batch(loaded: LoadedModel, segments: list, special_ids: torch.Tensor, number: int,
+                   device: str) -> tuple[pd.DataFrame, torch.Tensor]:
+    """One padded batch of segments through the model: every kept token's movement at every layer under both
+    conventions, and the norm floor at the last; with the batch's attention mask."""
+    model, num_layers = loaded.model, loaded.num_layers
+    width = max(len(segment.token_ids) for segment in segments)
+    input_ids = torch.full((len(segments), width), loaded.tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(segments), width), dtype=torch.long)
+    for row, segment in enumerate(segments):
+        input_ids[row, :len(segment.token_ids)] = torch.tensor(segment.token_ids)
+        attention_mask[row, :len(segment.token_ids)] = 1
+    result = layer_states(model, input_ids.to(device), attention_mask.to(device))
+    states = result["states"]
+    _check_finite(states, attention_mask.to(device), number, loaded.name)
+    hf = torch.stack([movement(states[l - 1], states[l]) for l in range(1, num_layers + 1)], dim=-1).cpu()
+    pre_norm = hf.clone()
+    pre_norm[..., -1] = movement(states[-2], result["pre_norm_last"]).cpu()
+    norm_floor = torch.full_like(hf, float("nan"))
+    with torch.no_grad():
+        norm_floor[..., -1] = movement(states[-2], final_norm_module(model)(states[-2])).cpu()
+    keep = attention_mask.bool() & ~torch.isin(input_ids, special_ids)
+    rows, positions = keep.nonzero(as_tuple=True)
+    count = len(rows)
+    batch_documents = torch.tensor([segment.document for segment in segments])[rows]
+    batch_segments = torch.tensor([segment.segment for segment in segments])[rows]
+    return pd.DataFrame({
+        "document": np.repeat(batch_documents.numpy().astype(np.int32), num_layers),
+        "segment": np.repeat(batch_segments.numpy().astype(np.int32), num_layers),
+        "position": np.repeat(positions.numpy().astype(np.int32), num_layers),
+        "token_id": np.repeat(input_ids[rows, positions].numpy().astype(np.int32), num_layers),
+        "layer": np.tile(np.arange(1, num_layers + 1, dtype=np.int16), count),
+        "movement_hf": hf[rows, positions].reshape(-1).numpy(),
+        "movement_pre_norm": pre_norm[rows, positions].reshape(-1).numpy(),
+        "norm_floor": norm_floor[rows, positions].reshape(-1).numpy(),
+    }), attention_mask
+
+
 def _check_finite(states: list[torch.Tensor], mask: torch.Tensor, batch: int, name: str) -> None:
     """Stop at the shallowest layer with an inf or NaN at a real token, naming it; float16's range (±65,504) is
     the usual cause in large models, whose residual stream grows with depth."""
@@ -297,8 +305,10 @@ def _check_finite(states: list[torch.Tensor], mask: torch.Tensor, batch: int, na
 
 def dump_hidden_states(model_dir: str, texts_path: str, out: str | os.PathLike, variant: str = "base",
                        dataset: str | None = None, dtype: str = "float32", device: str = "cpu",
-                       max_tokens: int | None = None, overflow: str = "error", batch_size: int = 8,
-                       exclude_special_tokens: bool = True) -> pd.DataFrame:
+                       max_tokens: int | None = HiddenStatesSettings.max_tokens,
+                       overflow: Overflow = HiddenStatesSettings.overflow,
+                       batch_size: int = HiddenStatesSettings.batch_size,
+                       exclude_special_tokens: bool = HiddenStatesSettings.exclude_special_tokens) -> pd.DataFrame:
     """Stage entry point: load the model once, measure every document of ``texts_path``, write Parquet."""
     from hsconv.models import load_model
 

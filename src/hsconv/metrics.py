@@ -14,6 +14,7 @@ import pandas as pd
 
 from hsconv.errors import InputError
 from hsconv.io import read_input_table, read_provenance, write_parquet
+from hsconv.settings import MetricsSettings
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,9 @@ def read_hidden_state_dump(path: str | os.PathLike, model: str) -> pd.DataFrame:
 
 
 def compute_convergence(hidden_path: str, layers_out: str | os.PathLike, scores_out: str | os.PathLike,
-                        model: str, variant: str, dataset: str, quantiles=(0.1, 0.5, 0.9),
-                        bootstrap_samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> None:
+                        model: str, variant: str, dataset: str, quantiles=MetricsSettings.quantiles,
+                        bootstrap_samples: int = MetricsSettings.bootstrap_samples,
+                        confidence: float = MetricsSettings.confidence, seed: int = MetricsSettings.seed) -> None:
     """Stage entry point: the per-token table of one model × variant × data set → two tidy tables."""
     tokens = read_hidden_state_dump(hidden_path, model)
     layers, scores = summarise_movement(tokens, quantiles, bootstrap_samples, confidence, seed)
@@ -172,7 +174,8 @@ def _last_layer_ratio(movement_by_layer) -> np.ndarray:
 
 
 def compare_convergence(base_path: str, variant_path: str, out: str | os.PathLike, model: str, variant: str,
-                        dataset: str, bootstrap_samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> None:
+                        dataset: str, bootstrap_samples: int = MetricsSettings.bootstrap_samples,
+                        confidence: float = MetricsSettings.confidence, seed: int = MetricsSettings.seed) -> None:
     """Stage entry point: the base and one variant's per-token tables of one model and data set → their paired
     differences in S_model and in the last-layer ratio."""
     base, other = (read_hidden_state_dump(path, model) for path in (base_path, variant_path))

@@ -25,21 +25,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-
-from hsconv.architectures import FAMILIES, check_model_dir, family_of, model_type_of_gguf
+from hsconv.architectures import (
+    FAMILIES,
+    check_model_dir,
+    family_of,
+    model_type_of_gguf,
+)
 from hsconv.errors import InputError, check_device_available
 from hsconv.io import atomic_path
+from hsconv.names import ModelDtype, choices
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "hsconv_model.json"
+MODEL_MANIFEST = "hsconv_model.json"
 SOURCE_KINDS = ("hub", "local", "gguf", "tiny")
 # Names of torch dtypes. torch itself is imported where a model is built, so that the workflow (which imports
 # this module to check the config) starts without it.
-DTYPES = ("float32", "bfloat16", "float16", "float64")
+DTYPES = choices(ModelDtype)
 GGUF_MAGIC = b"GGUF"
 TINY_EOS = "<|endoftext|>"
 TINY_ARCHITECTURES = tuple(FAMILIES)
@@ -173,7 +178,7 @@ def prepare_model(name: str, source: dict, out_dir: str | Path, fold_final_norm_
             manifest["reparametrisation"] = fold(model)
         if model is not None:
             save_hf(model, tokenizer, tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / MODEL_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("prepared model %s (%s) in %s", name, kind, out_dir)
     return out_dir
 
@@ -210,7 +215,7 @@ def load_tokenizer(model_dir: str | Path):
 
 def read_manifest(model_dir: Path) -> dict:
     """What :func:`prepare_model` recorded; a bare HF directory (e.g. the trainer's output) has none."""
-    path = model_dir / MANIFEST
+    path = model_dir / MODEL_MANIFEST
     return json.loads(path.read_text()) if path.is_file() else {"name": model_dir.name, "weights": None}
 
 

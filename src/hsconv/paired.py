@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 
 from hsconv.errors import InputError
-from hsconv.io import write_table
+from hsconv.io import read_input_table, write_table
+from hsconv.settings import MetricsSettings
 from hsconv.tables import with_kind
-from hsconv.io import read_input_table
 
 
 def accuracy(documents: pd.DataFrame, draws: np.ndarray) -> np.ndarray:
@@ -72,7 +72,9 @@ def paired_differences(documents: pd.DataFrame, baseline: str = "base", samples:
 
 
 def tabulate_paired_differences(paths: list[str], out_stem: str | os.PathLike, config_hash: str,
-                                samples: int = 1000, confidence: float = 0.95, seed: int = 0) -> pd.DataFrame:
+                                samples: int = MetricsSettings.bootstrap_samples,
+                                confidence: float = MetricsSettings.confidence,
+                                seed: int = MetricsSettings.seed) -> pd.DataFrame:
     """Read every model's and variant's per-document outcomes and write the paired table (Parquet, CSV, Markdown)."""
     documents = pd.concat([read_input_table(path, "per-document outcomes", ["model", "variant", "doc_id", "layer"],
                                             made_by="evaluate-layers") for path in paths], ignore_index=True)

@@ -24,9 +24,16 @@ import pandas as pd
 import torch
 
 from hsconv.errors import InputError
-from hsconv.hidden_states import FINAL_NORM_CONVENTIONS, layer_states, lens_states, movement, readout
+from hsconv.hidden_states import (
+    FINAL_NORM_CONVENTIONS,
+    layer_states,
+    lens_states,
+    movement,
+    readout,
+)
 from hsconv.io import write_parquet
 from hsconv.models import LoadedModel
+from hsconv.settings import SentenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +95,8 @@ def principal_components(matrix: np.ndarray, count: int = COMPONENTS) -> tuple[n
 
 
 @torch.no_grad()
-def trace_sentence(loaded: LoadedModel, text: str, target: str, pca_exclude_first: bool = True, device: str = "cpu"
+def trace_sentence(loaded: LoadedModel, text: str, target: str,
+                   pca_exclude_first: bool = SentenceSettings.pca_exclude_first, device: str = "cpu"
                    ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """The ``lens`` and ``pca`` tables of one model for one sentence (see the module docstring)."""
     tokenizer, model = loaded.tokenizer, loaded.model
@@ -133,31 +141,39 @@ def trace_sentence(loaded: LoadedModel, text: str, target: str, pca_exclude_firs
     lens = pd.DataFrame(lens_rows)
 
     in_pca = [position for position in keep if position > 0 or not pca_exclude_first]
-    pca_pieces = []
-    for convention, states in (("hf", result["states"]), ("pre_norm", lens_inputs)):
-        # rows: layer-major, every kept position of each layer
-        matrix = torch.stack([state[0, in_pca] for state in states]).reshape(-1, states[0].shape[-1])
-        mean, components, explained = principal_components(matrix.double().cpu().numpy())
-        projected = (matrix.double().cpu().numpy() - mean) @ components
-        frame = pd.DataFrame({
-            "final_norm": convention,
-            "layer": np.repeat(np.arange(num_layers + 1), len(in_pca)),
-            "position": np.tile(in_pca, num_layers + 1),
-            "token": np.tile([texts[i] for i in in_pca], num_layers + 1),
-        })
-        for axis in range(COMPONENTS):
-            frame[f"pc{axis + 1}"] = projected[:, axis]
-        for axis in range(COMPONENTS):
-            frame[f"explained_pc{axis + 1}"] = explained[axis]
-        pca_pieces.append(frame)
+    pca = pd.concat([_pca_table(convention, states, in_pca, texts)
+                     for convention, states in (("hf", result["states"]), ("pre_norm", lens_inputs))],
+                    ignore_index=True)
     info = {"text": text, "target": target, "token_ids": ids, "target_positions": targets,
             "num_layers": num_layers, "positions_kept": len(keep), "pca_exclude_first": pca_exclude_first,
             "pca_positions": len(in_pca)}
-    return lens, pd.concat(pca_pieces, ignore_index=True), info
+    return lens, pca, info
+
+
+def _pca_table(convention: str, states: list[torch.Tensor], in_pca: list[int], texts: list[str]) -> pd.DataFrame:
+    """Every layer's states at the chosen positions in the first principal components of them all (fitted jointly,
+    so that the layers share one frame)."""
+    layers = len(states)
+    # rows: layer-major, every kept position of each layer
+    matrix = torch.stack([state[0, in_pca] for state in states]).reshape(-1, states[0].shape[-1])
+    mean, components, explained = principal_components(matrix.double().cpu().numpy())
+    projected = (matrix.double().cpu().numpy() - mean) @ components
+    frame = pd.DataFrame({
+        "final_norm": convention,
+        "layer": np.repeat(np.arange(layers), len(in_pca)),
+        "position": np.tile(in_pca, layers),
+        "token": np.tile([texts[i] for i in in_pca], layers),
+    })
+    for axis in range(COMPONENTS):
+        frame[f"pc{axis + 1}"] = projected[:, axis]
+    for axis in range(COMPONENTS):
+        frame[f"explained_pc{axis + 1}"] = explained[axis]
+    return frame
 
 
 def trace_sentence_stage(model_dir: str, text: str, target: str, lens_out: str | os.PathLike,
-                         pca_out: str | os.PathLike, model: str, variant: str, pca_exclude_first: bool = True,
+                         pca_out: str | os.PathLike, model: str, variant: str,
+                         pca_exclude_first: bool = SentenceSettings.pca_exclude_first,
                          dtype: str = "float32", device: str = "cpu") -> None:
     """Stage entry point: load the model, trace the sentence, write the two tables."""
     from hsconv.models import load_model

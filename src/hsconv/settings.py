@@ -1,39 +1,234 @@
-"""Stage settings whose defaults live here and nowhere else: torch-free, so the CLI's parser and the config checks
-read them without importing the model code. The schema's defaults for the same keys are tested equal to these
-(tests/test_config_schema.py)."""
+"""Every stage's settings, whose defaults live here and nowhere else: torch-free, so the CLI's parser and the config
+checks read them without importing the model code.
+
+Each config section a stage reads is one frozen dataclass here; a rule passes its section whole as JSON
+(``--settings``), :func:`from_section` checks it (unknown keys, types, ranges, each refused naming the key), and the
+CLI's flags for a stage are built from the same fields (``hsconv.cli``). The schema's defaults, ranges and choices for
+these keys are tested equal to the fields' (tests/test_config_schema.py).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Literal, Union
 
 from hsconv.errors import InputError
+from hsconv.names import (  # noqa: F401
+    Boundary,
+    Convention,
+    EvaluationKind,
+    ExitSampling,
+    FrozenPart,
+    KLDirection,
+    LossImplementation,
+    Overflow,
+    TrainingPrecision,
+    Zeta2Measure,
+    choices,
+)
+
+
+class SettingsError(InputError):
+    """A setting of the wrong type or out of range; the culprit is its config key (``section.key``) or flag."""
+
+
+def setting(default, help: str, **bounds):
+    """A settings field: its default, what it means (the CLI's help), and the range of a number (or of each number
+    in a list) in the schema's words: ``minimum``, ``maximum``, ``exclusiveMinimum``, ``exclusiveMaximum``, or the
+    ``choices`` of a number (names are ``Literal`` types instead)."""
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+def from_section(cls, values: dict, section: str):
+    """A settings dataclass from its config section (or part of it): unknown keys, wrong types and values out of
+    range are refused, each naming ``section.key``; lists become tuples."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {', '.join(unknown)}", section,
+                            f"see the {section} section of workflow/schemas/config.schema.yaml")
+    checked = {}
+    for item in fields(cls):
+        if item.name in values:
+            checked[item.name] = check_value(values[item.name], hints[item.name], item.metadata,
+                                             f"{section}.{item.name}")
+    try:
+        return cls(**checked)
+    except InputError:  # the dataclass's own checks, already naming the key
+        raise
+    except ValueError as error:  # a value of the right type and range that the dataclass's own checks refuse
+        raise SettingsError(str(error), section) from None
+
+
+def check_value(value, kind, bounds: dict, culprit: str):
+    """The value, lists made tuples, if it fits the field's annotation and bounds; else :class:`SettingsError`."""
+    if not fits(value, kind):
+        raise SettingsError(f"{value!r} is not {describe(kind)}", culprit)
+    if "choices" in bounds and value not in bounds["choices"]:
+        raise SettingsError(f"{value!r} is not one of {', '.join(map(str, bounds['choices']))}", culprit)
+    numbers = value if isinstance(value, (list, tuple)) else [value]
+    for number in numbers:
+        problem = out_of_range(number, bounds)
+        if problem:
+            raise SettingsError(f"{number!r} is out of range: {problem}", culprit)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def fits(value, kind) -> bool:
+    """Whether a JSON value fits an annotation: int, float, str, bool, None, Literal, tuple[X, ...] and unions."""
+    origin = typing.get_origin(kind)
+    if origin in (Union, types.UnionType):
+        return any(fits(value, option) for option in typing.get_args(kind))
+    if origin is Literal:
+        return isinstance(value, str) and value in typing.get_args(kind)
+    if origin is tuple:
+        element, *rest = typing.get_args(kind)
+        return isinstance(value, (list, tuple)) and (rest == [Ellipsis] or len(value) == 1 + len(rest)) and all(
+            fits(item, element) for item in value)
+    if kind is type(None):
+        return value is None
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def describe(kind) -> str:
+    origin = typing.get_origin(kind)
+    if origin in (Union, types.UnionType):
+        return " or ".join(describe(option) for option in typing.get_args(kind))
+    if origin is Literal:
+        return "one of " + ", ".join(typing.get_args(kind))
+    if origin is tuple:
+        return f"a list, each {describe(typing.get_args(kind)[0])}"
+    return "null" if kind is type(None) else f"a{'n' if kind is int else ''} {kind.__name__}"
+
+
+def out_of_range(number, bounds: dict) -> str | None:
+    """What is wrong with a number given the schema-style bounds, or None."""
+    if not isinstance(number, (int, float)) or isinstance(number, bool):
+        return None
+    tests = {"minimum": (lambda b: number >= b, "at least"), "maximum": (lambda b: number <= b, "at most"),
+             "exclusiveMinimum": (lambda b: number > b, "more than"),
+             "exclusiveMaximum": (lambda b: number < b, "less than")}
+    for key, (holds, words) in tests.items():
+        if key in bounds and not holds(bounds[key]):
+            return f"give {words} {bounds[key]}"
+    return None
+
+
+def defaults(cls) -> dict:
+    """Every field's default (the settings a stage runs with when its section is empty)."""
+    return {item.name: item.default for item in fields(cls) if item.default is not MISSING}
+
+
+@dataclass(frozen=True)
+class CorpusSettings:
+    """How training text is sampled (config section ``corpus``, less its ``source``; stage ``sample-corpus``)."""
+
+    documents: int | None = setting(None, "documents to draw (none: all)", minimum=1)
+    seed: int = setting(0, "seed of the streaming shuffle", minimum=0)
+    min_int_score: int | None = setting(None, "keep documents whose int_score is at least this (where the source "
+                                              "has it; FineWeb-Edu has 0-5)", minimum=0)
+    shuffle_buffer: int = setting(10000, "documents held for the seeded streaming shuffle (bounds memory)", minimum=1)
+    shard_documents: int = setting(10000, "documents per Parquet shard", minimum=1)
+
+
+@dataclass(frozen=True)
+class PackingSettings:
+    """Tokenisation and packing of the corpus (config section ``packing``, stage ``pack-tokens``)."""
+
+    sequence_length: int = setting(1024, "tokens per training sequence", minimum=2)
+    token_budget: int = setting(10_000_000, "tokens to pack (the paper: 10M); whole sequences", minimum=2)
+    boundary: Boundary = setting("cut", "cut: fill every sequence, cutting the last document; document: stop at the "
+                                        "last whole document")
+
+
+@dataclass(frozen=True)
+class HiddenStatesSettings:
+    """The per-layer hidden-state dump (config section ``hidden_states``, less ``datasets``; stage
+    ``dump-hidden-states``)."""
+
+    batch_size: int = setting(8, "sequences per forward pass", minimum=1)
+    max_tokens: int | None = setting(None, "longest sequence per forward pass (none: the model's context length)",
+                                     minimum=2)  # one token has no movement to measure
+    overflow: Overflow = setting("error", "a document longer than max_tokens is refused (error), cut (truncate) or "
+                                          "cut into pieces (split)")
+    exclude_special_tokens: bool = setting(True, "leave special tokens (a BOS the tokenizer adds) out of every "
+                                                 "statistic")
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """Statistics of the measured movement and of paired differences (config section ``metrics``; stages
+    ``compute-convergence``, ``compare-convergence``, ``paired-differences``, ``tabulate-ablations``)."""
+
+    quantiles: tuple[float, ...] = setting((0.1, 0.5, 0.9), "per-token quantiles of D reported for each layer",
+                                           exclusiveMinimum=0, exclusiveMaximum=1)
+    bootstrap_samples: int = setting(1000, "resamples of documents for intervals", minimum=10)
+    confidence: float = setting(0.95, "level of the bootstrap intervals", exclusiveMinimum=0, exclusiveMaximum=1)
+    seed: int = setting(0, "seed of the bootstrap", minimum=0)
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """lm-eval at every exit (config section ``evaluation``, less which data sets and limits; stage
+    ``evaluate-layers``)."""
+
+    layers: tuple[int, ...] | None = setting(None, "exits to evaluate (0 = embeddings, L = the output; none: all)",
+                                             minimum=0)
+    batch_size: int = setting(8, "requests per forward pass (lm-eval's batch_size)", minimum=1)
+    bootstrap_iters: int = setting(1000, "lm-eval's bootstrap resamples for standard errors of perplexities",
+                                   minimum=0)
+
+
+@dataclass(frozen=True)
+class EarlyExitSettings:
+    """Early exit after convergence (config section ``early_exit``; stages ``prune-model``,
+    ``tabulate-early-exit``)."""
+
+    keep_fraction: float = setting(0.75, "a model cut after round(keep_fraction × L) layers is evaluated with stock "
+                                         "lm-eval beside the logit lens at that exit", exclusiveMinimum=0, maximum=1)
+    tolerances: tuple[float, ...] = setting((0.01, 0.05), "relative tolerances for the shallowest exit within the "
+                                                          "full model's quality", exclusiveMinimum=0,
+                                            exclusiveMaximum=1)
+
+
+@dataclass(frozen=True)
+class SentenceSettings:
+    """The one sentence Figs. 4 and 7 trace (config section ``sentence``; stage ``trace-sentence``)."""
+
+    text: str = setting("The curious cat climbed up the tall tree, carefully balancing on each thin branch, until it "
+                        "suddenly noticed a small bird sitting quietly at the top.", "the sentence")
+    target: str = setting(" at the top", "its last words whose prediction is traced, with the leading space")
+    pca_exclude_first: bool = setting(True, "leave the first position (the attention sink) out of the PCA")
 
 
 @dataclass(frozen=True)
 class TunedLensSettings:
-    """The tuned-lens baseline's training (config section ``tuned_lens``, stage ``train-tuned-lens``)."""
+    """The tuned-lens baseline's training (config section ``tuned_lens``, less ``models``; stage
+    ``train-tuned-lens``)."""
 
-    steps: int = 250
-    """Optimizer steps (Adam)."""
-    batch_size: int = 8
-    """Packed sequences per step."""
-    micro_batch_size: int | None = None
-    """Sequences per forward pass (gradients accumulate); None: the whole batch."""
-    learning_rate: float = 1e-3
-    holdout_sequences: int = 4
-    """Packed sequences held out to report each layer's KL before and after."""
-    seed: int = 0
+    steps: int = setting(250, "optimizer steps (Adam)", minimum=1)
+    batch_size: int = setting(8, "packed sequences per step", minimum=1)
+    micro_batch_size: int | None = setting(None, "sequences per forward pass (gradients accumulate; none: the whole "
+                                                 "batch)", minimum=1)
+    learning_rate: float = setting(1e-3, "Adam's learning rate", exclusiveMinimum=0)
+    holdout_sequences: int = setting(4, "packed sequences held out to report each layer's KL before and after",
+                                     minimum=1)
+    seed: int = setting(0, "seed of the translators' initialisation and the batches", minimum=0)
 
 
 # The distillation's settings (config section ``distill``, flat): the loss's and the trainer's.
-KL_DIRECTIONS = ("student_target", "target_student")
-MOVEMENT_CONVENTIONS = ("hf", "pre_norm")
-# ζ2's per-layer step: the paper's ‖h_l − h_{l−1}‖² / ‖h_{l−1}‖² (eq. 5), or the scale-free 1 − cos(h_{l−1}, h_l)
-# (= 2 D_l), which a norm's gain cannot inflate or shrink.
-ZETA2_MEASURES = ("relative_step", "cosine_distance")
-EXIT_SAMPLING = ("uniform", "weighted", "uniform_keep_last")
-LOSS_IMPLEMENTATIONS = ("fused", "reference")
-PRECISIONS = ("auto", "float32", "bfloat16")
+KL_DIRECTIONS = choices(KLDirection)
+MOVEMENT_CONVENTIONS = choices(Convention)
+ZETA2_MEASURES = choices(Zeta2Measure)
+EXIT_SAMPLING = choices(ExitSampling)
+LOSS_IMPLEMENTATIONS = choices(LossImplementation)
+PRECISIONS = choices(TrainingPrecision)
 
 
 def check_settings(direction: str, movement_convention: str) -> None:
@@ -46,18 +241,25 @@ def check_settings(direction: str, movement_convention: str) -> None:
 
 @dataclass(frozen=True)
 class LossSettings:
-    alpha: float = 1.0
-    k: float = 0.25
-    kl_direction: str = "student_target"
-    movement_convention: str = "hf"
-    chunk_tokens: int = 256
-    implementation: str = "fused"
-    exit_samples: int | None = None  # ζ1 on this many exits per forward pass (None: all, the exact loss)
-    exit_sampling: str = "uniform"
+    """The self-distillation loss ζ = ζ1 + α ζ2 (config section ``distill``, with the trainer's settings)."""
+
+    alpha: float = setting(1.0, "weight of the hidden-state term ζ2", minimum=0)
+    k: float = setting(0.25, "layer weights w_l = softmax(k l); 0 weighs all layers alike", minimum=0)
+    kl_direction: KLDirection = setting("student_target", "student_target: KL(q_l || q_target), eq. 4 as written; "
+                                                          "target_student: the usual distillation direction")
+    movement_convention: Convention = setting("hf", "which h_L enters ζ2: after the final norm (hf) or before it "
+                                                    "(pre_norm)")
+    chunk_tokens: int = setting(256, "tokens per chunk of the per-layer KL (bounds the loss's memory)", minimum=1)
+    implementation: LossImplementation = setting("fused", "fused: chunked, memory-efficient; reference: every "
+                                                          "layer's logits at once (for checks)")
+    exit_samples: int | None = setting(None, "ζ1 on this many exits per forward pass, an unbiased estimate (none: "
+                                             "all, the exact loss)", minimum=1)
+    exit_sampling: ExitSampling = setting("uniform", "how the sampled exits are drawn")
     # The frozen model's distribution read from a cache of its k most likely tokens per position (written once by
     # `hsconv cache-teacher`), KL folded onto those k and one bucket; None: recomputed exactly in every step.
-    teacher_top_k: int | None = None
-    zeta2_measure: str = "relative_step"
+    teacher_top_k: int | None = setting(None, "read the frozen model's top-k distribution from a cache (none: "
+                                              "recompute it every step)", minimum=1)
+    zeta2_measure: Zeta2Measure = setting("relative_step", "ζ2's step between adjacent states")
 
     def __post_init__(self):
         check_settings(self.kl_direction, self.movement_convention)
@@ -90,24 +292,29 @@ class TrainingError(InputError):
 
 @dataclass(frozen=True)
 class TrainSettings:
-    batch_size: int = 128  # sequences per optimizer step, over all ranks and micro-batches (the paper: 128)
-    micro_batch_size: int = 4  # sequences per forward pass on one rank
-    epochs: int = 1
-    max_steps: int | None = None  # stop early (the schedule still spans all epochs' steps)
-    learning_rate: float = 1e-4
-    min_lr_ratio: float = 0.0  # the cosine decays to learning_rate × this
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float = 1.0
-    seed: int = 0
-    zero_stage: int = 2
-    offload_optimizer: bool = False
-    precision: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
-    gradient_checkpointing: bool = False
-    checkpoint_every: int = 50  # optimizer steps
-    keep_checkpoints: int = 2
-    deterministic: bool = True
+    """The trainer's settings (config section ``distill``, with the loss's)."""
+
+    batch_size: int = setting(128, "sequences per optimizer step, over all ranks and micro-batches (the paper: 128)",
+                              minimum=1)
+    micro_batch_size: int = setting(4, "sequences per forward pass on one rank", minimum=1)
+    epochs: int = setting(1, "passes over the packed corpus", minimum=1)
+    max_steps: int | None = setting(None, "stop early (the schedule still spans all epochs' steps)", minimum=1)
+    learning_rate: float = setting(1e-4, "AdamW's peak learning rate", exclusiveMinimum=0)
+    min_lr_ratio: float = setting(0.0, "the cosine decays to learning_rate × this", minimum=0, maximum=1)
+    warmup_steps: int = setting(0, "linear warm-up steps", minimum=0)
+    weight_decay: float = setting(0.0, "AdamW's weight decay", minimum=0)
+    adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's betas", minimum=0, exclusiveMaximum=1)
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this", exclusiveMinimum=0)
+    seed: int = setting(0, "seed of the data order and of exit sampling", minimum=0)
+    zero_stage: int = setting(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    offload_optimizer: bool = setting(False, "ZeRO-Offload of the optimizer state to CPU memory")
+    precision: TrainingPrecision = setting("auto", "auto: bfloat16 on GPU, float32 on CPU")
+    gradient_checkpointing: bool = setting(False, "recompute the student's layers in backward")
+    frozen: tuple[FrozenPart, ...] = setting((), "parts of the student left as they are: embeddings (with a tied LM "
+                                                 "head), final_norm (its gain)")
+    checkpoint_every: int = setting(50, "optimizer steps between checkpoints", minimum=1)
+    keep_checkpoints: int = setting(2, "checkpoints kept (the newest)", minimum=1)
+    deterministic: bool = setting(True, "deterministic kernels (a resumed run then matches an uninterrupted one)")
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -126,38 +333,22 @@ class DistillSettings:
 
     @classmethod
     def from_dict(cls, settings: dict) -> "DistillSettings":
-        """From the config's ``distill`` section (keys of both dataclasses, flat; unknown keys are errors)."""
+        """From the config's ``distill`` section (keys of both dataclasses, flat): unknown keys, wrong types and values
+        out of range are refused, naming ``distill.key``."""
         loss_keys = LossSettings.__dataclass_fields__.keys()
         train_keys = TrainSettings.__dataclass_fields__.keys()
         unknown = set(settings) - set(loss_keys) - set(train_keys)
         if unknown:
             raise TrainingError(f"unknown distillation setting(s): {', '.join(sorted(unknown))}", "distill",
                                 "see the distill section of workflow/schemas/config.schema.yaml")
-        for key, value in settings.items():
-            kind = (LossSettings if key in loss_keys else TrainSettings).__dataclass_fields__[key].type
-            if not _has_type(value, kind):
-                raise TrainingError(f"{value!r} is not of type {kind}", f"distill.{key}")
-        train = {key: settings[key] for key in train_keys if key in settings}
-        if "adam_betas" in train:
-            train["adam_betas"] = tuple(train["adam_betas"])
         try:
-            return cls(loss=LossSettings(**{key: settings[key] for key in loss_keys if key in settings}),
-                       train=TrainSettings(**train))
-        except TrainingError:
-            raise
-        except ValueError as error:  # a value in range of its type but not of the loss (LossSettings' checks)
-            raise TrainingError(str(error), "distill") from None
+            return cls(loss=from_section(LossSettings, {key: settings[key] for key in loss_keys if key in settings},
+                                         "distill"),
+                       train=from_section(TrainSettings, {key: settings[key] for key in train_keys if key in settings},
+                                          "distill"))
+        except SettingsError as error:
+            raise TrainingError(error.what, error.culprit, error.fix) from None
 
     def to_dict(self) -> dict:
         return {**asdict(self.loss), **asdict(self.train)}
 
-
-def _has_type(value, annotation: str) -> bool:
-    """Whether a JSON value fits a settings field's annotation (``int``, ``float | None``, ``tuple[...]``...)."""
-    options = [option.strip() for option in annotation.split("|")]
-    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-              "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
-              "None": lambda v: v is None}
-    return any(checks[option](value) if option in checks else isinstance(value, (list, tuple))
-               for option in options)

@@ -23,10 +23,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hsconv.settings import TunedLensSettings
 from hsconv.errors import InputError
 from hsconv.hidden_states import decoder_states, lens_states, readout
 from hsconv.io import atomic_path, write_parquet
+from hsconv.settings import TunedLensSettings
 
 log = logging.getLogger(__name__)
 
@@ -114,18 +114,9 @@ def train_tuned_lens(model_dir: str | os.PathLike, tokens_path: str | os.PathLik
     for step in range(1, steps + 1):
         batch = torch.from_numpy(train_ids[rng.choice(len(train_ids), size=min(batch_size, len(train_ids)),
                                                       replace=False)]).to(device)
-        micro_batches = batch.split(micro_batch_size or len(batch))
         optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro_batch in micro_batches:
-            with torch.no_grad():
-                states = lens_states(decoder_states(model, micro_batch, None))
-                target = torch.log_softmax(model_readout(states[-1]).float(), dim=-1)
-            for layer in range(loaded.num_layers):  # one layer's logits at a time
-                loss = layer_kl(model_readout, target, lens(layer, states[layer])) / (loaded.num_layers
-                                                                                     * len(micro_batches))
-                loss.backward()
-                total += float(loss.detach())
+        total = _accumulate_gradients(model, model_readout, lens, batch.split(micro_batch_size or len(batch)),
+                                      loaded.num_layers)
         optimizer.step()
         rows.append({"stage": "train", "step": step, "layer": -1, "kl": total})
         if step == 1 or step % 10 == 0 or step == steps:
@@ -144,6 +135,21 @@ def train_tuned_lens(model_dir: str | os.PathLike, tokens_path: str | os.PathLik
     log.info("%s: held-out KL(p_L || q_l) averaged over layers %.4f (logit lens) -> %.4f (tuned lens) in %.0f s",
              loaded.name, before, after, time.perf_counter() - started)
     return table
+
+
+def _accumulate_gradients(model, model_readout, lens: TunedLens, micro_batches, num_layers: int) -> float:
+    """The translators' gradients of the mean KL over layers and micro-batches, one layer's logits at a time; the
+    step's loss."""
+    total = 0.0
+    for micro_batch in micro_batches:
+        with torch.no_grad():
+            states = lens_states(decoder_states(model, micro_batch, None))
+            target = torch.log_softmax(model_readout(states[-1]).float(), dim=-1)
+        for layer in range(num_layers):
+            loss = layer_kl(model_readout, target, lens(layer, states[layer])) / (num_layers * len(micro_batches))
+            loss.backward()
+            total += float(loss.detach())
+    return total
 
 
 @torch.no_grad()

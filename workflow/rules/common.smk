@@ -1,4 +1,5 @@
 # Helpers that turn the config into paths, wildcards and params. Rules stay declarative; all logic is in hsconv.
+import dataclasses
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from hsconv.config import (FIGURE_TARGETS, PER_LAYER_FIGURES, ConfigError, check
 from hsconv.fingerprint import code_fingerprint
 from hsconv.io import stable_hash
 from hsconv.seeds import seed_variants
+from hsconv import settings
 
 try:
     for _path in workflow.configfiles:
@@ -22,6 +24,8 @@ except ConfigError as error:
     raise WorkflowError(f"config: {error}")
 
 MODELS = list(config["models"])
+# Threads and memory of each model-running stage's jobs (config `resources`; distill's are distill.resources).
+RESOURCES = config["resources"]
 VARIANTS = config["variants"]
 MEASURED_DATASETS = config["hidden_states"]["datasets"]
 CONFIG_HASH = stable_hash(config)
@@ -40,6 +44,16 @@ ABLATION_VARIANTS = {
     name: "distilled" if (name == REFERENCE and "distilled" in VARIANTS
                           and settings == trainer_settings(config["distill"])) else ABLATION_PREFIX + name
     for name, settings in ABLATION_SETTINGS.items()}
+def ablation_variants():
+    """The pretrained model, then every setting's variant in the order the settings were declared."""
+    return ["base", *ABLATION_VARIANTS.values()]
+
+
+def ablation_pieces(pattern):
+    """The pattern for every ablated model and every variant of ablation_variants(), on the ablations' data set."""
+    return expand(pattern, model=ABLATION_MODELS, variant=ablation_variants(), dataset=ABLATIONS.get("dataset"))
+
+
 # Models whose base is also read through a tuned lens (the baseline beside self-distillation in Figs. 5 and 6).
 TUNED_LENS_MODELS = config.get("tuned_lens", {}).get("models", [])
 TRAINED_ABLATIONS = [name for name, variant in ABLATION_VARIANTS.items() if variant.startswith(ABLATION_PREFIX)]
@@ -54,9 +68,11 @@ def regex_alternatives(names):
 
 wildcard_constraints:
     model="|".join(MODELS),
+    # tuned_lens: the base model read through its tuned lens (evaluate_layers only)
     variant=regex_alternatives([*VARIANTS, *(ABLATION_PREFIX + name for name in TRAINED_ABLATIONS),
-                                *SEED_VARIANTS]),
+                                *SEED_VARIANTS, "tuned_lens"]),
     seed=r"\d+",
+    k=r"\d+",
     setting=regex_alternatives(TRAINED_ABLATIONS),
     dataset="|".join(config["datasets"]),
     tokenizer="|".join(TOKENIZERS),
@@ -182,7 +198,15 @@ def model_tokens(wildcards):
     return f"results/data/tokens/{tokenizer}.parquet"
 
 
-def distill_settings_json():
+def section_settings(section, settings_class, leave_out=()):
+    """A config section as its stage's `--settings`: the keys of the stage's settings dataclass, passed whole (the
+    section's other keys, such as which data sets, are the workflow's), less `leave_out`."""
+    names = {item.name for item in dataclasses.fields(settings_class)} - set(leave_out)
+    return shell_quoted(json.dumps({key: value for key, value in config[section].items() if key in names},
+                                   sort_keys=True))
+
+
+def distill_settings_json(wildcards):
     return json.dumps(trainer_settings(config["distill"]), sort_keys=True)
 
 
@@ -207,8 +231,30 @@ def ablation_teacher_cache(wildcards):
     return teacher_cache_input(ABLATION_SETTINGS[wildcards.setting])(wildcards)
 
 
-def teacher_cache_arg(wildcards, input):
-    return f"--teacher-cache {input.teacher}" if input.teacher else ""
+def distill_args(checkpoints):
+    """What a distill job runs with besides its settings, inputs and outputs: the model's name and device, the
+    checkpoint folder (a pattern of the job's wildcards) and the teacher cache where it reads one."""
+
+    def args(wildcards, input):
+        teacher = f" --teacher-cache {input.teacher}" if input.teacher else ""
+        return (f"--name {wildcards.model} --device {config['models'][wildcards.model]['device']}"
+                f" --checkpoints {checkpoints.format(**wildcards)}{teacher}")
+
+    return args
+
+
+def teacher_dtype(wildcards):
+    """The dtype the trainer would run the frozen model in, so that the cache holds what it would compute."""
+    precision = config["distill"]["precision"]
+    on_gpu = config["models"][wildcards.model]["device"].startswith("cuda")
+    return "bfloat16" if precision == "bfloat16" or (precision == "auto" and on_gpu) else "float32"
+
+
+def teacher_resources():
+    """A teacher cache job: at most one GPU on one node, the distill job's memory and runtime."""
+    resources = config["distill"]["resources"]
+    return {**cluster.distill_resources(min(1, resources["gpus"]), 1, resources["runtime"]),
+            "mem_mb": resources["mem_mb"]}
 
 
 def distill_launcher():
@@ -218,9 +264,10 @@ def distill_launcher():
 
 
 def distill_resources():
-    """The job's GPUs, nodes and tasks for the scheduler (see hsconv.cluster for the three shapes)."""
+    """The job's GPUs, nodes and tasks for the scheduler (see hsconv.cluster for the three shapes), and its memory."""
     resources = config["distill"]["resources"]
-    return cluster.distill_resources(resources["gpus"], resources["nodes"], resources["runtime"])
+    return {**cluster.distill_resources(resources["gpus"], resources["nodes"], resources["runtime"]),
+            "mem_mb": distill_mem_mb}
 
 
 def distill_mem_mb(wildcards, input):
@@ -237,14 +284,35 @@ OUTPUT_DATASETS = config["evaluation"]["output_datasets"]
 OUTPUT_VARIANTS = list(dict.fromkeys(["base", *VARIANTS, *SEED_VARIANTS]))
 
 
-def dataset_args(names):
-    """NAME=KIND=PATH for each named data set (its texts are the job's input.texts, in that order), as
-    `hsconv evaluate-layers --dataset` takes them."""
+def evaluation_datasets(names, limited=True):
+    """`--dataset NAME=KIND=PATH...` of `hsconv evaluate-layers` for the named data sets (their texts are the job's
+    input.texts, in that order), and `--limit NAME=N...` for those that evaluation.limits cuts short (unless not
+    `limited`: the output study evaluates its larger sets whole)."""
+    limits = [f"{name}={config['evaluation']['limits'][name]}" for name in names
+              if limited and name in config["evaluation"]["limits"]]
 
     def args(wildcards, input):
-        return " ".join(f"{name}={config['datasets'][name]['kind']}={path}" for name, path in zip(names, input.texts))
+        texts = [input.texts] if isinstance(input.texts, str) else input.texts
+        datasets = " ".join(f"{name}={config['datasets'][name]['kind']}={path}" for name, path in zip(names, texts))
+        return f"--dataset {datasets}" + (f" --limit {' '.join(limits)}" if limits else "")
 
     return args
+
+
+def model_args(wildcards):
+    """Which model and variant, and the model's dtype and device, as the model stages take them."""
+    model = config["models"][wildcards.model]
+    return (f"--model {wildcards.model} --variant {wildcards.variant} --dtype {model['dtype']}"
+            f" --device {model['device']}")
+
+
+def evaluation_args(wildcards, input, output):
+    """An evaluation's model arguments, its outputs (a per-document table where the rule has one) and the tuned lens
+    where it reads one."""
+    args = f"{model_args(wildcards)} --out {output.table} --json-out {output.json}"
+    if "documents" in output.keys():
+        args += f" --documents-out {output.documents}"
+    return args + (f" --tuned-lens {input.lens}" if input.get("lens") else "")
 
 
 def measured_combinations(pattern):
@@ -255,6 +323,27 @@ def measured_comparisons(pattern):
     """Every trained variant (not the base) of every model on every measured data set."""
     return expand(pattern, model=MODELS, variant=[name for name in VARIANTS if name != "base"],
                   dataset=MEASURED_DATASETS)
+
+
+# Tables gathered from per-model pieces into one by gather_table, {table under results/tables: its pieces}.
+GATHERED_TABLES = {
+    "layer_movement": measured_combinations("results/metrics/{model}/{variant}/{dataset}/layer_movement.parquet"),
+    "convergence": measured_combinations("results/metrics/{model}/{variant}/{dataset}/convergence.parquet"),
+    "convergence_paired": measured_comparisons(
+        "results/metrics/{model}/{variant}/{dataset}/convergence_paired.parquet"),
+    "per_layer_evaluation": expand("results/evaluation/{model}/{variant}/per_layer.parquet", model=MODELS,
+                                   variant=VARIANTS),
+    "tuned_lens/per_layer_evaluation": [
+        *expand("results/evaluation/{model}/{variant}/per_layer.parquet", model=TUNED_LENS_MODELS, variant=VARIANTS),
+        *expand("results/evaluation/{model}/tuned_lens/per_layer.parquet", model=TUNED_LENS_MODELS)],
+    "sentence_lens": expand("results/sentence/{model}/{variant}/lens.parquet", model=TRACED_MODELS,
+                            variant=VARIANTS),
+    "sentence_pca": expand("results/sentence/{model}/{variant}/pca.parquet", model=TRACED_MODELS, variant=VARIANTS),
+}
+
+
+def gathered_pieces(wildcards):
+    return GATHERED_TABLES[wildcards.table]
 
 
 def paper_targets():

@@ -10,21 +10,14 @@ rule prepare_texts:
         mode=subset_setting("mode"),
         seed=subset_setting("seed"),
         code=code_fingerprint("hsconv.texts"),
-    log:
-        "results/logs/prepare_texts/{dataset}.log",
-    benchmark:
-        "results/benchmarks/prepare_texts/{dataset}.tsv"
+    log: "results/logs/prepare_texts/{dataset}.log"
+    benchmark: "results/benchmarks/prepare_texts/{dataset}.tsv"
     threads: 1
-    conda:
-        "../../envs/torch.yaml"
+    conda: "../../envs/torch.yaml"
     shell:
         "hsconv prepare-texts --name {wildcards.dataset} --kind {params.kind} --path {params.path:q}"
         " --hub-id {params.hub_id:q} --subset-size {params.size} --subset-mode {params.mode}"
         " --subset-seed {params.seed} --out {output} > {log} 2>&1"
-
-
-CORPUS = config["corpus"]
-PACKING = config["packing"]
 
 
 rule sample_corpus:
@@ -32,24 +25,15 @@ rule sample_corpus:
     output:
         directory("results/data/corpus"),
     params:
-        source=json.dumps(CORPUS["source"], sort_keys=True),
-        documents=cli_optional(CORPUS["documents"]),
-        seed=CORPUS["seed"],
-        min_int_score=cli_optional(CORPUS["min_int_score"]),
-        shuffle_buffer=CORPUS["shuffle_buffer"],
-        shard_documents=CORPUS["shard_documents"],
+        source=json.dumps(config["corpus"]["source"], sort_keys=True),
+        settings=section_settings("corpus", settings.CorpusSettings),
         code=code_fingerprint("hsconv.corpus"),
-    log:
-        "results/logs/sample_corpus.log",
-    benchmark:
-        "results/benchmarks/sample_corpus.tsv"
+    log: "results/logs/sample_corpus.log"
+    benchmark: "results/benchmarks/sample_corpus.tsv"
     threads: 1
-    conda:
-        "../../envs/torch.yaml"
+    conda: "../../envs/torch.yaml"
     shell:
-        "hsconv sample-corpus --source {params.source:q} --out {output} --documents {params.documents}"
-        " --seed {params.seed} --min-int-score {params.min_int_score} --shuffle-buffer {params.shuffle_buffer}"
-        " --shard-documents {params.shard_documents} > {log} 2>&1"
+        "hsconv sample-corpus --source {params.source:q} --out {output} --settings {params.settings} > {log} 2>&1"
 
 
 rule pack_tokens:
@@ -60,18 +44,12 @@ rule pack_tokens:
     output:
         "results/data/tokens/{tokenizer}.parquet",
     params:
-        sequence_length=PACKING["sequence_length"],
-        token_budget=PACKING["token_budget"],
-        boundary=PACKING["boundary"],
+        settings=section_settings("packing", settings.PackingSettings),
         code=code_fingerprint("hsconv.corpus"),
-    log:
-        "results/logs/pack_tokens/{tokenizer}.log",
-    benchmark:
-        "results/benchmarks/pack_tokens/{tokenizer}.tsv"
+    log: "results/logs/pack_tokens/{tokenizer}.log"
+    benchmark: "results/benchmarks/pack_tokens/{tokenizer}.tsv"
     threads: 1
-    conda:
-        "../../envs/torch.yaml"
+    conda: "../../envs/torch.yaml"
     shell:
         "hsconv pack-tokens --corpus {input.corpus} --model-dir {input.model} --out {output}"
-        " --sequence-length {params.sequence_length} --token-budget {params.token_budget}"
-        " --boundary {params.boundary} > {log} 2>&1"
+        " --settings {params.settings} > {log} 2>&1"

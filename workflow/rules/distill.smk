@@ -1,11 +1,4 @@
 DISTILL = config["distill"]
-# One command for the main run and every ablation run; they differ only in settings and paths.
-DISTILL_COMMAND = (
-    "OMP_NUM_THREADS={threads} {params.launcher} distill --name {wildcards.model} --model-dir {input.model}"
-    " --tokens {input.tokens} --out {output.model} --log-out {output.steps} --layers-out {output.layers}"
-    " --checkpoints {params.checkpoints} --device {params.device} --settings {params.settings:q} {params.teacher}"
-    " > {log} 2>&1"
-)
 
 
 rule cache_teacher:
@@ -18,33 +11,23 @@ rule cache_teacher:
         directory("results/teacher/{model}/top{k}"),
     params:
         device=model_setting("device"),
-        # the dtype the trainer would run the frozen model in
-        dtype=lambda wildcards: "bfloat16" if DISTILL["precision"] == "bfloat16" or (
-            DISTILL["precision"] == "auto" and model_setting("device")(wildcards).startswith("cuda")) else "float32",
+        dtype=teacher_dtype,
         code=code_fingerprint("hsconv.distill.teacher"),
-    log:
-        "results/logs/cache_teacher/{model}/top{k}.log",
-    benchmark:
-        "results/benchmarks/cache_teacher/{model}/top{k}.tsv"
-    wildcard_constraints:
-        k=r"\d+",
+    log: "results/logs/cache_teacher/{model}/top{k}.log",
+    benchmark: "results/benchmarks/cache_teacher/{model}/top{k}.tsv"
     threads: DISTILL["resources"]["threads"]
     resources:
-        **cluster.distill_resources(min(1, DISTILL["resources"]["gpus"]), 1, DISTILL["resources"]["runtime"]),
-        mem_mb=DISTILL["resources"]["mem_mb"],
-    conda:
-        "../../envs/torch.yaml"
+        **teacher_resources(),
+    conda: "../../envs/torch.yaml"
     shell:
         "OMP_NUM_THREADS={threads} hsconv cache-teacher --model-dir {input.model} --tokens {input.tokens}"
         " --out {output} --top-k {wildcards.k} --device {params.device} --dtype {params.dtype} > {log} 2>&1"
 
 
+# Checkpoints go to results/checkpoints/{model}/<settings hash>/ (not an output, so a failed or killed job keeps them):
+# rerunning the job resumes from the newest one, while changed settings start afresh.
 rule distill:
-    """Self-distillation of one model against its frozen pretrained self, under DeepSpeed ZeRO.
-
-    Checkpoints go to results/checkpoints/{model}/<settings hash>/ (not an output, so a failed or killed job keeps
-    them): rerunning the job resumes from the newest one, while changed settings start afresh.
-    """
+    """Self-distillation of one model against its frozen pretrained self, under DeepSpeed ZeRO."""
     input:
         model="results/models/{model}/base",
         tokens=model_tokens,
@@ -54,29 +37,23 @@ rule distill:
         steps="results/training/{model}/steps.parquet",
         layers="results/training/{model}/layers.parquet",
     params:
-        settings=distill_settings_json(),
-        teacher=teacher_cache_arg,
+        settings=distill_settings_json,
+        run=distill_args("results/checkpoints/{model}"),
         launcher=distill_launcher(),
-        device=model_setting("device"),
-        checkpoints="results/checkpoints/{model}",
         code=code_fingerprint("hsconv.distill.train", "hsconv.distill.teacher", "hsconv.cluster"),
-    log:
-        "results/logs/distill/{model}.log",
-    benchmark:
-        "results/benchmarks/distill/{model}.tsv"
+    log: "results/logs/distill/{model}.log",
+    benchmark: "results/benchmarks/distill/{model}.tsv"
     threads: DISTILL["resources"]["threads"]
     resources:
         **distill_resources(),
-        mem_mb=distill_mem_mb,
-    conda:
-        "../../envs/torch.yaml"
+    conda: "../../envs/torch.yaml"
     shell:
-        DISTILL_COMMAND
+        "OMP_NUM_THREADS={threads} {params.launcher} distill {params.run} --settings {params.settings:q}"
+        " --model-dir {input.model} --tokens {input.tokens} --out {output.model} --log-out {output.steps}"
+        " --layers-out {output.layers} > {log} 2>&1"
 
 
-rule distill_ablation:
-    """One ablation setting's self-distillation (see hsconv.ablations): the main run's job with one factor changed
-    and the ablations' shared budget."""
+use rule distill as distill_ablation with:
     input:
         model="results/models/{model}/base",
         tokens=model_tokens,
@@ -86,29 +63,13 @@ rule distill_ablation:
         steps="results/training/{model}/ablation-{setting}/steps.parquet",
         layers="results/training/{model}/ablation-{setting}/layers.parquet",
     params:
-        settings=ablation_settings_json,
-        teacher=teacher_cache_arg,
-        launcher=distill_launcher(),
-        device=model_setting("device"),
-        checkpoints="results/checkpoints/{model}/ablation-{setting}",
-        code=code_fingerprint("hsconv.distill.train", "hsconv.distill.teacher", "hsconv.cluster"),
-    log:
-        "results/logs/distill_ablation/{model}/{setting}.log",
-    benchmark:
-        "results/benchmarks/distill_ablation/{model}/{setting}.tsv"
-    threads: DISTILL["resources"]["threads"]
-    resources:
-        **distill_resources(),
-        mem_mb=distill_mem_mb,
-    conda:
-        "../../envs/torch.yaml"
-    shell:
-        DISTILL_COMMAND
+        settings=ablation_settings_json,  # the main run's job with one factor changed, on the ablations' budget
+        run=distill_args("results/checkpoints/{model}/ablation-{setting}"),
+    log: "results/logs/distill_ablation/{model}/{setting}.log",
+    benchmark: "results/benchmarks/distill_ablation/{model}/{setting}.tsv"
 
 
-use rule distill_ablation as distill_seed with:
-    """The main distillation from another seed (distill.seeds): the same settings, another order of the packed
-    sequences."""
+use rule distill as distill_seed with:
     input:
         model="results/models/{model}/base",
         tokens=model_tokens,
@@ -118,12 +79,10 @@ use rule distill_ablation as distill_seed with:
         steps="results/training/{model}/distilled-seed-{seed}/steps.parquet",
         layers="results/training/{model}/distilled-seed-{seed}/layers.parquet",
     params:
-        settings=seed_settings_json,
-        checkpoints="results/checkpoints/{model}/distilled-seed-{seed}",
-    log:
-        "results/logs/distill_seed/{model}/{seed}.log",
-    benchmark:
-        "results/benchmarks/distill_seed/{model}/{seed}.tsv"
+        settings=seed_settings_json,  # the main run's settings, another order of the packed sequences
+        run=distill_args("results/checkpoints/{model}/distilled-seed-{seed}"),
+    log: "results/logs/distill_seed/{model}/{seed}.log",
+    benchmark: "results/benchmarks/distill_seed/{model}/{seed}.tsv"
 
 
 rule tabulate_seeds:
@@ -141,12 +100,9 @@ rule tabulate_seeds:
         seeds=DISTILL["seeds"],
         config_hash=CONFIG_HASH,
         code=code_fingerprint("hsconv.seeds"),
-    log:
-        "results/logs/tabulate_seeds.log",
-    benchmark:
-        "results/benchmarks/tabulate_seeds.tsv"
-    conda:
-        "../../envs/torch.yaml"
+    log: "results/logs/tabulate_seeds.log"
+    benchmark: "results/benchmarks/tabulate_seeds.tsv"
+    conda: "../../envs/torch.yaml"
     shell:
         "hsconv tabulate-seeds --convergence {input} --first-seed {params.first_seed} --seeds {params.seeds}"
         " --out {output.parquet} --config-hash {params.config_hash} > {log} 2>&1"
@@ -163,12 +119,9 @@ rule plot_training:
     params:
         title=training_title,
         code=code_fingerprint("hsconv.figures.training"),
-    log:
-        "results/logs/plot_training/{model}.log",
-    benchmark:
-        "results/benchmarks/plot_training/{model}.tsv"
-    conda:
-        "../../envs/plot.yaml"
+    log: "results/logs/plot_training/{model}.log"
+    benchmark: "results/benchmarks/plot_training/{model}.tsv"
+    conda: "../../envs/plot.yaml"
     shell:
         "hsconv plot-training --log {input.steps} --layers {input.layers} --pdf {output.pdf} --png {output.png}"
         " --title {params.title:q} > {log} 2>&1"

@@ -10,19 +10,15 @@ rule prune_model:
     params:
         keep_fraction=EARLY_EXIT["keep_fraction"],
         code=code_fingerprint("hsconv.early_exit"),
-    log:
-        "results/logs/prune_model/{model}/{variant}.log",
-    benchmark:
-        "results/benchmarks/prune_model/{model}/{variant}.tsv"
-    conda:
-        "../../envs/torch.yaml"
+    log: "results/logs/prune_model/{model}/{variant}.log"
+    benchmark: "results/benchmarks/prune_model/{model}/{variant}.tsv"
+    conda: "../../envs/torch.yaml"
     shell:
         "hsconv prune-model --model-dir {input.model} --keep-fraction {params.keep_fraction} --out {output}"
         " > {log} 2>&1"
 
 
-rule evaluate_pruned:
-    """The pruned model under stock lm-eval (HFLM, its own output): what the logit lens claims at that exit."""
+use rule evaluate_layers as evaluate_pruned with:
     input:
         model="results/early_exit/{model}/{variant}/model",
         texts=expand("results/data/eval/{dataset}.parquet", dataset=EVALUATED_DATASETS),
@@ -30,27 +26,10 @@ rule evaluate_pruned:
         table="results/early_exit/{model}/{variant}/stock.parquet",
         json="results/early_exit/{model}/{variant}/stock_lm_eval.json",
     params:
-        datasets=dataset_args(EVALUATED_DATASETS),
-        limits=" ".join(f"{name}={limit}" for name, limit in EVALUATION["limits"].items()),
-        batch_size=EVALUATION["batch_size"],
-        bootstrap_iters=EVALUATION["bootstrap_iters"],
-        dtype=model_setting("dtype"),
-        device=model_setting("device"),
-        code=code_fingerprint("hsconv.evaluation.per_layer"),
-    log:
-        "results/logs/evaluate_pruned/{model}/{variant}.log",
-    benchmark:
-        "results/benchmarks/evaluate_pruned/{model}/{variant}.tsv"
-    threads: 8  # scaled down to --cores
-    resources:
-        mem_mb=16000,
-    conda:
-        "../../envs/torch.yaml"
-    shell:
-        "OMP_NUM_THREADS={threads} hsconv evaluate-layers --stock --model-dir {input.model}"
-        " --dataset {params.datasets} --limit {params.limits} --out {output.table} --json-out {output.json}"
-        " --model {wildcards.model} --variant {wildcards.variant} --batch-size {params.batch_size}"
-        " --dtype {params.dtype} --device {params.device} --bootstrap-iters {params.bootstrap_iters} > {log} 2>&1"
+        exits="--stock",  # the pruned model under stock lm-eval (HFLM, its own output): what the lens claims there
+        settings=section_settings("evaluation", settings.EvaluationSettings, leave_out=["layers"]),  # one exit
+    log: "results/logs/evaluate_pruned/{model}/{variant}.log"
+    benchmark: "results/benchmarks/evaluate_pruned/{model}/{variant}.tsv"
 
 
 rule tabulate_early_exit:
@@ -67,18 +46,15 @@ rule tabulate_early_exit:
         pruned_csv="results/tables/pruned_vs_lens.csv",
         pruned_md="results/tables/pruned_vs_lens.md",
     params:
-        tolerances=" ".join(map(str, EARLY_EXIT["tolerances"])),
+        settings=section_settings("early_exit", settings.EarlyExitSettings),
         config_hash=CONFIG_HASH,
         code=code_fingerprint("hsconv.early_exit"),
-    log:
-        "results/logs/tabulate_early_exit.log",
-    benchmark:
-        "results/benchmarks/tabulate_early_exit.tsv"
-    conda:
-        "../../envs/torch.yaml"
+    log: "results/logs/tabulate_early_exit.log"
+    benchmark: "results/benchmarks/tabulate_early_exit.tsv"
+    conda: "../../envs/torch.yaml"
     shell:
         "hsconv tabulate-early-exit --evaluation {input.evaluation} --pruned {input.pruned}"
-        " --exits-out {output.exits} --pruned-out {output.pruned} --tolerances {params.tolerances}"
+        " --exits-out {output.exits} --pruned-out {output.pruned} --settings {params.settings}"
         " --config-hash {params.config_hash} > {log} 2>&1"
 
 
@@ -94,12 +70,9 @@ rule plot_early_exit:
         models=figure_models("early_exit"),
         tolerance=max(EARLY_EXIT["tolerances"]),
         code=code_fingerprint("hsconv.figures.early_exit"),
-    log:
-        "results/logs/plot_early_exit.log",
-    benchmark:
-        "results/benchmarks/plot_early_exit.tsv"
-    conda:
-        "../../envs/plot.yaml"
+    log: "results/logs/plot_early_exit.log"
+    benchmark: "results/benchmarks/plot_early_exit.tsv"
+    conda: "../../envs/plot.yaml"
     shell:
         "hsconv plot-early-exit --evaluation {input.evaluation} --exits {input.exits} --pdf {output.pdf}"
         " --png {output.png} --model {params.models} --tolerance {params.tolerance} > {log} 2>&1"
@@ -115,20 +88,15 @@ rule paired_differences:
                    category="Tables"),
         md="results/tables/paired_differences.md",
     params:
-        samples=config["metrics"]["bootstrap_samples"],
-        confidence=config["metrics"]["confidence"],
-        seed=config["metrics"]["seed"],
+        metrics=section_settings("metrics", settings.MetricsSettings),
         config_hash=CONFIG_HASH,
         code=code_fingerprint("hsconv.paired"),
-    log:
-        "results/logs/paired_differences.log",
-    benchmark:
-        "results/benchmarks/paired_differences.tsv"
-    conda:
-        "../../envs/torch.yaml"
+    log: "results/logs/paired_differences.log"
+    benchmark: "results/benchmarks/paired_differences.tsv"
+    conda: "../../envs/torch.yaml"
     shell:
-        "hsconv paired-differences --documents {input} --out {output.parquet} --bootstrap-samples {params.samples}"
-        " --confidence {params.confidence} --seed {params.seed} --config-hash {params.config_hash} > {log} 2>&1"
+        "hsconv paired-differences --documents {input} --out {output.parquet} --settings {params.metrics}"
+        " --config-hash {params.config_hash} > {log} 2>&1"
 
 
 use rule paired_differences as paired_tuned_lens_differences with:
@@ -140,7 +108,5 @@ use rule paired_differences as paired_tuned_lens_differences with:
         csv=report("results/tables/tuned_lens/paired_differences.csv", caption="../report/paired_table.rst",
                    category="Tuned lens"),
         md="results/tables/tuned_lens/paired_differences.md",
-    log:
-        "results/logs/paired_tuned_lens_differences.log",
-    benchmark:
-        "results/benchmarks/paired_tuned_lens_differences.tsv"
+    log: "results/logs/paired_tuned_lens_differences.log"
+    benchmark: "results/benchmarks/paired_tuned_lens_differences.tsv"

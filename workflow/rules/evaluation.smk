@@ -1,10 +1,5 @@
-EVALUATION = config["evaluation"]
-
-
 rule evaluate_layers:
-    """Per-layer LAMBADA accuracy and WikiText perplexity for one model and variant: lm-eval's stock tasks, scored at
-    every exit through the logit lens, all exits from one forward pass per request batch. Variant `tuned_lens` is the
-    base model read through its tuned lens (rules/tuned_lens.smk)."""
+    """lm-eval's stock tasks at every exit of one model and variant (`tuned_lens`: the base through its tuned lens)."""
     input:
         model=evaluated_model_dir,
         lens=tuned_lens_dir,
@@ -13,69 +8,21 @@ rule evaluate_layers:
         table="results/evaluation/{model}/{variant}/per_layer.parquet",
         json="results/evaluation/{model}/{variant}/lm_eval.json",
         documents="results/evaluation/{model}/{variant}/per_document.parquet",
-    wildcard_constraints:
-        variant=regex_alternatives([*VARIANTS, *ABLATION_VARIANTS.values(), "tuned_lens"]),
     params:
-        datasets=dataset_args(EVALUATED_DATASETS),
-        lens=lambda wildcards, input: f"--tuned-lens {input.lens}" if input.lens else "",
-        limits=" ".join(f"{name}={limit}" for name, limit in EVALUATION["limits"].items()),
-        layers=" ".join(map(str, EVALUATION["layers"] or [])),
-        batch_size=EVALUATION["batch_size"],
-        bootstrap_iters=EVALUATION["bootstrap_iters"],
-        dtype=model_setting("dtype"),
-        device=model_setting("device"),
+        exits="",  # every exit through the lens; the rules reusing this one score a model's output alone
+        datasets=evaluation_datasets(EVALUATED_DATASETS),
+        settings=section_settings("evaluation", settings.EvaluationSettings),
+        run=evaluation_args,
         code=code_fingerprint("hsconv.evaluation.per_layer"),
-    log:
-        "results/logs/evaluate_layers/{model}/{variant}.log",
-    benchmark:
-        "results/benchmarks/evaluate_layers/{model}/{variant}.tsv"
-    threads: 8  # scaled down to --cores
+    log: "results/logs/evaluate_layers/{model}/{variant}.log",
+    benchmark: "results/benchmarks/evaluate_layers/{model}/{variant}.tsv"
+    threads: RESOURCES["evaluate"]["threads"]
     resources:
-        mem_mb=16000,
-    conda:
-        "../../envs/torch.yaml"
+        mem_mb=RESOURCES["evaluate"]["mem_mb"],
+    conda: "../../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} hsconv evaluate-layers --model-dir {input.model} --dataset {params.datasets}"
-        " --limit {params.limits} --layers {params.layers} --out {output.table} --json-out {output.json}"
-        " --documents-out {output.documents} {params.lens}"
-        " --model {wildcards.model} --variant {wildcards.variant} --batch-size {params.batch_size}"
-        " --dtype {params.dtype} --device {params.device} --bootstrap-iters {params.bootstrap_iters} > {log} 2>&1"
-
-
-rule tabulate_evaluation:
-    """All models' and variants' per-layer lm-eval metrics in one tidy table."""
-    input:
-        expand("results/evaluation/{model}/{variant}/per_layer.parquet", model=MODELS, variant=VARIANTS),
-    output:
-        parquet="results/tables/per_layer_evaluation.parquet",
-        csv="results/tables/per_layer_evaluation.csv",
-        md="results/tables/per_layer_evaluation.md",
-    params:
-        config_hash=CONFIG_HASH,
-        code=code_fingerprint("hsconv.tables"),
-    log:
-        "results/logs/tabulate_evaluation.log",
-    benchmark:
-        "results/benchmarks/tabulate_evaluation.tsv"
-    conda:
-        "../../envs/torch.yaml"
-    shell:
-        "hsconv gather-tables --inputs {input} --out {output.parquet} --config-hash {params.config_hash}"
-        " > {log} 2>&1"
-
-
-use rule tabulate_evaluation as tabulate_tuned_lens_evaluation with:
-    input:
-        expand("results/evaluation/{model}/{variant}/per_layer.parquet", model=TUNED_LENS_MODELS, variant=VARIANTS),
-        expand("results/evaluation/{model}/tuned_lens/per_layer.parquet", model=TUNED_LENS_MODELS),
-    output:
-        parquet="results/tables/tuned_lens/per_layer_evaluation.parquet",
-        csv="results/tables/tuned_lens/per_layer_evaluation.csv",
-        md="results/tables/tuned_lens/per_layer_evaluation.md",
-    log:
-        "results/logs/tabulate_tuned_lens_evaluation.log",
-    benchmark:
-        "results/benchmarks/tabulate_tuned_lens_evaluation.tsv"
+        "OMP_NUM_THREADS={threads} hsconv evaluate-layers {params.exits} --model-dir {input.model} {params.datasets}"
+        " {params.run} --settings {params.settings} > {log} 2>&1"
 
 
 rule plot_per_layer_figure:
@@ -93,12 +40,9 @@ rule plot_per_layer_figure:
         metric=per_layer_metric,
         title=figure_title,
         code=code_fingerprint("hsconv.figures.per_layer"),
-    log:
-        "results/logs/plot_{figure}.log",
-    benchmark:
-        "results/benchmarks/plot_{figure}.tsv"
-    conda:
-        "../../envs/plot.yaml"
+    log: "results/logs/plot_{figure}.log"
+    benchmark: "results/benchmarks/plot_{figure}.tsv"
+    conda: "../../envs/plot.yaml"
     shell:
         "hsconv plot-per-layer --table {input} --pdf {output.pdf} --png {output.png} --model {params.models}"
         " --task {params.dataset} --metric {params.metric} --title {params.title:q} > {log} 2>&1"
@@ -113,7 +57,5 @@ use rule plot_per_layer_figure as plot_tuned_lens_figure with:
         png="results/figures/tuned_lens/{figure}.png",
     params:
         title=tuned_lens_figure_title,
-    log:
-        "results/logs/plot_tuned_lens_{figure}.log",
-    benchmark:
-        "results/benchmarks/plot_tuned_lens_{figure}.tsv"
+    log: "results/logs/plot_tuned_lens_{figure}.log"
+    benchmark: "results/benchmarks/plot_tuned_lens_{figure}.tsv"

@@ -1,5 +1,4 @@
 FIGURES = config["figures"]
-SENTENCE = config["sentence"]
 
 
 rule plot_movement_figure:
@@ -17,12 +16,9 @@ rule plot_movement_figure:
         final_norm=figure_setting("final_norm"),
         title=figure_title,
         code=code_fingerprint("hsconv.figures.movement"),
-    log:
-        "results/logs/plot_{figure}.log",
-    benchmark:
-        "results/benchmarks/plot_{figure}.tsv"
-    conda:
-        "../../envs/plot.yaml"
+    log: "results/logs/plot_{figure}.log"
+    benchmark: "results/benchmarks/plot_{figure}.tsv"
+    conda: "../../envs/plot.yaml"
     shell:
         "hsconv plot-movement --table {input} --pdf {output.pdf} --png {output.png} --model {params.models}"
         " --dataset {params.dataset} --final-norm {params.final_norm} --title {params.title:q} > {log} 2>&1"
@@ -36,51 +32,18 @@ rule trace_sentence:
         lens="results/sentence/{model}/{variant}/lens.parquet",
         pca="results/sentence/{model}/{variant}/pca.parquet",
     params:
-        text=shell_quoted(SENTENCE["text"]),
-        target=shell_quoted(SENTENCE["target"]),
-        keep_first="" if SENTENCE["pca_exclude_first"] else "--keep-first-position",
-        dtype=model_setting("dtype"),
-        device=model_setting("device"),
+        settings=section_settings("sentence", settings.SentenceSettings),
+        model=model_args,
         code=code_fingerprint("hsconv.sentence"),
-    log:
-        "results/logs/trace_sentence/{model}/{variant}.log",
-    benchmark:
-        "results/benchmarks/trace_sentence/{model}/{variant}.tsv"
-    threads: 2
-    conda:
-        "../../envs/torch.yaml"
+    log: "results/logs/trace_sentence/{model}/{variant}.log"
+    benchmark: "results/benchmarks/trace_sentence/{model}/{variant}.tsv"
+    threads: RESOURCES["trace_sentence"]["threads"]
+    resources:
+        mem_mb=RESOURCES["trace_sentence"]["mem_mb"],
+    conda: "../../envs/torch.yaml"
     shell:
-        "OMP_NUM_THREADS={threads} hsconv trace-sentence --model-dir {input.model} --text {params.text}"
-        " --target {params.target} --lens-out {output.lens} --pca-out {output.pca} --model {wildcards.model}"
-        " --variant {wildcards.variant} {params.keep_first} --dtype {params.dtype} --device {params.device}"
-        " > {log} 2>&1"
-
-
-rule tabulate_sentence:
-    """The traced sentence of every model and variant in two tidy tables: the logit lens and the PCA."""
-    input:
-        lens=expand("results/sentence/{model}/{variant}/lens.parquet", model=TRACED_MODELS, variant=VARIANTS),
-        pca=expand("results/sentence/{model}/{variant}/pca.parquet", model=TRACED_MODELS, variant=VARIANTS),
-    output:
-        lens=report("results/tables/sentence_lens.csv", caption="../report/sentence_table.rst", category="Tables"),
-        lens_parquet="results/tables/sentence_lens.parquet",
-        lens_md="results/tables/sentence_lens.md",
-        pca="results/tables/sentence_pca.parquet",
-        pca_csv="results/tables/sentence_pca.csv",
-        pca_md="results/tables/sentence_pca.md",
-    params:
-        config_hash=CONFIG_HASH,
-        code=code_fingerprint("hsconv.tables"),
-    log:
-        "results/logs/tabulate_sentence.log",
-    benchmark:
-        "results/benchmarks/tabulate_sentence.tsv"
-    conda:
-        "../../envs/torch.yaml"
-    shell:
-        "(hsconv gather-tables --inputs {input.lens} --out {output.lens_parquet} --config-hash {params.config_hash}"
-        " && hsconv gather-tables --inputs {input.pca} --out {output.pca} --config-hash {params.config_hash})"
-        " > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} hsconv trace-sentence --model-dir {input.model} --settings {params.settings}"
+        " --lens-out {output.lens} --pca-out {output.pca} {params.model} > {log} 2>&1"
 
 
 rule plot_fig4:
@@ -95,12 +58,9 @@ rule plot_fig4:
         variants=" ".join(VARIANTS),
         final_norm=figure_setting("final_norm", "fig4"),
         code=code_fingerprint("hsconv.figures.trajectory"),
-    log:
-        "results/logs/plot_fig4.log",
-    benchmark:
-        "results/benchmarks/plot_fig4.tsv"
-    conda:
-        "../../envs/plot.yaml"
+    log: "results/logs/plot_fig4.log"
+    benchmark: "results/benchmarks/plot_fig4.tsv"
+    conda: "../../envs/plot.yaml"
     shell:
         "hsconv plot-trajectory --table {input} --pdf {output.pdf} --png {output.png} --model {params.models}"
         " --variants {params.variants} --final-norm {params.final_norm} > {log} 2>&1"
@@ -118,12 +78,9 @@ rule plot_fig7:
         variants=" ".join(VARIANTS),
         final_norm=figure_setting("final_norm", "fig7"),
         code=code_fingerprint("hsconv.figures.lens_heatmap"),
-    log:
-        "results/logs/plot_fig7.log",
-    benchmark:
-        "results/benchmarks/plot_fig7.tsv"
-    conda:
-        "../../envs/plot.yaml"
+    log: "results/logs/plot_fig7.log"
+    benchmark: "results/benchmarks/plot_fig7.tsv"
+    conda: "../../envs/plot.yaml"
     shell:
         "hsconv plot-lens-heatmap --table {input} --pdf {output.pdf} --png {output.png} --model {params.model}"
         " --variants {params.variants} --final-norm {params.final_norm} > {log} 2>&1"

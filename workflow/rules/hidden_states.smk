@@ -1,6 +1,3 @@
-HIDDEN = config["hidden_states"]
-
-
 rule dump_hidden_states:
     """Per-token movement D_l between adjacent layers, all layers from one forward pass."""
     input:
@@ -11,22 +8,15 @@ rule dump_hidden_states:
     params:
         dtype=model_setting("dtype"),
         device=model_setting("device"),
-        batch_size=HIDDEN["batch_size"],
-        max_tokens=cli_optional(HIDDEN["max_tokens"]),
-        overflow=HIDDEN["overflow"],
-        special="" if HIDDEN["exclude_special_tokens"] else "--keep-special-tokens",
+        settings=section_settings("hidden_states", settings.HiddenStatesSettings),
         code=code_fingerprint("hsconv.hidden_states"),
-    log:
-        "results/logs/dump_hidden_states/{model}/{variant}/{dataset}.log",
-    benchmark:
-        "results/benchmarks/dump_hidden_states/{model}/{variant}/{dataset}.tsv"
-    threads: 8  # scaled down to --cores; a profile's set-threads overrides it
+    log: "results/logs/dump_hidden_states/{model}/{variant}/{dataset}.log"
+    benchmark: "results/benchmarks/dump_hidden_states/{model}/{variant}/{dataset}.tsv"
+    threads: RESOURCES["dump_hidden_states"]["threads"]
     resources:
-        mem_mb=8000,
-    conda:
-        "../../envs/torch.yaml"
+        mem_mb=RESOURCES["dump_hidden_states"]["mem_mb"],
+    conda: "../../envs/torch.yaml"
     shell:
         "OMP_NUM_THREADS={threads} hsconv dump-hidden-states --model-dir {input.model} --texts {input.texts}"
         " --out {output} --variant {wildcards.variant} --dataset {wildcards.dataset} --dtype {params.dtype}"
-        " --device {params.device} --batch-size {params.batch_size} --max-tokens {params.max_tokens}"
-        " --overflow {params.overflow} {params.special} > {log} 2>&1"
+        " --device {params.device} --settings {params.settings} > {log} 2>&1"

@@ -6,13 +6,10 @@ rule prepare_model:
         source=model_source_json,
         fold=model_flag("fold_final_norm_gain", "--fold-final-norm-gain"),
         code=code_fingerprint("hsconv.models"),
-    log:
-        "results/logs/prepare_model/{model}.log",
-    benchmark:
-        "results/benchmarks/prepare_model/{model}.tsv"
+    log: "results/logs/prepare_model/{model}.log"
+    benchmark: "results/benchmarks/prepare_model/{model}.tsv"
     threads: 1
-    conda:
-        "../../envs/torch.yaml"
+    conda: "../../envs/torch.yaml"
     shell:
         "hsconv prepare-model --name {wildcards.model} --source {params.source:q} --out {output} {params.fold}"
         " > {log} 2>&1"

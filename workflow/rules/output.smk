@@ -1,12 +1,9 @@
 # The output alone (lm-eval's stock tasks, one exit) on larger sets than the per-layer evaluation can afford: the
-# whole LAMBADA test set and 20 WikiText articles. Every variant and every seed of the main distillation is paired against
-# base on the same documents; the spread over seeds says how much of a difference another training run would keep.
+# whole LAMBADA test set and 20 WikiText articles. Every variant and every seed of the main distillation is paired
+# against base on the same documents; the spread over seeds says how much of a difference another run would keep.
 
 
-rule evaluate_output:
-    """A model's own output on the larger sets, every document's outcome kept for the paired intervals. Scored through
-    the lens at the output exit alone: stock lm-eval's numbers (tested request by request), without stock HFLM's
-    batch × window × vocabulary logits, which long WikiText articles cannot fit in memory."""
+use rule evaluate_layers as evaluate_output with:
     input:
         model=variant_model_dir,
         texts=expand("results/data/eval/{dataset}.parquet", dataset=OUTPUT_DATASETS),
@@ -15,26 +12,13 @@ rule evaluate_output:
         json="results/output/{model}/{variant}/lm_eval.json",
         documents="results/output/{model}/{variant}/per_document.parquet",
     params:
-        datasets=dataset_args(OUTPUT_DATASETS),
-        batch_size=EVALUATION["batch_size"],
-        bootstrap_iters=EVALUATION["bootstrap_iters"],
-        dtype=model_setting("dtype"),
-        device=model_setting("device"),
-        code=code_fingerprint("hsconv.evaluation.per_layer"),
-    log:
-        "results/logs/evaluate_output/{model}/{variant}.log",
-    benchmark:
-        "results/benchmarks/evaluate_output/{model}/{variant}.tsv"
-    threads: 8  # scaled down to --cores
-    resources:
-        mem_mb=16000,
-    conda:
-        "../../envs/torch.yaml"
-    shell:
-        "OMP_NUM_THREADS={threads} hsconv evaluate-layers --output-only --model-dir {input.model}"
-        " --dataset {params.datasets} --out {output.table} --json-out {output.json} --documents-out {output.documents}"
-        " --model {wildcards.model} --variant {wildcards.variant} --batch-size {params.batch_size}"
-        " --dtype {params.dtype} --device {params.device} --bootstrap-iters {params.bootstrap_iters} > {log} 2>&1"
+        # Through the lens at the output exit alone: stock lm-eval's numbers (tested request by request), without
+        # stock HFLM's batch × window × vocabulary logits, which long WikiText articles cannot fit in memory.
+        exits="--output-only",
+        settings=section_settings("evaluation", settings.EvaluationSettings, leave_out=["layers"]),  # one exit
+        datasets=evaluation_datasets(OUTPUT_DATASETS, limited=False),  # the larger sets are evaluated whole
+    log: "results/logs/evaluate_output/{model}/{variant}.log"
+    benchmark: "results/benchmarks/evaluate_output/{model}/{variant}.tsv"
 
 
 use rule paired_differences as output_paired_differences with:
@@ -44,10 +28,8 @@ use rule paired_differences as output_paired_differences with:
         parquet="results/tables/output_paired.parquet",
         csv=report("results/tables/output_paired.csv", caption="../report/paired_table.rst", category="Tables"),
         md="results/tables/output_paired.md",
-    log:
-        "results/logs/output_paired_differences.log",
-    benchmark:
-        "results/benchmarks/output_paired_differences.tsv"
+    log: "results/logs/output_paired_differences.log"
+    benchmark: "results/benchmarks/output_paired_differences.tsv"
 
 
 rule tabulate_output_seeds:
@@ -64,12 +46,9 @@ rule tabulate_output_seeds:
         seeds=DISTILL["seeds"],
         config_hash=CONFIG_HASH,
         code=code_fingerprint("hsconv.seeds"),
-    log:
-        "results/logs/tabulate_output_seeds.log",
-    benchmark:
-        "results/benchmarks/tabulate_output_seeds.tsv"
-    conda:
-        "../../envs/torch.yaml"
+    log: "results/logs/tabulate_output_seeds.log"
+    benchmark: "results/benchmarks/tabulate_output_seeds.tsv"
+    conda: "../../envs/torch.yaml"
     shell:
         "hsconv tabulate-seeds --paired {input} --first-seed {params.first_seed} --seeds {params.seeds}"
         " --out {output.parquet} --config-hash {params.config_hash} > {log} 2>&1"

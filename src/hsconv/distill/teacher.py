@@ -21,16 +21,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hsconv.errors import InputError
 from hsconv.corpus import read_sequences
 from hsconv.distill.loss import TopKTarget, top_k_target
+from hsconv.errors import InputError
 from hsconv.hidden_states import decoder_states, readout
 from hsconv.io import atomic_path, sha256_file
 from hsconv.models import context_length, load_model
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+TEACHER_MANIFEST = "manifest.json"
 
 
 class TeacherCacheError(InputError):
@@ -78,7 +78,7 @@ def write_teacher_cache(model_dir: str | os.PathLike, tokens_path: str | os.Path
         manifest = {"model": loaded.name, "model_dir": str(model_dir), "top_k": top_k, "vocab": vocab, "rows": rows,
                     "sequence_length": length, "tokens": str(tokens_path), "tokens_sha256": sha256_file(tokens_path),
                     "dtype": dtype, "bytes_per_token": 8 * top_k + 4}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        (tmp / TEACHER_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     log.info("teacher cache of %s: %d rows × %d tokens, top %d -> %s (%.1f MB)", loaded.name, rows, length, top_k,
              out_dir, rows * length * manifest["bytes_per_token"] / 1e6)
     return manifest
@@ -89,9 +89,9 @@ class TeacherCache:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
-        path = self.directory / MANIFEST
+        path = self.directory / TEACHER_MANIFEST
         if not path.is_file():
-            raise TeacherCacheError(f"{self.directory} is not a teacher cache (no {MANIFEST}); write one with "
+            raise TeacherCacheError(f"{self.directory} is not a teacher cache (no {TEACHER_MANIFEST}); write one with "
                                     "`hsconv cache-teacher`")
         self.manifest = json.loads(path.read_text())
         self.arrays = {name: np.load(self.directory / f"{name}.npy", mmap_mode="r")

@@ -28,8 +28,15 @@ from hsconv.distill.loss import LossTerms, layer_weights
 from hsconv.distill.objective import SelfDistillation
 from hsconv.errors import check_device_available
 from hsconv.faults import TrainingFaults
+from hsconv.hidden_states import final_norm_module
 from hsconv.io import atomic_path, sha256_file, stable_hash, write_parquet
-from hsconv.models import MANIFEST, LoadedModel, context_length, load_model, read_manifest
+from hsconv.models import (
+    MODEL_MANIFEST,
+    LoadedModel,
+    context_length,
+    load_model,
+    read_manifest,
+)
 from hsconv.settings import DistillSettings, LossSettings, TrainingError, TrainSettings  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -311,13 +318,14 @@ def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str,
     if train.gradient_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
+    trainable = _trainable_parameters(student, train.frozen)
     target = None
     if plan.cache is None:
         target = load_model(model_dir, dtype="bfloat16" if bf16 else "float32", device=str(torch_device)).model
     module = SelfDistillation(student, target, settings.loss)
     optimizer = None
     if not train.offload_optimizer:
-        optimizer = torch.optim.AdamW(student.parameters(), lr=train.learning_rate, betas=train.adam_betas,
+        optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, betas=train.adam_betas,
                                       weight_decay=train.weight_decay)
 
     # Given as a callable, DeepSpeed builds the schedule on its own optimizer, steps it at each accumulation
@@ -329,10 +337,20 @@ def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str,
     engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
                                                    config=_deepspeed_config(train, plan.accumulation, bf16),
                                                    lr_scheduler=schedule,
-                                                   model_parameters=None if optimizer else student.parameters())
+                                                   model_parameters=None if optimizer else trainable)
     if train.zero_stage == 3:
         module.register_for_zero3()  # needs the partitioned parameters that initialize() made
     return engine, scheduler, bf16
+
+
+def _trainable_parameters(student: torch.nn.Module, frozen: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    """The student's parameters that train: all but the frozen parts, which keep their pretrained values (no gradient,
+    not in the optimizer). Freezing the embeddings freezes a tied LM head with them (one tensor)."""
+    if "embeddings" in frozen:
+        student.get_input_embeddings().requires_grad_(False)
+    if "final_norm" in frozen:
+        final_norm_module(student).requires_grad_(False)
+    return [parameter for parameter in student.parameters() if parameter.requires_grad]
 
 
 def _train(engine, scheduler, plan: _Plan, settings: DistillSettings, checkpoints: _Checkpoints,
@@ -425,4 +443,4 @@ def _save_model(state: dict[str, torch.Tensor], base, model_dir, out_dir, name: 
         base.tokenizer.save_pretrained(tmp)
         manifest = {"name": name, "variant": "distilled", "base": read_manifest(Path(model_dir)), "weights": None,
                     "training": settings_record}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / MODEL_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

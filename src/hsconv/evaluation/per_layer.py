@@ -14,8 +14,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +24,7 @@ import pandas as pd
 
 from hsconv.errors import InputError
 from hsconv.io import atomic_path, read_input_table, write_parquet
+from hsconv.settings import EvaluationSettings
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,10 @@ def tidy_results(results: dict, layer: int, task_names: dict[str, str], kinds: d
 
 
 def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[str, str]], out: str | os.PathLike,
-                       json_out: str | os.PathLike, model: str, variant: str, layers: list[int] | None = None,
-                       batch_size: int = 8, dtype: str = "float32", device: str = "cpu",
-                       bootstrap_iters: int = 1000, limits: dict[str, int] | None = None,
+                       json_out: str | os.PathLike, model: str, variant: str,
+                       layers: tuple[int, ...] | None = EvaluationSettings.layers,
+                       batch_size: int = EvaluationSettings.batch_size, dtype: str = "float32", device: str = "cpu",
+                       bootstrap_iters: int = EvaluationSettings.bootstrap_iters, limits: dict[str, int] | None = None,
                        documents_out: str | os.PathLike | None = None, stock: bool = False,
                        tuned_lens: str | os.PathLike | None = None, output_only: bool = False) -> pd.DataFrame:
     """Evaluate every exit (or ``layers``) on ``datasets`` ({name: (kind, texts parquet)}), each cut to its first
@@ -188,36 +190,13 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
     8 at SmolLM2's 8,192-token window cannot fit in 24 GB)."""
     import lm_eval
 
-    from hsconv.evaluation.lens_model import LogitLensLM
-    from hsconv.models import weights_dir
-
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hsconv-lm-eval-") as tmp:
         data_files = {name: (kind, write_task_data(texts_path, kind, Path(tmp) / f"{name}.jsonl",
                                                    (limits or {}).get(name)))
                       for name, (kind, texts_path) in datasets.items()}
-        if stock and (tuned_lens is not None or output_only):
-            raise InputError("a stock evaluation reads the model's output with lm-eval's own model; a tuned lens "
-                             "reads its layers, and --output-only reads the output through the lens")
-        if stock:
-            from lm_eval.models.huggingface import HFLM
-
-            lm = HFLM(pretrained=str(weights_dir(Path(model_dir))), dtype=dtype, device=device,
-                      batch_size=batch_size)
-            num_layers = lm.model.config.num_hidden_layers
-            if layers not in (None, [num_layers]):
-                raise InputError(f"a stock evaluation has one exit, the model's output (layer {num_layers})")
-            exits = [num_layers]
-        else:
-            lm = LogitLensLM(pretrained=str(weights_dir(Path(model_dir))), dtype=dtype, device=device,
-                             batch_size=batch_size, tuned_lens=None if tuned_lens is None else str(tuned_lens))
-            num_layers = lm.num_layers
-            if output_only and layers is not None:
-                raise InputError("give the exits to evaluate or ask for the output alone, not both")
-            exits = [num_layers] if output_only else list(range(num_layers + 1)) if layers is None else layers
-            for layer in exits:  # validate all before the first forward pass
-                lm.exit_layer = layer
-            lm.scored_exits = exits
+        lm, num_layers, exits = _exit_evaluator(model_dir, layers, batch_size, dtype, device, stock, tuned_lens,
+                                                output_only)
         task_dict, task_names = stock_tasks(data_files, Path(tmp))
         kinds = {name: kind for name, (kind, _) in datasets.items()}
         rows, raw, documents = [], {}, []
@@ -237,20 +216,59 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
             log.info("exit %d/%d: %s (%s forward passes so far)", layer, num_layers,
                      ", ".join(f"{r['task']} {r['metric']}={r['value']:.4g}" for r in rows if r["layer"] == layer),
                      getattr(lm, "forward_passes", "?"))
+        table = _write_outputs(rows, raw, documents, out, json_out, documents_out, tmp, {
+            "model": model, "variant": variant, "model_dir": str(model_dir), "batch_size": batch_size,
+            "limits": limits or {}, "dtype": dtype, "device": device,
+            "forward_passes": getattr(lm, "forward_passes", None), "exits": exits,
+            **({"evaluator": "lm-eval HFLM (stock)"} if stock else {}),
+            **({"tuned_lens": str(tuned_lens)} if tuned_lens is not None else {}),
+            "datasets": {name: {"kind": kind, "texts": str(path)} for name, (kind, path) in datasets.items()}})
+    log.info("%s/%s: %d exits in %.0f s -> %s", model, variant, len(exits), time.perf_counter() - started, out)
+    return table
+
+
+def _exit_evaluator(model_dir, layers, batch_size: int, dtype: str, device: str, stock: bool, tuned_lens,
+                    output_only: bool):
+    """The model lm-eval queries (stock ``HFLM``, or the lens), the model's layer count and the exits to score."""
+    from hsconv.evaluation.lens_model import LogitLensLM
+    from hsconv.models import weights_dir
+
+    layers = None if layers is None else list(layers)
+    if stock and (tuned_lens is not None or output_only):
+        raise InputError("a stock evaluation reads the model's output with lm-eval's own model; a tuned lens "
+                         "reads its layers, and --output-only reads the output through the lens")
+    if stock:
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=str(weights_dir(Path(model_dir))), dtype=dtype, device=device, batch_size=batch_size)
+        num_layers = lm.model.config.num_hidden_layers
+        if layers not in (None, [num_layers]):
+            raise InputError(f"a stock evaluation has one exit, the model's output (layer {num_layers})")
+        return lm, num_layers, [num_layers]
+    lm = LogitLensLM(pretrained=str(weights_dir(Path(model_dir))), dtype=dtype, device=device,
+                     batch_size=batch_size, tuned_lens=None if tuned_lens is None else str(tuned_lens))
+    num_layers = lm.num_layers
+    if output_only and layers is not None:
+        raise InputError("give the exits to evaluate or ask for the output alone, not both")
+    exits = [num_layers] if output_only else list(range(num_layers + 1)) if layers is None else layers
+    for layer in exits:  # validate all before the first forward pass
+        lm.exit_layer = layer
+    lm.scored_exits = exits
+    return lm, num_layers, exits
+
+
+def _write_outputs(rows: list[dict], raw: dict, documents: list[dict], out, json_out, documents_out, task_dir: str,
+                   provenance: dict) -> pd.DataFrame:
+    """The tidy per-exit table, lm-eval's results as JSON and, where asked, every document's outcome per exit."""
+    model, variant = provenance["model"], provenance["variant"]
     table = pd.DataFrame(rows)
     table.insert(0, "variant", variant)
     table.insert(0, "model", model)
-    provenance = {"model": model, "variant": variant, "model_dir": str(model_dir), "batch_size": batch_size,
-                  "limits": limits or {},
-                  "dtype": dtype, "device": device, "forward_passes": getattr(lm, "forward_passes", None),
-                  "exits": exits, **({"evaluator": "lm-eval HFLM (stock)"} if stock else {}),
-                  **({"tuned_lens": str(tuned_lens)} if tuned_lens is not None else {}),
-                  "datasets": {name: {"kind": kind, "texts": str(path)} for name, (kind, path) in datasets.items()}}
     write_parquet(table, out, {"lm_eval": provenance})
     # lm-eval's task configs name the temporary data files and print functions with their memory address; a stable
     # placeholder and the bare function name keep reruns byte-identical.
     raw_text = json.dumps({"provenance": provenance, "per_exit": raw}, indent=1, default=str).replace(
-        tmp, "<task data>")
+        task_dir, "<task data>")
     raw_text = re.sub(r"(<function [\w.<>]+) at 0x[0-9a-f]+>", r"\1>", raw_text)
     with atomic_path(json_out) as tmp_json:
         tmp_json.write_text(raw_text)
@@ -259,7 +277,6 @@ def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[s
         frame.insert(0, "variant", variant)
         frame.insert(0, "model", model)
         write_parquet(frame, documents_out, {"lm_eval": provenance})
-    log.info("%s/%s: %d exits in %.0f s -> %s", model, variant, len(exits), time.perf_counter() - started, out)
     return table
 
 

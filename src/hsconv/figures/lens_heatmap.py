@@ -12,6 +12,7 @@ import os
 import textwrap
 
 import matplotlib.pyplot as plt
+import pandas as pd
 from matplotlib.gridspec import GridSpec
 
 from hsconv.errors import InputError
@@ -48,53 +49,16 @@ def plot_lens_heatmap(table_path: str | os.PathLike, pdf_out: str | os.PathLike,
     movement_grid = grid[1].subgridspec(1, len(positions))
     image = None
     for index, variant in enumerate(variants):
-        rows = table[table["variant"] == variant]
-        cells = rows.pivot(index="layer", columns="position", values="top1_prob").loc[::-1, positions]
-        tokens = rows.pivot(index="layer", columns="position", values="top1_token").loc[::-1, positions]
-        correct = (rows.pivot(index="layer", columns="position", values="top1_id")
-                   == rows.pivot(index="layer", columns="position", values="next_token_id")).loc[::-1, positions]
-        axis = figure.add_subplot(heatmap_grid[0, index])
-        image = axis.imshow(cells.to_numpy(), cmap=HEATMAP_COLOURS, vmin=0, vmax=1, aspect="auto")
-        for row, layer in enumerate(cells.index):
-            for column, position in enumerate(positions):
-                probability = cells.loc[layer, position]
-                axis.text(column, row, readable_token(tokens.loc[layer, position]), ha="center", va="center",
-                          fontsize=6.5, color="white" if probability > 0.55 else "black",
-                          fontweight="bold" if correct.loc[layer, position] else "normal")
-        context = rows.drop_duplicates("position").set_index("position")
-        axis.set_xticks(range(len(positions)))
-        axis.set_xticklabels([f"{readable_token(context.loc[p, 'token'])}\n→ {readable_token(context.loc[p, 'next_token'])}"
-                              for p in positions], fontsize=8)
-        axis.xaxis.tick_top()
-        axis.set_yticks(range(len(cells.index)))
-        axis.set_yticklabels([str(layer) for layer in cells.index], fontsize=6.5)
-        if index == 0:
-            axis.set_ylabel("exit layer $l$ (0 = embeddings)")
-        axis.set_title(f"({chr(97 + index)}) {variant}: top-1 token per layer", fontsize=9)
-        axis.grid(False)
+        image = _draw_heatmap(figure.add_subplot(heatmap_grid[0, index]), table[table["variant"] == variant],
+                              positions, index, variant)
     colourbar = figure.colorbar(image, ax=figure.axes[:len(variants)], shrink=0.6, pad=0.03)
     colourbar.set_label("top-1 probability")
 
-    movement = f"movement_{final_norm}"
     shared_axis = None
     for column, position in enumerate(positions):
         axis = figure.add_subplot(movement_grid[0, column], sharey=shared_axis)
         shared_axis = shared_axis or axis
-        for variant in variants:
-            rows = table[(table["variant"] == variant) & (table["position"] == position) & (table["layer"] > 0)]
-            rows = rows.sort_values("layer")
-            axis.plot(rows["layer"], rows[movement], color=model_colour(0), label=variant, markersize=2.5,
-                      linewidth=1.2, **variant_style(variant))
-        context = table[table["position"] == position].iloc[0]
-        axis.set_title(f"({chr(97 + len(variants) + column)}) D$_l$ at "
-                       f"{readable_token(context['token'])} → {readable_token(context['next_token'])}", fontsize=9)
-        axis.set_xlabel("layer $l$")
-        # D_1 is an order of magnitude above the rest; a log scale keeps the last layers' rise visible.
-        axis.set_yscale("log")
-        if column == 0:
-            axis.set_ylabel("$D_l$ (log scale)")
-            axis.legend(fontsize=7, title="variant", title_fontsize=7)
-        axis.xaxis.get_major_locator().set_params(integer=True)
+        _draw_movement(axis, table, position, variants, f"movement_{final_norm}", len(variants) + column)
     tokens = full.drop_duplicates("position").sort_values("position")
     sentence = "".join(tokens["token"]) + tokens["next_token"].iloc[-1]
     figure.suptitle(f"{title}: {label}, the logit lens predicting the last {len(positions)} tokens of\n"
@@ -103,3 +67,49 @@ def plot_lens_heatmap(table_path: str | os.PathLike, pdf_out: str | os.PathLike,
                     fontsize=9)
     save_figure(figure, pdf_out, png_out)
     return figure
+
+
+def _draw_heatmap(axis, rows: pd.DataFrame, positions: list[int], index: int, variant: str):
+    """One variant's top-1 token and probability per layer (rows) at each traced position (columns)."""
+    cells = rows.pivot(index="layer", columns="position", values="top1_prob").loc[::-1, positions]
+    tokens = rows.pivot(index="layer", columns="position", values="top1_token").loc[::-1, positions]
+    correct = (rows.pivot(index="layer", columns="position", values="top1_id")
+               == rows.pivot(index="layer", columns="position", values="next_token_id")).loc[::-1, positions]
+    image = axis.imshow(cells.to_numpy(), cmap=HEATMAP_COLOURS, vmin=0, vmax=1, aspect="auto")
+    for row, layer in enumerate(cells.index):
+        for column, position in enumerate(positions):
+            probability = cells.loc[layer, position]
+            axis.text(column, row, readable_token(tokens.loc[layer, position]), ha="center", va="center",
+                      fontsize=6.5, color="white" if probability > 0.55 else "black",
+                      fontweight="bold" if correct.loc[layer, position] else "normal")
+    context = rows.drop_duplicates("position").set_index("position")
+    axis.set_xticks(range(len(positions)))
+    axis.set_xticklabels([f"{readable_token(context.loc[p, 'token'])}\n→ {readable_token(context.loc[p, 'next_token'])}"
+                          for p in positions], fontsize=8)
+    axis.xaxis.tick_top()
+    axis.set_yticks(range(len(cells.index)))
+    axis.set_yticklabels([str(layer) for layer in cells.index], fontsize=6.5)
+    if index == 0:
+        axis.set_ylabel("exit layer $l$ (0 = embeddings)")
+    axis.set_title(f"({chr(97 + index)}) {variant}: top-1 token per layer", fontsize=9)
+    axis.grid(False)
+    return image
+
+
+def _draw_movement(axis, table: pd.DataFrame, position: int, variants: list[str], movement: str, panel: int) -> None:
+    """D_l per layer at one traced position, one line per variant."""
+    for variant in variants:
+        rows = table[(table["variant"] == variant) & (table["position"] == position) & (table["layer"] > 0)]
+        rows = rows.sort_values("layer")
+        axis.plot(rows["layer"], rows[movement], color=model_colour(0), label=variant, markersize=2.5,
+                  linewidth=1.2, **variant_style(variant))
+    context = table[table["position"] == position].iloc[0]
+    axis.set_title(f"({chr(97 + panel)}) D$_l$ at "
+                   f"{readable_token(context['token'])} → {readable_token(context['next_token'])}", fontsize=9)
+    axis.set_xlabel("layer $l$")
+    # D_1 is an order of magnitude above the rest; a log scale keeps the last layers' rise visible.
+    axis.set_yscale("log")
+    if panel == len(variants):
+        axis.set_ylabel("$D_l$ (log scale)")
+        axis.legend(fontsize=7, title="variant", title_fontsize=7)
+    axis.xaxis.get_major_locator().set_params(integer=True)
