@@ -1,0 +1,89 @@
+"""One row per (recipe, data set, convention): what a distillation recipe does to convergence and to the output.
+
+    python -m bench.recipe_summary --recipe default=/runs/default --recipe k05-a2=/runs/k05-a2 \
+        --out docs/findings/recipe/summary
+
+Each recipe is a finished run of the workflow (its own run folder, `snakemake --directory RUN ...`) with targets
+``results/tables/convergence.csv``, ``results/tables/convergence_paired.csv`` and ``results/tables/output_paired.csv``
+(``evaluation.output_datasets`` set to the measured LAMBADA and WikiText sets). Every number is read from those
+tables and the run's training log; nothing is recomputed here:
+
+- ``s_base``, ``s_distilled``, ``s_distilled_low``: S_model of base and distilled and the distilled model's bootstrap
+  lower bound (the convergence table), ``s_difference[_low|_high]`` the paired difference (convergence_paired);
+- ``ratio_base``, ``ratio_distilled``: the last layer's D over the layer before's;
+- ``accuracy_diff[_low|_high]``: LAMBADA output accuracy, distilled − base in points, paired by passage;
+  ``perplexity_ratio``: WikiText output word perplexity, distilled / base (both repeated on each of a recipe's rows,
+  as they are the recipe's, not the data set's or convention's);
+- ``tokens``, ``train_seconds``: tokens trained on (the training log's running count) and the sum of the logged step
+  times (start-up and checkpoint writing excluded); ``job_seconds``: the whole distill job's wall-clock, from
+  Snakemake's benchmark file (start-up, checkpoints and saving the model included: the 15-minute budget's measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+
+COLUMNS = ["recipe", "dataset", "convention", "tokens", "train_seconds", "job_seconds", "s_base", "s_distilled",
+           "s_distilled_low", "s_difference", "s_difference_low", "s_difference_high", "ratio_base", "ratio_distilled",
+           "accuracy_base", "accuracy_distilled", "accuracy_diff", "accuracy_diff_low", "accuracy_diff_high",
+           "perplexity_base", "perplexity_distilled", "perplexity_ratio"]
+
+
+def recipe_rows(recipe: str, run: Path, variant: str = "distilled") -> pd.DataFrame:
+    """The summary rows of one finished run."""
+    tables = run / "results" / "tables"
+    convergence = pd.read_parquet(tables / "convergence.parquet")
+    paired = pd.read_parquet(tables / "convergence_paired.parquet")
+    output = pd.read_parquet(tables / "output_paired.parquet")
+    output = output[output["variant"] == variant]
+    accuracy = output[(output["kind"] == "lambada") & (output["metric"] == "acc")]
+    perplexity = output[(output["kind"] == "wikitext") & (output["metric"] == "word_perplexity")]
+    if len(accuracy) != 1 or len(perplexity) != 1:
+        raise ValueError(f"{run}: expected one LAMBADA accuracy and one WikiText word perplexity row of {variant} in "
+                         f"output_paired, found {len(accuracy)} and {len(perplexity)}")
+    accuracy, perplexity = accuracy.iloc[0], perplexity.iloc[0]
+    steps = pd.read_parquet(next((run / "results" / "training").glob("*/steps.parquet")))  # the main run's
+    job = pd.read_csv(next((run / "results" / "benchmarks" / "distill").glob("*.tsv")), sep="\t")
+    rows = []
+    for (model, dataset, convention), scores in convergence.groupby(["model", "dataset", "final_norm"], sort=True):
+        base = scores[scores["variant"] == "base"].iloc[0]
+        distilled = scores[scores["variant"] == variant].iloc[0]
+        difference = paired[(paired["model"] == model) & (paired["variant"] == variant)
+                            & (paired["dataset"] == dataset) & (paired["final_norm"] == convention)].iloc[0]
+        rows.append({
+            "recipe": recipe, "dataset": dataset, "convention": convention, "tokens": int(steps["tokens"].max()),
+            "train_seconds": float(steps["seconds"].sum()), "job_seconds": float(job["s"].iloc[0]),
+            "s_base": base["s_model"],
+            "s_distilled": distilled["s_model"], "s_distilled_low": distilled["s_model_ci_low"],
+            "s_difference": difference["s_model_difference"], "s_difference_low": difference["s_model_difference_low"],
+            "s_difference_high": difference["s_model_difference_high"], "ratio_base": base["last_layer_ratio"],
+            "ratio_distilled": distilled["last_layer_ratio"], "accuracy_base": accuracy["baseline_value"],
+            "accuracy_distilled": accuracy["variant_value"], "accuracy_diff": 100 * accuracy["difference"],
+            "accuracy_diff_low": 100 * accuracy["lower"], "accuracy_diff_high": 100 * accuracy["upper"],
+            "perplexity_base": perplexity["baseline_value"], "perplexity_distilled": perplexity["variant_value"],
+            "perplexity_ratio": perplexity["variant_value"] / perplexity["baseline_value"]})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", action="append", required=True, metavar="NAME=RUN_DIR",
+                        help="a finished run of the workflow with that recipe (repeat; the chosen one is `default`)")
+    parser.add_argument("--out", required=True, help="the table's path without suffix: .csv and .md are written")
+    args = parser.parse_args()
+    table = pd.concat([recipe_rows(name, Path(run)) for name, run in (text.split("=", 1) for text in args.recipe)],
+                      ignore_index=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out.with_suffix(".csv"), index=False, float_format="%.6g")
+    from hsconv.io import markdown_table
+
+    out.with_suffix(".md").write_text(markdown_table(table) + "\n")
+    print(markdown_table(table))
+
+
+if __name__ == "__main__":
+    main()

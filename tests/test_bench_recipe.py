@@ -1,0 +1,60 @@
+"""bench.recipe_summary reads a finished run's tables; each column is the number the workflow wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bench.recipe_summary import COLUMNS, recipe_rows
+
+
+def write_run(run: Path) -> None:
+    tables = run / "results" / "tables"
+    tables.mkdir(parents=True)
+    pd.DataFrame([
+        {"model": "m", "variant": variant, "dataset": "lambada", "final_norm": "pre_norm", "s_model": s,
+         "s_model_ci_low": s - 0.01, "s_model_ci_high": s + 0.01, "last_layer_ratio": ratio}
+        for variant, s, ratio in (("base", 0.74, 4.9), ("distilled", 0.86, 1.8))]).to_parquet(
+        tables / "convergence.parquet")
+    pd.DataFrame([{"model": "m", "baseline": "base", "variant": "distilled", "dataset": "lambada",
+                   "final_norm": "pre_norm", "s_model_difference": 0.12, "s_model_difference_low": 0.11,
+                   "s_model_difference_high": 0.13}]).to_parquet(tables / "convergence_paired.parquet")
+    pd.DataFrame([
+        {"model": "m", "task": "lam", "kind": "lambada", "metric": "acc", "variant": "distilled",
+         "baseline_value": 0.30, "variant_value": 0.295, "difference": -0.005, "lower": -0.02, "upper": 0.01},
+        {"model": "m", "task": "wiki", "kind": "wikitext", "metric": "word_perplexity", "variant": "distilled",
+         "baseline_value": 30.0, "variant_value": 31.2, "difference": 1.2, "lower": 0.5, "upper": 2.0},
+        {"model": "m", "task": "wiki", "kind": "wikitext", "metric": "byte_perplexity", "variant": "distilled",
+         "baseline_value": 2.0, "variant_value": 2.1, "difference": 0.1, "lower": 0.0, "upper": 0.2}]).to_parquet(
+        tables / "output_paired.parquet")
+    training = run / "results" / "training" / "m"
+    training.mkdir(parents=True)
+    pd.DataFrame({"step": [1, 2], "tokens": [512, 1024], "seconds": [30.0, 31.5]}).to_parquet(
+        training / "steps.parquet")
+    benchmarks = run / "results" / "benchmarks" / "distill"
+    benchmarks.mkdir(parents=True)
+    (benchmarks / "m.tsv").write_text("s\th:m:s\tmax_rss\n75.25\t0:01:15\t512.0\n")
+
+
+def test_one_row_per_dataset_and_convention_from_the_runs_tables(tmp_path):
+    write_run(tmp_path)
+    rows = recipe_rows("k05", tmp_path)
+    assert list(rows.columns) == COLUMNS and len(rows) == 1
+    row = rows.iloc[0]
+    assert (row["recipe"], row["dataset"], row["convention"]) == ("k05", "lambada", "pre_norm")
+    assert (row["tokens"], row["train_seconds"], row["job_seconds"]) == (1024, 61.5, 75.25)
+    assert (row["s_base"], row["s_distilled"], row["s_distilled_low"]) == (0.74, 0.86, 0.86 - 0.01)
+    assert (row["ratio_base"], row["ratio_distilled"]) == (4.9, 1.8)
+    assert row["accuracy_diff"] == pytest.approx(-0.5) and row["accuracy_diff_low"] == pytest.approx(-2.0)
+    assert row["perplexity_ratio"] == pytest.approx(31.2 / 30.0)
+
+
+def test_a_run_without_the_wikitext_output_is_refused(tmp_path):
+    write_run(tmp_path)
+    path = tmp_path / "results" / "tables" / "output_paired.parquet"
+    output = pd.read_parquet(path)
+    output[output["kind"] == "lambada"].to_parquet(path)
+    with pytest.raises(ValueError, match="one WikiText word perplexity"):
+        recipe_rows("k05", tmp_path)
