@@ -58,3 +58,15 @@ def test_a_run_without_the_wikitext_output_is_refused(tmp_path):
     output[output["kind"] == "lambada"].to_parquet(path)
     with pytest.raises(ValueError, match="one WikiText word perplexity"):
         recipe_rows("k05", tmp_path)
+
+
+def test_a_recipe_is_the_default_config_with_its_keys_changed_and_the_output_on_the_measured_sets():
+    from bench.recipe_search import RECIPES, recipe_config
+
+    default, frozen = recipe_config(RECIPES["default"]), recipe_config(RECIPES["frozen40"])
+    assert frozen["distill"]["frozen"] == ["embeddings", "final_norm"] and frozen["packing"]["token_budget"] == 20480
+    assert "frozen" not in default["distill"]
+    # every other key as config.yaml has it
+    assert {key: value for key, value in frozen["distill"].items() if key != "frozen"} == default["distill"]
+    assert frozen["evaluation"]["output_datasets"] == frozen["evaluation"]["datasets"] == ["lambada", "wikitext"]
+    assert all(Path(data["path"]).is_absolute() for data in frozen["datasets"].values())

@@ -1,0 +1,98 @@
+"""Issue 18's recipe search: each distillation recipe measured by the workflow itself, one after another.
+
+    python -m bench.recipe_search --work /tmp/recipes                  # every recipe below, then the summary
+    python -m bench.recipe_search --work /tmp/recipes --only frozen16  # one (the others' snapshots are kept)
+    python -m bench.recipe_search --work /tmp/recipes --summary-only --out docs/findings/recipe/summary
+
+A recipe is `config.yaml` with some `distill` / `packing` keys changed and the output study set to the measured
+LAMBADA and WikiText sets (`evaluation.output_datasets: [lambada, wikitext]`: the 400 passages and 8 articles S_model
+is measured on). Every recipe runs in one shared run folder (``WORK/run``), so the pretrained model's dumps and
+output evaluation are made once and reused (their settings do not change); after each run its tables, training logs
+and benchmarks are copied to ``WORK/snapshots/NAME`` and the distilled model to ``WORK/snapshots/NAME/model``. The
+summary is :mod:`bench.recipe_summary` over the snapshots; the recipe that ``config.yaml`` uses is named
+``default`` there. Each run trains alone on the machine, so ``job_seconds`` is the recipe's real wall-clock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FROZEN = ["embeddings", "final_norm"]
+# Tried in this order (docs/findings.md §10 says why each followed the one before); {} is config.yaml itself.
+RECIPES: dict[str, dict] = {
+    "default": {},
+    "frozen16": {"distill": {"frozen": FROZEN}},
+    "frozen40": {"distill": {"frozen": FROZEN}, "packing": {"token_budget": 20480}},
+    "fwdk05-16": {"distill": {"frozen": FROZEN, "kl_direction": "target_student", "k": 0.5}},
+    "k1-16": {"distill": {"frozen": FROZEN, "k": 1.0}},
+    "lr2e4-40": {"distill": {"frozen": FROZEN, "learning_rate": 2.0e-4}, "packing": {"token_budget": 20480}},
+    "hf16": {"distill": {"movement_convention": "hf"}},  # ζ2 on the normed h_L, the final norm's gain trained
+}
+TARGETS = ["results/tables/convergence.parquet", "results/tables/convergence_paired.parquet",
+           "results/tables/output_paired.parquet"]
+
+
+def recipe_config(overrides: dict, base: Path = REPO / "config.yaml") -> dict:
+    """config.yaml with the recipe's keys changed, its data paths made absolute (the run folder is elsewhere) and the
+    output study on the measured sets."""
+    config = yaml.safe_load(base.read_text())
+    for data in config["datasets"].values():
+        data["path"] = str((base.parent / data["path"]).resolve())
+    source = config["corpus"]["source"]
+    if "path" in source:
+        source["path"] = str((base.parent / source["path"]).resolve())
+    config["evaluation"]["output_datasets"] = list(config["evaluation"]["datasets"])
+    for section, values in overrides.items():
+        config[section].update(values)
+    return config
+
+
+def run_recipe(name: str, work: Path) -> float:
+    """Measure one recipe in the shared run folder and snapshot what the summary reads; the run's seconds."""
+    config_path = work / "configs" / f"{name}.yaml"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(recipe_config(RECIPES[name]), sort_keys=False))
+    run = work / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with open(work / f"{name}.log", "w") as log:
+        subprocess.run([sys.executable, "-m", "snakemake", *TARGETS, "--snakefile", str(REPO / "Snakefile"),
+                        "--cores", "2", "--directory", str(run), "--configfile", str(config_path)],
+                       stdout=log, stderr=subprocess.STDOUT, check=True)
+    seconds = time.monotonic() - started
+    snapshot = work / "snapshots" / name
+    shutil.rmtree(snapshot, ignore_errors=True)
+    for part in ("tables", "training", "benchmarks"):
+        shutil.copytree(run / "results" / part, snapshot / "results" / part)
+    model = next((run / "results" / "models").glob("*/distilled"))
+    shutil.copytree(model, snapshot / "model")
+    print(json.dumps({"recipe": name, "seconds": round(seconds)}), flush=True)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="folder for the shared run and the snapshots")
+    parser.add_argument("--only", nargs="+", choices=list(RECIPES), help="these recipes (default: all)")
+    parser.add_argument("--summary-only", action="store_true", help="only tabulate the snapshots already there")
+    parser.add_argument("--out", default="docs/findings/recipe/summary", help="the summary's path without suffix")
+    args = parser.parse_args()
+    if not args.summary_only:
+        for name in args.only or RECIPES:
+            run_recipe(name, args.work)
+    snapshots = [name for name in RECIPES if (args.work / "snapshots" / name).is_dir()]
+    subprocess.run([sys.executable, "-m", "bench.recipe_summary", "--out", args.out,
+                    *(f"--recipe={name}={args.work / 'snapshots' / name}" for name in snapshots)], check=True)
+
+
+if __name__ == "__main__":
+    main()
