@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from bench.recipe_summary import write_summary
+
 REPO = Path(__file__).resolve().parents[1]
 FROZEN = ["embeddings", "final_norm"]
 # Tried in this order (docs/findings.md §10 says why each followed the one before); {} is config.yaml itself.
@@ -90,8 +92,7 @@ def main() -> None:
         for name in args.only or RECIPES:
             run_recipe(name, args.work)
     snapshots = [name for name in RECIPES if (args.work / "snapshots" / name).is_dir()]
-    subprocess.run([sys.executable, "-m", "bench.recipe_summary", "--out", args.out,
-                    *(f"--recipe={name}={args.work / 'snapshots' / name}" for name in snapshots)], check=True)
+    write_summary({name: args.work / "snapshots" / name for name in snapshots}, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -68,21 +68,28 @@ def recipe_rows(recipe: str, run: Path, variant: str = "distilled") -> pd.DataFr
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def write_summary(runs: dict[str, Path], out: Path) -> pd.DataFrame:
+    """Every recipe's rows, as ``out``.csv and ``out``.md."""
+    from hsconv.io import markdown_table
+
+    table = pd.concat([recipe_rows(name, Path(run)) for name, run in runs.items()], ignore_index=True)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out.with_suffix(".csv"), index=False, float_format="%.6g")
+    out.with_suffix(".md").write_text(markdown_table(table) + "\n")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", action="append", required=True, metavar="NAME=RUN_DIR",
                         help="a finished run of the workflow with that recipe (repeat; the chosen one is `default`)")
     parser.add_argument("--out", required=True, help="the table's path without suffix: .csv and .md are written")
     args = parser.parse_args()
-    table = pd.concat([recipe_rows(name, Path(run)) for name, run in (text.split("=", 1) for text in args.recipe)],
-                      ignore_index=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out.with_suffix(".csv"), index=False, float_format="%.6g")
+    runs = dict(text.split("=", 1) for text in args.recipe)
     from hsconv.io import markdown_table
 
-    out.with_suffix(".md").write_text(markdown_table(table) + "\n")
-    print(markdown_table(table))
+    print(markdown_table(write_summary({name: Path(run) for name, run in runs.items()}, Path(args.out))))
 
 
 if __name__ == "__main__":
