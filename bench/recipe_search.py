@@ -38,6 +38,12 @@ RECIPES: dict[str, dict] = {
     "k1-16": {"distill": {"frozen": FROZEN, "k": 1.0}},
     "lr2e4-40": {"distill": {"frozen": FROZEN, "learning_rate": 2.0e-4}, "packing": {"token_budget": 20480}},
     "hf16": {"distill": {"movement_convention": "hf"}},  # ζ2 on the normed h_L, the final norm's gain trained
+    # ζ1 + β KL_L: the output exit held by its own weight, at the 15-minute budget
+    "anchor4-40": {"distill": {"frozen": FROZEN, "output_kl_weight": 4.0}, "packing": {"token_budget": 20480}},
+    # 3x the tokens in the same budget: 4 sampled exits (the output exit always), β = 2, lr 2e-4 over 120 steps
+    "sampled-anchor2-120": {"distill": {"frozen": FROZEN, "output_kl_weight": 2.0, "exit_samples": 4,
+                                        "exit_sampling": "uniform_keep_last", "learning_rate": 2.0e-4,
+                                        "warmup_steps": 10}, "packing": {"token_budget": 61440}},
 }
 TARGETS = ["results/tables/convergence.parquet", "results/tables/convergence_paired.parquet",
            "results/tables/output_paired.parquet"]

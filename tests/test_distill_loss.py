@@ -303,3 +303,52 @@ def test_keep_last_sampling_always_computes_the_output_exit_at_its_own_weight():
         torch.testing.assert_close(coefficients[:-1], weights[chosen[:-1]] * 30 / 3)
     with pytest.raises(ValueError, match="needs exit_samples >= 2"):
         sample_exits(weights, 1, "uniform_keep_last", generator)
+
+
+@pytest.mark.parametrize("direction", ["student_target", "target_student"])
+def test_output_kl_weight_adds_beta_times_the_output_exits_kl(direction):
+    """ζ1 + β KL_L: the fused loss equals the float64 reference with the term (values and gradients), and differs
+    from the paper's loss by exactly β KL_L, in ζ1 and in the total, with the per-exit KLs unchanged."""
+    student, target = make_pair(tied=True)
+    settings = dict(alpha=0.7, k=0.25, direction=direction, movement_convention="pre_norm")
+    expected, expected_grads = loss_and_grads(reference_loss, student, target, output_kl_weight=2.5, **settings)
+    fused, fused_grads = loss_and_grads(self_distillation_loss, student, target, chunk_tokens=4,
+                                        output_kl_weight=2.5, **settings)
+    for name in ("total", "zeta1", "zeta2", "kl"):
+        torch.testing.assert_close(getattr(fused, name).double(), getattr(expected, name).double(), rtol=1e-5,
+                                   atol=1e-12, msg=name)
+    for name, gradient in expected_grads.items():
+        torch.testing.assert_close(fused_grads[name], gradient, rtol=1e-5, atol=1e-10, msg=name)
+    paper, paper_grads = loss_and_grads(self_distillation_loss, student, target, chunk_tokens=4, **settings)
+    assert paper.kl[-1] > 0
+    torch.testing.assert_close(fused.zeta1 - paper.zeta1, 2.5 * paper.kl[-1], rtol=1e-10, atol=0)
+    torch.testing.assert_close(fused.total - paper.total, 2.5 * paper.kl[-1], rtol=1e-10, atol=0)
+    torch.testing.assert_close(fused.kl, paper.kl, rtol=1e-12, atol=0)
+    assert any(not torch.allclose(fused_grads[name], paper_grads[name]) for name in paper_grads)
+
+
+@pytest.mark.parametrize("scheme", ["uniform", "weighted", "uniform_keep_last"])
+def test_output_kl_weight_with_sampled_exits_always_computes_the_output_exit_and_stays_unbiased(scheme):
+    """Every draw computes the output exit (appended when the draw left it out) with β on top of its sampled
+    coefficient, so that E[Σ coefficient_l KL_l] = Σ w_l KL_l + β KL_L: checked exactly over per-exit KLs."""
+    from hsconv.distill.loss import sample_exits, with_output_anchor
+
+    weights = layer_weights(5, k=0.25)
+    kl = torch.tensor([3.0, 2.0, 1.5, 1.0, 0.5, 0.2], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    draws, estimates, appended = 20000, [], 0
+    for _ in range(draws):
+        drawn, drawn_coefficients = sample_exits(weights, 2, scheme, generator)
+        chosen, coefficients = with_output_anchor(drawn, drawn_coefficients, 5, 0.75)
+        assert chosen[-1] == 5 and len(set(chosen.tolist())) == len(chosen)
+        appended += int(5 not in drawn.tolist())
+        estimates.append(float((coefficients * kl[chosen]).sum()))
+    estimates = torch.tensor(estimates, dtype=torch.float64)
+    expected = float((weights * kl).sum() + 0.75 * kl[-1])
+    z = (estimates.mean() - expected) / (estimates.std() / math.sqrt(draws))
+    assert abs(z) < 4, f"mean {estimates.mean():.5f} vs {expected:.5f} (z = {z:.2f})"
+    assert scheme == "uniform_keep_last" or appended > 0  # the append path was exercised
+    every, every_coefficients = with_output_anchor(*sample_exits(weights, None), 5, 0.75)
+    assert every.tolist() == list(range(6))
+    torch.testing.assert_close(every_coefficients, torch.cat([weights[:-1], weights[-1:] + 0.75]))
+    assert with_output_anchor(*sample_exits(weights, None), 5, 0.0)[1].equal(weights)

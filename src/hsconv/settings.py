@@ -260,9 +260,15 @@ class LossSettings:
     teacher_top_k: int | None = setting(None, "read the frozen model's top-k distribution from a cache (none: "
                                               "recompute it every step)", minimum=1)
     zeta2_measure: Zeta2Measure = setting("relative_step", "ζ2's step between adjacent states")
+    # β of ζ1 + β KL_L: the output exit's KL weighed again on top of its layer weight w_L, so that holding the model's
+    # own output to the target does not depend on k (0: the paper's loss).
+    output_kl_weight: float = setting(0.0, "extra weight β on the output exit's KL, outside the layer weights "
+                                           "(0: the paper's loss)", minimum=0)
 
     def __post_init__(self):
         check_settings(self.kl_direction, self.movement_convention)
+        if self.output_kl_weight < 0:
+            raise ValueError(f"output_kl_weight must be at least 0, got {self.output_kl_weight}")
         if self.zeta2_measure not in ZETA2_MEASURES:
             raise ValueError(f"zeta2_measure {self.zeta2_measure!r} is not one of {', '.join(ZETA2_MEASURES)}")
         if self.implementation not in LOSS_IMPLEMENTATIONS:

@@ -2,7 +2,8 @@
 
 ζ1 = Σ_{l=0..L} w_l KL_l, the logit-lens distribution of every layer against the frozen model's output;
 ζ2 = Σ_{l=1..L} w_l ‖h_l − h_{l−1}‖² / ‖h_{l−1}‖², the step between adjacent hidden states; w = softmax(k·l).
-(``zeta2_measure: cosine_distance`` puts the scale-free 1 − cos(h_{l−1}, h_l) in place of the relative step.)
+(``zeta2_measure: cosine_distance`` puts the scale-free 1 − cos(h_{l−1}, h_l) in place of the relative step;
+``output_kl_weight`` β adds β KL_L to ζ1, the output exit weighed again outside the layer weights.)
 Both per-token quantities are averaged over the real (unpadded) tokens.
 
 The naive ζ1 materialises (L+1) × tokens × vocabulary logits plus their softmax and gradients: 24 GB for SmolLM2 at
@@ -68,6 +69,20 @@ def sample_exits(weights: torch.Tensor, samples: int | None, scheme: str = "unif
     draws = torch.multinomial(weights.double().cpu(), samples, replacement=True, generator=generator)
     chosen, counts = torch.unique(draws, return_counts=True)
     return chosen, (counts.double() / samples).to(weights)
+
+
+def with_output_anchor(chosen: torch.Tensor, coefficients: torch.Tensor, output_exit: int,
+                       output_kl_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exits and coefficients of ζ1 + β KL_L: β added to the output exit's coefficient, the exit appended (last,
+    where the loss expects it) when the draw left it out."""
+    if output_kl_weight == 0:
+        return chosen, coefficients
+    if int(chosen[-1]) != output_exit:
+        chosen = torch.cat([chosen, torch.tensor([output_exit])])
+        coefficients = torch.cat([coefficients, coefficients.new_zeros(1)])
+    coefficients = coefficients.clone()
+    coefficients[-1] += output_kl_weight
+    return chosen, coefficients
 
 
 @dataclass
@@ -302,7 +317,7 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
                            direction: str = "student_target", movement_convention: str = "hf",
                            chunk_tokens: int = 256, exit_samples: int | None = None, exit_sampling: str = "uniform",
                            generator: torch.Generator | None = None, softcap: float | None = None,
-                           zeta2_measure: str = "relative_step") -> LossTerms:
+                           zeta2_measure: str = "relative_step", output_kl_weight: float = 0.0) -> LossTerms:
     """ζ for one batch.
 
     ``pre_norm_states``: h_0..h_L of the student, all before the final norm (B, T, d each); ``target``: the frozen
@@ -313,6 +328,8 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
     or before it. q_L is always LMHead(FinalNorm(pre-norm h_L)): the final norm is never applied twice.
     ``exit_samples``/``exit_sampling``: ζ1 on a random subset of the exits (:func:`sample_exits`); ζ2 stays exact.
     ``softcap``: the family's output-logit cap (:class:`hsconv.hidden_states.Readout`), applied to both models.
+    ``output_kl_weight`` β: ζ1 + β KL_L, the output exit computed in every step (sampled or not), its coefficient
+    raised by β; the sampled exits' estimate stays unbiased for the full ζ1 + β KL_L.
     """
     check_settings(direction, movement_convention)
     num_layers = len(pre_norm_states) - 1
@@ -324,7 +341,8 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
     tokens = int(mask.sum())
     if tokens == 0:
         raise ValueError("the batch has no real tokens (every position is padding)")
-    chosen, coefficients = sample_exits(weights, exit_samples, exit_sampling, generator)
+    chosen, coefficients = with_output_anchor(*sample_exits(weights, exit_samples, exit_sampling, generator),
+                                              num_layers, output_kl_weight)
     normed = torch.stack([final_norm(pre_norm_states[layer][mask]) for layer in chosen.tolist()])
     zeta1, chosen_kl = FusedLogitLensKL.apply(normed, head.weight, head.bias, coefficients.to(device),
                                               target.select(mask), direction, chunk_tokens, softcap)
@@ -344,7 +362,8 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
 def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Module, head: torch.nn.Linear,
                    target: RecomputedTarget, mask: torch.Tensor, alpha: float,
                    k: float, direction: str = "student_target", movement_convention: str = "hf",
-                   softcap: float | None = None, zeta2_measure: str = "relative_step") -> LossTerms:
+                   softcap: float | None = None, zeta2_measure: str = "relative_step",
+                   output_kl_weight: float = 0.0) -> LossTerms:
     """ζ the plain way: every layer's logits materialised at once, gradients by autograd. For tests and the
     benchmark's naive baseline; run it in float64 for an independent check of :func:`self_distillation_loss`."""
     check_settings(direction, movement_convention)
@@ -359,7 +378,7 @@ def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Mod
     else:
         per_token = (logq.exp() * (logq - logp)).sum(-1)
     kl = per_token[:, mask].mean(-1)
-    zeta1 = (weights * kl).sum()
+    zeta1 = (weights * kl).sum() + output_kl_weight * kl[-1]
     states = list(pre_norm_states)
     if movement_convention == "hf":
         states[-1] = normed[-1]
