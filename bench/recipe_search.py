@@ -29,15 +29,17 @@ from bench.recipe_summary import write_summary
 
 REPO = Path(__file__).resolve().parents[1]
 FROZEN = ["embeddings", "final_norm"]
-# Tried in this order (docs/findings.md §10 says why each followed the one before); {} is config.yaml itself.
+# Tried in this order (docs/findings.md §10-11 say why each followed the one before); {} is config.yaml itself
+# (`default` was measured as `frozen16`, `paper-loss16` as `default`, before config.yaml took its keys).
 RECIPES: dict[str, dict] = {
-    "default": {},
-    "frozen16": {"distill": {"frozen": FROZEN}},
+    "default": {},  # config.yaml: since 2026-12-05 the embeddings/head and the final norm's gain frozen, 16 steps
+    "paper-loss16": {"distill": {"frozen": []}},  # the default before: every parameter trains (the paper's)
     "frozen40": {"distill": {"frozen": FROZEN}, "packing": {"token_budget": 20480}},
     "fwdk05-16": {"distill": {"frozen": FROZEN, "kl_direction": "target_student", "k": 0.5}},
     "k1-16": {"distill": {"frozen": FROZEN, "k": 1.0}},
     "lr2e4-40": {"distill": {"frozen": FROZEN, "learning_rate": 2.0e-4}, "packing": {"token_budget": 20480}},
-    "hf16": {"distill": {"movement_convention": "hf"}},  # ζ2 on the normed h_L, the final norm's gain trained
+    # ζ2 on the normed h_L, the final norm's gain trained
+    "hf16": {"distill": {"movement_convention": "hf", "frozen": []}},
     # ζ1 + β KL_L: the output exit held by its own weight, at the 15-minute budget
     "anchor4-40": {"distill": {"frozen": FROZEN, "output_kl_weight": 4.0}, "packing": {"token_budget": 20480}},
     # 3x the tokens in the same budget: 4 sampled exits (the output exit always), β = 2, lr 2e-4 over 120 steps

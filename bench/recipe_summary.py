@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["recipe", "dataset", "convention", "tokens", "train_seconds", "job_seconds", "s_base", "s_distilled",
+COLUMNS = ["recipe", "model", "dataset", "convention", "tokens", "train_seconds", "job_seconds", "s_base", "s_distilled",
            "s_distilled_low", "s_difference", "s_difference_low", "s_difference_high", "ratio_base", "ratio_distilled",
            "accuracy_base", "accuracy_distilled", "accuracy_diff", "accuracy_diff_low", "accuracy_diff_high",
            "perplexity_base", "perplexity_distilled", "perplexity_ratio"]
@@ -54,7 +54,7 @@ def recipe_rows(recipe: str, run: Path, variant: str = "distilled") -> pd.DataFr
         difference = paired[(paired["model"] == model) & (paired["variant"] == variant)
                             & (paired["dataset"] == dataset) & (paired["final_norm"] == convention)].iloc[0]
         rows.append({
-            "recipe": recipe, "dataset": dataset, "convention": convention, "tokens": int(steps["tokens"].max()),
+            "recipe": recipe, "model": model, "dataset": dataset, "convention": convention, "tokens": int(steps["tokens"].max()),
             "train_seconds": float(steps["seconds"].sum()), "job_seconds": float(job["s"].iloc[0]),
             "s_base": base["s_model"],
             "s_distilled": distilled["s_model"], "s_distilled_low": distilled["s_model_ci_low"],
@@ -68,8 +68,43 @@ def recipe_rows(recipe: str, run: Path, variant: str = "distilled") -> pd.DataFr
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+# The issue's targets (docs/findings.md §10): where the frontier figure draws its dashed lines.
+TARGET_S, TARGET_ACCURACY_DIFF, TARGET_PERPLEXITY_RATIO = 0.85, -1.0, 1.05
+
+
+def plot_frontier(table: pd.DataFrame, out: Path, dataset: str = "lambada", convention: str = "pre_norm") -> None:
+    """Each recipe's S_model against what it costs at the output (LAMBADA accuracy with its paired interval, WikiText
+    perplexity), with the pretrained model and the targets: ``out``.pdf and ``out``.png."""
+    from hsconv.figures.style import apply_style, model_colour, plt, save_figure
+
+    apply_style()
+    rows = table[(table["dataset"] == dataset) & (table["convention"] == convention)].reset_index(drop=True)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), sharex=True)
+    for index, row in rows.iterrows():
+        colour = model_colour(index)
+        left.errorbar(row["s_distilled"], row["accuracy_diff"], fmt="s", color=colour, capsize=3, label=row["recipe"],
+                      yerr=[[row["accuracy_diff"] - row["accuracy_diff_low"]],
+                            [row["accuracy_diff_high"] - row["accuracy_diff"]]])
+        right.plot(row["s_distilled"], row["perplexity_ratio"], "s", color=colour)
+    base_s = rows["s_base"].iloc[0]
+    left.plot(base_s, 0.0, "o", color="black", label="pretrained (base)")
+    right.plot(base_s, 1.0, "o", color="black")
+    for axis, target in ((left, TARGET_ACCURACY_DIFF), (right, TARGET_PERPLEXITY_RATIO)):
+        axis.axhline(target, color="grey", linestyle="--", linewidth=1)
+        axis.axvline(TARGET_S, color="grey", linestyle="--", linewidth=1)
+        axis.set_xlabel(f"S_model ({convention} h_L, {dataset})")
+    left.set_ylabel("LAMBADA output accuracy − base (points, 95% paired)")
+    right.set_ylabel("WikiText output word perplexity / base")
+    left.legend(fontsize=7, loc="lower left")
+    model = rows["model"].iloc[0]
+    figure.suptitle(f"{model}: self-distillation recipes, convergence against output cost "
+                    f"(dashed: targets S ≥ {TARGET_S}, accuracy ≥ {TARGET_ACCURACY_DIFF:+g}, "
+                    f"perplexity ≤ {TARGET_PERPLEXITY_RATIO}×)", fontsize=9)
+    save_figure(figure, Path(out).with_suffix(".pdf"))
+
+
 def write_summary(runs: dict[str, Path], out: Path) -> pd.DataFrame:
-    """Every recipe's rows, as ``out``.csv and ``out``.md."""
+    """Every recipe's rows, as ``out``.csv and ``out``.md, and the frontier figure as ``out``_frontier.pdf/.png."""
     from hsconv.io import markdown_table
 
     table = pd.concat([recipe_rows(name, Path(run)) for name, run in runs.items()], ignore_index=True)
@@ -77,6 +112,7 @@ def write_summary(runs: dict[str, Path], out: Path) -> pd.DataFrame:
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out.with_suffix(".csv"), index=False, float_format="%.6g")
     out.with_suffix(".md").write_text(markdown_table(table) + "\n")
+    plot_frontier(table, out.with_name(out.name + "_frontier"))
     return table
 
 

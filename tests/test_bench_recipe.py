@@ -51,6 +51,17 @@ def test_one_row_per_dataset_and_convention_from_the_runs_tables(tmp_path):
     assert row["perplexity_ratio"] == pytest.approx(31.2 / 30.0)
 
 
+def test_the_summary_writes_its_tables_and_the_frontier_figure(tmp_path):
+    from bench.recipe_summary import write_summary
+
+    write_run(tmp_path / "run")
+    table = write_summary({"k05": tmp_path / "run"}, tmp_path / "out" / "summary")
+    assert table["model"].tolist() == ["m"]
+    assert pd.read_csv(tmp_path / "out" / "summary.csv")["s_distilled"].tolist() == [0.86]
+    for suffix in (".pdf", ".png"):
+        assert (tmp_path / "out" / f"summary_frontier{suffix}").stat().st_size > 1000
+
+
 def test_a_run_without_the_wikitext_output_is_refused(tmp_path):
     write_run(tmp_path)
     path = tmp_path / "results" / "tables" / "output_paired.parquet"
@@ -65,8 +76,11 @@ def test_a_recipe_is_the_default_config_with_its_keys_changed_and_the_output_on_
 
     default, frozen = recipe_config(RECIPES["default"]), recipe_config(RECIPES["frozen40"])
     assert frozen["distill"]["frozen"] == ["embeddings", "final_norm"] and frozen["packing"]["token_budget"] == 20480
-    assert "frozen" not in default["distill"]
+    paper = recipe_config(RECIPES["paper-loss16"])
+    assert paper["distill"]["frozen"] == [] and default["distill"]["frozen"] == ["embeddings", "final_norm"]
     # every other key as config.yaml has it
-    assert {key: value for key, value in frozen["distill"].items() if key != "frozen"} == default["distill"]
+    assert {key: value for key, value in paper["distill"].items() if key != "frozen"} == \
+        {key: value for key, value in default["distill"].items() if key != "frozen"}
+    assert frozen["packing"] == {**default["packing"], "token_budget": 20480}
     assert frozen["evaluation"]["output_datasets"] == frozen["evaluation"]["datasets"] == ["lambada", "wikitext"]
     assert all(Path(data["path"]).is_absolute() for data in frozen["datasets"].values())
