@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from hsconv.corpus import CorpusError, pack_tokens, sample_corpus
-from hsconv.distill.train import DistillSettings, TrainingError, distill, lr_factor
+from hsconv.distill.loss import layer_weights
+from hsconv.distill.train import DistillSettings, LossSettings, TrainingError, distill, lr_factor
 from hsconv.errors import InputError
 from hsconv.models import load_model, prepare_model
 
@@ -100,6 +101,31 @@ def test_untied_qwen2_head_trains_under_zero1_with_one_sampled_exit(tmp_path, co
     logged = pd.read_parquet(outputs["layers_out"]).groupby("step")["kl"].count()
     assert logged.between(1, 2).all(), logged
     assert pd.read_parquet(outputs["log_out"])["zeta1"].notna().all()
+
+
+def test_output_anchor_with_sampled_exits_resumes_bit_for_bit_and_logs_its_weight(tmp_path, corpus):
+    """The sampled-anchor recipe (docs/findings.md §11) on a tiny model: killed after step 3 and resumed, it equals
+    the uninterrupted run bit for bit; the output exit is computed in every step, logged with weight w_L + β."""
+    model_dir, tokens = make_model(tmp_path, corpus)
+    settings = {**SETTINGS, "output_kl_weight": 1.5, "exit_samples": 2, "exit_sampling": "uniform",
+                "frozen": ["embeddings", "final_norm"], "movement_convention": "pre_norm"}
+    whole, whole_out = run_distill(tmp_path, model_dir, tokens, "whole", settings=settings)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed, killed_out = run_distill(tmp_path, model_dir, tokens, "killed", settings=settings,
+                                     env={"HSCONV_KILL_AFTER_STEP": "3"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resumed, _ = run_distill(tmp_path, model_dir, tokens, "killed", settings=settings)
+    assert resumed.returncode == 0 and "resumed from checkpoint step0000002" in resumed.stderr, resumed.stderr[-3000:]
+    expected, actual = (load_file(outputs["out"] / "model.safetensors") for outputs in (whole_out, killed_out))
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    layers = pd.read_parquet(whole_out["layers_out"])
+    output_exit = layers[layers["layer"] == TINY_SOURCE["num_layers"]]
+    assert output_exit["kl"].notna().all() and len(output_exit) == 5
+    weights = layer_weights(TINY_SOURCE["num_layers"], LossSettings().k).tolist()
+    assert output_exit["weight"].tolist() == pytest.approx([weights[-1] + 1.5] * 5)
+    assert layers[layers["layer"] == 0]["weight"].tolist() == pytest.approx([weights[0]] * 5)
+    pd.testing.assert_frame_equal(layers, pd.read_parquet(killed_out["layers_out"]))
 
 
 def test_frozen_parts_keep_their_pretrained_values_and_the_rest_trains(tmp_path, corpus):

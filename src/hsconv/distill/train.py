@@ -365,7 +365,9 @@ def _train(engine, scheduler, plan: _Plan, settings: DistillSettings, checkpoint
         log.info("resumed from checkpoint %s (step %d of %d)", resume_tag, step, plan.last_step)
     else:
         log.info("no checkpoint in %s; starting from the pretrained model", checkpoints.root)
+    # ζ1's weight of each exit as logged: w_l, and w_L + β for the output exit (output_kl_weight)
     weights = layer_weights(plan.base.num_layers, settings.loss.k).tolist()
+    weights[-1] += settings.loss.output_kl_weight
     faults = TrainingFaults.from_environment()
     tokens_seen = step_rows[-1]["tokens"] if step_rows else 0
     started_run, first_step = time.perf_counter(), step
