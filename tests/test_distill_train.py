@@ -103,6 +103,7 @@ def test_untied_qwen2_head_trains_under_zero1_with_one_sampled_exit(tmp_path, co
     assert pd.read_parquet(outputs["log_out"])["zeta1"].notna().all()
 
 
+@pytest.mark.heavy  # three DeepSpeed runs (about a minute): CI runs it in its heavy tier
 def test_output_anchor_with_sampled_exits_resumes_bit_for_bit_and_logs_its_weight(tmp_path, corpus):
     """The sampled-anchor recipe (docs/findings.md §11) on a tiny model: killed after step 3 and resumed, it equals
     the uninterrupted run bit for bit; the output exit is computed in every step, logged with weight w_L + β."""
