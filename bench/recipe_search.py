@@ -49,6 +49,12 @@ RECIPES: dict[str, dict] = {
     # the same without the anchor: how much of the held output is β's, how much the smaller steps'
     "sampled-120": {"distill": {"frozen": FROZEN, "exit_samples": 4, "exit_sampling": "uniform_keep_last",
                                 "learning_rate": 2.0e-4, "warmup_steps": 10}, "packing": {"token_budget": 61440}},
+    # the two above with the lower-variance draw: the heavy late exits every time, one of each lighter band
+    "stratified-anchor2-120": {"distill": {"frozen": FROZEN, "output_kl_weight": 2.0, "exit_samples": 4,
+                                           "exit_sampling": "stratified_keep_last", "learning_rate": 2.0e-4,
+                                           "warmup_steps": 10}, "packing": {"token_budget": 61440}},
+    "stratified-120": {"distill": {"frozen": FROZEN, "exit_samples": 4, "exit_sampling": "stratified_keep_last",
+                                   "learning_rate": 2.0e-4, "warmup_steps": 10}, "packing": {"token_budget": 61440}},
 }
 TARGETS = ["results/tables/convergence.parquet", "results/tables/convergence_paired.parquet",
            "results/tables/output_paired.parquet"]

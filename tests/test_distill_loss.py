@@ -164,7 +164,7 @@ def sampled_zeta1_and_gradient(student, target, draws: int, **settings):
     return torch.tensor(values, dtype=torch.float64), torch.stack(gradients)
 
 
-@pytest.mark.parametrize("scheme", ["uniform", "weighted", "uniform_keep_last"])
+@pytest.mark.parametrize("scheme", ["uniform", "weighted", "uniform_keep_last", "stratified_keep_last"])
 def test_exit_sampling_is_unbiased_for_the_loss_and_its_gradient(scheme):
     """Over many draws on one batch, the mean sampled ζ1 and gradient match the full ones within their standard
     error; and the draws really differ (a sampler that always returned every exit would pass trivially)."""
@@ -305,6 +305,81 @@ def test_keep_last_sampling_always_computes_the_output_exit_at_its_own_weight():
         sample_exits(weights, 1, "uniform_keep_last", generator)
 
 
+def test_exit_strata_cover_every_exit_once_in_contiguous_bands_of_about_equal_weight():
+    from hsconv.distill.loss import exit_strata
+
+    weights = layer_weights(30, k=0.25)[:-1]
+    for bands in (1, 2, 3, 5, 7, 30, 40):
+        strata = exit_strata(weights, bands)
+        assert len(strata) == min(bands, 30) and all(len(band) >= 1 for band in strata)
+        assert torch.cat(strata).tolist() == list(range(30))
+        share = float(weights.sum()) / len(strata)
+        # a band holds more than a share only where one exit alone does (the cut cannot split an exit)
+        for band in strata:
+            assert float(weights[band].sum()) <= share + float(weights[band].max()) + 1e-12
+    # k = 0.25 puts the weight on the late exits: they get bands of their own, the early ones share one
+    assert [len(band) for band in exit_strata(weights, 3)] == [26, 3, 1]
+
+
+def _exact_mean_and_variance(scheme: str, weights: torch.Tensor, kl: torch.Tensor, samples: int):
+    """The estimate Σ coefficient_l KL_l over every possible draw of ``scheme`` with its probability, by enumeration
+    (no sampling): its mean and variance."""
+    import itertools
+
+    from hsconv.distill.loss import exit_strata
+
+    exits = weights.shape[0]
+    if scheme == "uniform_keep_last":
+        draws = list(itertools.combinations(range(exits - 1), samples - 1))
+        outcomes = [(1 / len(draws), float((weights[list(d)] * kl[list(d)]).sum() * (exits - 1) / (samples - 1)))
+                    for d in draws]
+    else:
+        strata = exit_strata(weights[:-1], samples - 1)
+        outcomes = []
+        for picks in itertools.product(*[band.tolist() for band in strata]):
+            probability, value = 1.0, 0.0
+            for band, pick in zip(strata, picks):
+                mass = float(weights[band].sum())
+                probability *= float(weights[pick]) / mass
+                value += mass * float(kl[pick])
+            outcomes.append((probability, value))
+    last = float(weights[-1] * kl[-1])
+    mean = sum(p * (v + last) for p, v in outcomes)
+    variance = sum(p * (v + last - mean) ** 2 for p, v in outcomes)
+    return mean, variance, sum(p for p, _ in outcomes)
+
+
+def test_stratified_sampling_is_exactly_unbiased_and_spreads_less_than_uniform_on_a_falling_kl_profile():
+    """Every draw enumerated with its probability: both keep-last schemes' mean is Σ w_l KL_l exactly, and on a KL
+    profile like SmolLM2's (large at the shallow exits, falling towards the output) the stratified draw's variance is
+    a fraction of the uniform one's, since the heavy late exits are no longer left to chance."""
+    from hsconv.distill.loss import sample_exits
+
+    weights = layer_weights(30, k=0.25)
+    layers = torch.arange(31, dtype=torch.float64)
+    kl = 9.0 * torch.exp(-layers / 10) + 0.3
+    full = float((weights * kl).sum())
+    variances = {}
+    for scheme in ("uniform_keep_last", "stratified_keep_last"):
+        mean, variances[scheme], total_probability = _exact_mean_and_variance(scheme, weights, kl, samples=4)
+        assert total_probability == pytest.approx(1.0, abs=1e-12)
+        assert mean == pytest.approx(full, rel=1e-12), scheme
+    assert variances["stratified_keep_last"] < 0.25 * variances["uniform_keep_last"], variances
+    # and the sampler draws from that distribution: one exit per band, the heavy ones every time, coefficient W_band
+    generator = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(200):
+        chosen, coefficients = sample_exits(weights, 4, "stratified_keep_last", generator)
+        assert chosen.tolist() == sorted(chosen.tolist()) and chosen[-2:].tolist() == [29, 30]
+        assert 0 <= chosen[0] <= 25 and 26 <= chosen[1] <= 28
+        torch.testing.assert_close(coefficients, torch.stack([weights[:26].sum(), weights[26:29].sum(),
+                                                              weights[29], weights[30]]))
+        seen.add(int(chosen[0]))
+    assert len(seen) > 10  # the light early band really is sampled
+    with pytest.raises(ValueError, match="needs exit_samples >= 2"):
+        sample_exits(weights, 1, "stratified_keep_last", generator)
+
+
 @pytest.mark.parametrize("direction", ["student_target", "target_student"])
 def test_output_kl_weight_adds_beta_times_the_output_exits_kl(direction):
     """ζ1 + β KL_L: the fused loss equals the float64 reference with the term (values and gradients), and differs
@@ -327,7 +402,7 @@ def test_output_kl_weight_adds_beta_times_the_output_exits_kl(direction):
     assert any(not torch.allclose(fused_grads[name], paper_grads[name]) for name in paper_grads)
 
 
-@pytest.mark.parametrize("scheme", ["uniform", "weighted", "uniform_keep_last"])
+@pytest.mark.parametrize("scheme", ["uniform", "weighted", "uniform_keep_last", "stratified_keep_last"])
 def test_output_kl_weight_with_sampled_exits_always_computes_the_output_exit_and_stays_unbiased(scheme):
     """Every draw computes the output exit (appended when the draw left it out) with β on top of its sampled
     coefficient, so that E[Σ coefficient_l KL_l] = Σ w_l KL_l + β KL_L: checked exactly over per-exit KLs."""
@@ -347,7 +422,7 @@ def test_output_kl_weight_with_sampled_exits_always_computes_the_output_exit_and
     expected = float((weights * kl).sum() + 0.75 * kl[-1])
     z = (estimates.mean() - expected) / (estimates.std() / math.sqrt(draws))
     assert abs(z) < 4, f"mean {estimates.mean():.5f} vs {expected:.5f} (z = {z:.2f})"
-    assert scheme == "uniform_keep_last" or appended > 0  # the append path was exercised
+    assert scheme.endswith("keep_last") or appended > 0  # the append path was exercised
     every, every_coefficients = with_output_anchor(*sample_exits(weights, None), 5, 0.75)
     assert every.tolist() == list(range(6))
     torch.testing.assert_close(every_coefficients, torch.cat([weights[:-1], weights[-1:] + 0.75]))

@@ -23,7 +23,7 @@ KLDirection = Literal["student_target", "target_student"]
 # ζ2's per-layer step: the paper's ‖h_l − h_{l−1}‖² / ‖h_{l−1}‖² (eq. 5), or the scale-free 1 − cos(h_{l−1}, h_l)
 # (= 2 D_l), which a norm's gain cannot inflate or shrink.
 Zeta2Measure = Literal["relative_step", "cosine_distance"]
-ExitSampling = Literal["uniform", "weighted", "uniform_keep_last"]
+ExitSampling = Literal["uniform", "weighted", "uniform_keep_last", "stratified_keep_last"]
 LossImplementation = Literal["fused", "reference"]
 TrainingPrecision = Literal["auto", "float32", "bfloat16"]
 # Parts of the student that distillation can leave as they are: the token embeddings (in tied models also the LM

@@ -280,9 +280,10 @@ class LossSettings:
             raise ValueError(f"exit_samples must be at least 1 (or null for every exit), got {self.exit_samples}")
         if self.exit_sampling not in EXIT_SAMPLING:
             raise ValueError(f"exit_sampling {self.exit_sampling!r} is not one of {', '.join(EXIT_SAMPLING)}")
-        if self.exit_sampling == "uniform_keep_last" and self.exit_samples is not None and self.exit_samples < 2:
-            raise ValueError("exit_sampling uniform_keep_last needs exit_samples >= 2 (the output exit and at least "
-                             "one other)")
+        if (self.exit_sampling in ("uniform_keep_last", "stratified_keep_last") and self.exit_samples is not None
+                and self.exit_samples < 2):
+            raise ValueError(f"exit_sampling {self.exit_sampling} needs exit_samples >= 2 (the output exit and at "
+                             "least one other)")
         if self.implementation == "reference" and self.exit_samples is not None:
             raise ValueError("exit_samples needs the fused loss (the reference loss computes every exit)")
         if self.teacher_top_k is not None and self.teacher_top_k < 1:

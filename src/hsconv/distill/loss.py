@@ -50,6 +50,10 @@ def sample_exits(weights: torch.Tensor, samples: int | None, scheme: str = "unif
     ``uniform_keep_last``: the output exit L every time, with its own w_L (the term that holds the model's output to
     the target is then never missing nor inflated), and m − 1 of the exits 0..L−1 drawn uniformly without
     replacement, coefficient w_l·L/(m − 1) (m = 1: the output exit alone would be biased, so it needs m ≥ 2).
+    ``stratified_keep_last``: the output exit every time at its own w_L, and one exit from each of m − 1 contiguous
+    bands of 0..L−1 that hold equal shares of the weight (:func:`exit_strata`), drawn with probability w_l / W_band
+    and weighted W_band: an exit heavier than a share is a band of its own, so the heavy late exits are always
+    computed and the light early ones are sampled, and the estimate's spread is only the KL's within each band.
     """
     exits = weights.shape[0]
     if samples is None or samples >= exits:
@@ -66,9 +70,37 @@ def sample_exits(weights: torch.Tensor, samples: int | None, scheme: str = "unif
         others = torch.randperm(exits - 1, generator=generator)[:samples - 1].sort().values
         coefficients = torch.cat([weights[others] * ((exits - 1) / (samples - 1)), weights[-1:]])
         return torch.cat([others, torch.tensor([exits - 1])]), coefficients
+    if scheme == "stratified_keep_last":
+        if samples < 2:
+            raise ValueError("exit_sampling stratified_keep_last needs exit_samples >= 2 (the output exit and at "
+                             "least one band)")
+        others, coefficients = [], []
+        for band in exit_strata(weights[:-1], samples - 1):
+            band_weights = weights[band].double().cpu()
+            pick = torch.multinomial(band_weights, 1, generator=generator)
+            others.append(band[pick])
+            coefficients.append(weights[band].sum().reshape(1))
+        return torch.cat([*others, torch.tensor([exits - 1])]), torch.cat([*coefficients, weights[-1:]])
     draws = torch.multinomial(weights.double().cpu(), samples, replacement=True, generator=generator)
     chosen, counts = torch.unique(draws, return_counts=True)
     return chosen, (counts.double() / samples).to(weights)
+
+
+def exit_strata(weights: torch.Tensor, bands: int) -> list[torch.Tensor]:
+    """``bands`` contiguous runs of exit indices, each with at least one exit, cut where the cumulative weight passes
+    1/bands, 2/bands, ... of the total (a deterministic function of the weights, so every rank and a resumed run
+    cut the same)."""
+    exits = weights.shape[0]
+    bands = min(bands, exits)
+    cumulative = torch.cumsum(weights.double().cpu(), 0)
+    cuts, previous = [], 0
+    for band in range(1, bands):
+        cut = int(torch.searchsorted(cumulative, cumulative[-1] * band / bands)) + 1
+        cut = min(max(cut, previous + 1), exits - (bands - band))
+        cuts.append(cut)
+        previous = cut
+    edges = [0, *cuts, exits]
+    return [torch.arange(start, end) for start, end in zip(edges[:-1], edges[1:])]
 
 
 def with_output_anchor(chosen: torch.Tensor, coefficients: torch.Tensor, output_exit: int,
