@@ -3,6 +3,7 @@
     python -m bench.recipe_search --work /tmp/recipes                  # every recipe below, then the summary
     python -m bench.recipe_search --work /tmp/recipes --only frozen16  # one (the others' snapshots are kept)
     python -m bench.recipe_search --work /tmp/recipes --summary-only --out docs/findings/recipe/summary
+    python -m bench.recipe_search --work /tmp/new --only k1-16 --keep-earlier  # add to the summary's other rows
 
 A recipe is `config.yaml` with some `distill` / `packing` keys changed and the output study set to the measured
 LAMBADA and WikiText sets (`evaluation.output_datasets: [lambada, wikitext]`: the 400 passages and 8 articles S_model
@@ -104,12 +105,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=list(RECIPES), help="these recipes (default: all)")
     parser.add_argument("--summary-only", action="store_true", help="only tabulate the snapshots already there")
     parser.add_argument("--out", default="docs/findings/recipe/summary", help="the summary's path without suffix")
+    parser.add_argument("--keep-earlier", action="store_true",
+                        help="keep OUT.csv's rows of recipes with no snapshot here (measured in an earlier run folder; "
+                             "refused unless the base model's numbers agree)")
     args = parser.parse_args()
     if not args.summary_only:
         for name in args.only or RECIPES:
             run_recipe(name, args.work)
     snapshots = [name for name in RECIPES if (args.work / "snapshots" / name).is_dir()]
-    write_summary({name: args.work / "snapshots" / name for name in snapshots}, Path(args.out))
+    write_summary({name: args.work / "snapshots" / name for name in snapshots}, Path(args.out), args.keep_earlier)
 
 
 if __name__ == "__main__":

@@ -103,12 +103,33 @@ def plot_frontier(table: pd.DataFrame, out: Path, dataset: str = "lambada", conv
     save_figure(figure, Path(out).with_suffix(".pdf"))
 
 
-def write_summary(runs: dict[str, Path], out: Path) -> pd.DataFrame:
-    """Every recipe's rows, as ``out``.csv and ``out``.md, and the frontier figure as ``out``_frontier.pdf/.png."""
+BASE_COLUMNS = ["s_base", "ratio_base", "accuracy_base", "perplexity_base"]
+
+
+def keep_earlier_rows(table: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFrame:
+    """``table`` after the rows of ``earlier`` (a summary this module wrote before) whose recipes it does not measure
+    again: run folders do not outlive a session, the rows do. Only if the pretrained model's numbers agree, as they
+    must when both were measured with the same evaluation settings; otherwise the rows are not comparable."""
+    key = ["model", "dataset", "convention"]
+    now = table.drop_duplicates(key).set_index(key)[BASE_COLUMNS]
+    before = earlier.drop_duplicates(key).set_index(key)[BASE_COLUMNS].reindex(now.index)
+    mismatch = ~pd.DataFrame(abs(now - before) <= 1e-5 * abs(now).clip(lower=1)).all(axis=1)
+    if before.isna().any(axis=1).any() or mismatch.any():
+        raise ValueError("the earlier summary's base-model numbers differ from this run's (or it lacks some of its "
+                         f"data sets): {list(now.index[mismatch | before.isna().any(axis=1)])}; not merging")
+    kept = earlier[~earlier["recipe"].isin(table["recipe"])]
+    return pd.concat([kept[COLUMNS], table], ignore_index=True)
+
+
+def write_summary(runs: dict[str, Path], out: Path, keep_earlier: bool = False) -> pd.DataFrame:
+    """Every recipe's rows, as ``out``.csv and ``out``.md, and the frontier figure as ``out``_frontier.pdf/.png.
+    ``keep_earlier``: the rows already in ``out``.csv of recipes not in ``runs`` stay (:func:`keep_earlier_rows`)."""
     from hsconv.io import markdown_table
 
     table = pd.concat([recipe_rows(name, Path(run)) for name, run in runs.items()], ignore_index=True)
     out = Path(out)
+    if keep_earlier and out.with_suffix(".csv").is_file():
+        table = keep_earlier_rows(table, pd.read_csv(out.with_suffix(".csv")))
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out.with_suffix(".csv"), index=False, float_format="%.6g")
     out.with_suffix(".md").write_text(markdown_table(table) + "\n")

@@ -84,3 +84,27 @@ def test_a_recipe_is_the_default_config_with_its_keys_changed_and_the_output_on_
     assert frozen["packing"] == {**default["packing"], "token_budget": 20480}
     assert frozen["evaluation"]["output_datasets"] == frozen["evaluation"]["datasets"] == ["lambada", "wikitext"]
     assert all(Path(data["path"]).is_absolute() for data in frozen["datasets"].values())
+
+
+def test_keeping_earlier_rows_adds_the_new_recipes_and_refuses_a_different_base(tmp_path):
+    """Rows of recipes measured in an earlier run folder stay (the folder is gone, its rows are not), a recipe
+    measured again replaces its old rows, and a summary whose pretrained-model numbers differ is not merged."""
+    from bench.recipe_summary import write_summary
+
+    write_run(tmp_path / "run")
+    out = tmp_path / "out" / "summary"
+    write_summary({"old": tmp_path / "run", "again": tmp_path / "run"}, out)
+    earlier = pd.read_csv(out.with_suffix(".csv"))
+    earlier.loc[earlier["recipe"] == "again", "s_distilled"] = 0.5  # what the recipe measured before
+    earlier.to_csv(out.with_suffix(".csv"), index=False)
+    table = write_summary({"again": tmp_path / "run", "new": tmp_path / "run"}, out, keep_earlier=True)
+    assert table["recipe"].tolist() == ["old", "again", "new"]
+    assert table["s_distilled"].tolist() == [0.86, 0.86, 0.86]
+    assert pd.read_csv(out.with_suffix(".csv"))["recipe"].tolist() == ["old", "again", "new"]
+    assert write_summary({"new": tmp_path / "run"}, out)["recipe"].tolist() == ["new"]  # without it: only the runs
+
+    earlier = pd.read_csv(out.with_suffix(".csv"))
+    earlier["s_base"] = 0.70
+    earlier.to_csv(out.with_suffix(".csv"), index=False)
+    with pytest.raises(ValueError, match="base-model numbers differ"):
+        write_summary({"newer": tmp_path / "run"}, out, keep_earlier=True)
