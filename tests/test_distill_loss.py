@@ -321,51 +321,46 @@ def test_exit_strata_cover_every_exit_once_in_contiguous_bands_of_about_equal_we
     assert [len(band) for band in exit_strata(weights, 3)] == [26, 3, 1]
 
 
-def _exact_mean_and_variance(scheme: str, weights: torch.Tensor, kl: torch.Tensor, samples: int):
-    """The estimate Σ coefficient_l KL_l over every possible draw of ``scheme`` with its probability, by enumeration
-    (no sampling): its mean and variance."""
-    import itertools
+@pytest.mark.parametrize("scheme", ["uniform", "weighted", "uniform_keep_last", "stratified_keep_last"])
+def test_every_scheme_draws_what_its_definition_says_and_averages_to_the_full_loss_exactly(scheme):
+    """bench.exit_estimators enumerates each scheme's draws from its definition: the probabilities sum to 1, the
+    mean estimate is Σ w_l KL_l exactly, and the sampler's draws come with those frequencies and coefficients."""
+    from collections import Counter
 
-    from hsconv.distill.loss import exit_strata
+    from bench.exit_estimators import draw_distribution, estimate_moments
+    from hsconv.distill.loss import sample_exits
 
-    exits = weights.shape[0]
-    if scheme == "uniform_keep_last":
-        draws = list(itertools.combinations(range(exits - 1), samples - 1))
-        outcomes = [(1 / len(draws), float((weights[list(d)] * kl[list(d)]).sum() * (exits - 1) / (samples - 1)))
-                    for d in draws]
-    else:
-        strata = exit_strata(weights[:-1], samples - 1)
-        outcomes = []
-        for picks in itertools.product(*[band.tolist() for band in strata]):
-            probability, value = 1.0, 0.0
-            for band, pick in zip(strata, picks):
-                mass = float(weights[band].sum())
-                probability *= float(weights[pick]) / mass
-                value += mass * float(kl[pick])
-            outcomes.append((probability, value))
-    last = float(weights[-1] * kl[-1])
-    mean = sum(p * (v + last) for p, v in outcomes)
-    variance = sum(p * (v + last - mean) ** 2 for p, v in outcomes)
-    return mean, variance, sum(p for p, _ in outcomes)
+    weights = layer_weights(6, k=0.5)
+    kl = torch.tensor([5.0, 4.0, 3.2, 2.0, 1.1, 0.6, 0.3], dtype=torch.float64)
+    moments = estimate_moments(scheme, weights, kl, samples=3)
+    assert moments["total_probability"] == pytest.approx(1.0, abs=1e-12)
+    assert moments["mean"] == pytest.approx(moments["full_zeta1"], rel=1e-12) and moments["std"] > 0
+    expected = {tuple(sorted(c.items())): p for p, c in draw_distribution(scheme, weights, 3)}
+    generator, draws = torch.Generator().manual_seed(1), 20000
+    counts = Counter()
+    for _ in range(draws):
+        chosen, coefficients = sample_exits(weights, 3, scheme, generator)
+        counts[tuple(zip(chosen.tolist(), [round(c, 12) for c in coefficients.tolist()]))] += 1
+    expected = {tuple((l, round(c, 12)) for l, c in key): p for key, p in expected.items()}
+    assert set(counts) <= set(expected), set(counts) - set(expected)
+    for outcome, probability in expected.items():
+        spread = math.sqrt(draws * probability * (1 - probability))
+        assert abs(counts[outcome] - draws * probability) < 5 * spread + 1, (outcome, counts[outcome], probability)
 
 
-def test_stratified_sampling_is_exactly_unbiased_and_spreads_less_than_uniform_on_a_falling_kl_profile():
-    """Every draw enumerated with its probability: both keep-last schemes' mean is Σ w_l KL_l exactly, and on a KL
-    profile like SmolLM2's (large at the shallow exits, falling towards the output) the stratified draw's variance is
-    a fraction of the uniform one's, since the heavy late exits are no longer left to chance."""
+def test_stratified_sampling_spreads_less_than_uniform_on_a_falling_kl_profile():
+    """On a KL profile like SmolLM2's (large at the shallow exits, falling towards the output) the stratified draw's
+    exact spread is a fraction of the uniform keep-last one's: the heavy late exits are no longer left to chance."""
+    from bench.exit_estimators import estimate_moments
     from hsconv.distill.loss import sample_exits
 
     weights = layer_weights(30, k=0.25)
     layers = torch.arange(31, dtype=torch.float64)
     kl = 9.0 * torch.exp(-layers / 10) + 0.3
-    full = float((weights * kl).sum())
-    variances = {}
-    for scheme in ("uniform_keep_last", "stratified_keep_last"):
-        mean, variances[scheme], total_probability = _exact_mean_and_variance(scheme, weights, kl, samples=4)
-        assert total_probability == pytest.approx(1.0, abs=1e-12)
-        assert mean == pytest.approx(full, rel=1e-12), scheme
-    assert variances["stratified_keep_last"] < 0.25 * variances["uniform_keep_last"], variances
-    # and the sampler draws from that distribution: one exit per band, the heavy ones every time, coefficient W_band
+    spread = {scheme: estimate_moments(scheme, weights, kl, samples=4)["std"]
+              for scheme in ("uniform_keep_last", "stratified_keep_last")}
+    assert spread["stratified_keep_last"] < 0.5 * spread["uniform_keep_last"], spread
+    # one exit per band, the heavy ones every time, each weighted by its band's weight
     generator = torch.Generator().manual_seed(0)
     seen = set()
     for _ in range(200):
