@@ -56,6 +56,10 @@ RECIPES: dict[str, dict] = {
                                            "warmup_steps": 10}, "packing": {"token_budget": 61440}},
     "stratified-120": {"distill": {"frozen": FROZEN, "exit_samples": 4, "exit_sampling": "stratified_keep_last",
                                    "learning_rate": 2.0e-4, "warmup_steps": 10}, "packing": {"token_budget": 61440}},
+    # between β = 0 (S 0.85, the output lost) and β = 2 (the output held, S 0.80): is there a point near the corner?
+    "stratified-anchor05-120": {"distill": {"frozen": FROZEN, "output_kl_weight": 0.5, "exit_samples": 4,
+                                            "exit_sampling": "stratified_keep_last", "learning_rate": 2.0e-4,
+                                            "warmup_steps": 10}, "packing": {"token_budget": 61440}},
 }
 TARGETS = ["results/tables/convergence.parquet", "results/tables/convergence_paired.parquet",
            "results/tables/output_paired.parquet"]
