@@ -79,13 +79,14 @@ def plot_frontier(table: pd.DataFrame, out: Path, dataset: str = "lambada", conv
 
     apply_style()
     rows = table[(table["dataset"] == dataset) & (table["convention"] == convention)].reset_index(drop=True)
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4), sharex=True)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.4), sharex=True)
     for index, row in rows.iterrows():
-        colour = model_colour(index)
-        left.errorbar(row["s_distilled"], row["accuracy_diff"], fmt="s", color=colour, capsize=3, label=row["recipe"],
-                      yerr=[[row["accuracy_diff"] - row["accuracy_diff_low"]],
-                            [row["accuracy_diff_high"] - row["accuracy_diff"]]])
-        right.plot(row["s_distilled"], row["perplexity_ratio"], "s", color=colour)
+        # the palette has 10 colours: past them the marker changes, so that no two recipes look alike
+        colour, marker = model_colour(index), "s^Dv"[(index // 10) % 4]
+        left.errorbar(row["s_distilled"], row["accuracy_diff"], fmt=marker, color=colour, capsize=3,
+                      label=row["recipe"], yerr=[[row["accuracy_diff"] - row["accuracy_diff_low"]],
+                                                 [row["accuracy_diff_high"] - row["accuracy_diff"]]])
+        right.plot(row["s_distilled"], row["perplexity_ratio"], marker, color=colour)
     base_s = rows["s_base"].iloc[0]
     left.plot(base_s, 0.0, "o", color="black", label="pretrained (base)")
     right.plot(base_s, 1.0, "o", color="black")
@@ -95,7 +96,8 @@ def plot_frontier(table: pd.DataFrame, out: Path, dataset: str = "lambada", conv
         axis.set_xlabel(f"S_model ({convention} h_L, {dataset})")
     left.set_ylabel("LAMBADA output accuracy − base (points, 95% paired)")
     right.set_ylabel("WikiText output word perplexity / base")
-    left.legend(fontsize=7, loc="lower left")
+    figure.subplots_adjust(right=0.83, wspace=0.25)
+    figure.legend(*left.get_legend_handles_labels(), fontsize=7, loc="center left", bbox_to_anchor=(0.84, 0.5))
     model = rows["model"].iloc[0]
     figure.suptitle(f"{model}: self-distillation recipes, convergence against output cost "
                     f"(dashed: targets S ≥ {TARGET_S}, accuracy ≥ {TARGET_ACCURACY_DIFF:+g}, "
