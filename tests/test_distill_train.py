@@ -103,12 +103,13 @@ def test_untied_qwen2_head_trains_under_zero1_with_one_sampled_exit(tmp_path, co
     assert pd.read_parquet(outputs["log_out"])["zeta1"].notna().all()
 
 
-@pytest.mark.heavy  # three DeepSpeed runs (about a minute): CI runs it in its heavy tier
-def test_output_anchor_with_sampled_exits_resumes_bit_for_bit_and_logs_its_weight(tmp_path, corpus):
-    """The sampled-anchor recipe (docs/findings.md §11) on a tiny model: killed after step 3 and resumed, it equals
-    the uninterrupted run bit for bit; the output exit is computed in every step, logged with weight w_L + β."""
+@pytest.mark.heavy  # three DeepSpeed runs per scheme (about a minute): CI runs it in its heavy tier
+@pytest.mark.parametrize("scheme", ["uniform", "stratified_keep_last"])
+def test_output_anchor_with_sampled_exits_resumes_bit_for_bit_and_logs_its_weight(tmp_path, corpus, scheme):
+    """The sampled-anchor recipes (docs/findings.md §11–12) on a tiny model: killed after step 3 and resumed, each
+    equals the uninterrupted run bit for bit; the output exit is computed in every step, logged with weight w_L + β."""
     model_dir, tokens = make_model(tmp_path, corpus)
-    settings = {**SETTINGS, "output_kl_weight": 1.5, "exit_samples": 2, "exit_sampling": "uniform",
+    settings = {**SETTINGS, "output_kl_weight": 1.5, "exit_samples": 2, "exit_sampling": scheme,
                 "frozen": ["embeddings", "final_norm"], "movement_convention": "pre_norm"}
     whole, whole_out = run_distill(tmp_path, model_dir, tokens, "whole", settings=settings)
     assert whole.returncode == 0, whole.stderr[-3000:]
