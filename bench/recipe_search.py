@@ -60,6 +60,9 @@ RECIPES: dict[str, dict] = {
     "stratified-anchor05-120": {"distill": {"frozen": FROZEN, "output_kl_weight": 0.5, "exit_samples": 4,
                                             "exit_sampling": "stratified_keep_last", "learning_rate": 2.0e-4,
                                             "warmup_steps": 10}, "packing": {"token_budget": 61440}},
+    "stratified-anchor1-120": {"distill": {"frozen": FROZEN, "output_kl_weight": 1.0, "exit_samples": 4,
+                                           "exit_sampling": "stratified_keep_last", "learning_rate": 2.0e-4,
+                                           "warmup_steps": 10}, "packing": {"token_budget": 61440}},
 }
 TARGETS = ["results/tables/convergence.parquet", "results/tables/convergence_paired.parquet",
            "results/tables/output_paired.parquet"]
