@@ -115,7 +115,7 @@ def keep_earlier_rows(table: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFram
     key = ["model", "dataset", "convention"]
     now = table.drop_duplicates(key).set_index(key)[BASE_COLUMNS]
     before = earlier.drop_duplicates(key).set_index(key)[BASE_COLUMNS].reindex(now.index)
-    mismatch = ~pd.DataFrame(abs(now - before) <= 1e-5 * abs(now).clip(lower=1)).all(axis=1)
+    mismatch = ~((now - before).abs() <= 1e-5 * now.abs().clip(lower=1)).all(axis=1)
     if before.isna().any(axis=1).any() or mismatch.any():
         raise ValueError("the earlier summary's base-model numbers differ from this run's (or it lacks some of its "
                          f"data sets): {list(now.index[mismatch | before.isna().any(axis=1)])}; not merging")

@@ -227,6 +227,8 @@ KL_DIRECTIONS = choices(KLDirection)
 MOVEMENT_CONVENTIONS = choices(Convention)
 ZETA2_MEASURES = choices(Zeta2Measure)
 EXIT_SAMPLING = choices(ExitSampling)
+# the schemes that compute the output exit every step and draw the rest: they need at least one other exit
+KEEP_LAST_SAMPLING = tuple(scheme for scheme in EXIT_SAMPLING if scheme.endswith("_keep_last"))
 LOSS_IMPLEMENTATIONS = choices(LossImplementation)
 PRECISIONS = choices(TrainingPrecision)
 
@@ -280,8 +282,7 @@ class LossSettings:
             raise ValueError(f"exit_samples must be at least 1 (or null for every exit), got {self.exit_samples}")
         if self.exit_sampling not in EXIT_SAMPLING:
             raise ValueError(f"exit_sampling {self.exit_sampling!r} is not one of {', '.join(EXIT_SAMPLING)}")
-        if (self.exit_sampling in ("uniform_keep_last", "stratified_keep_last") and self.exit_samples is not None
-                and self.exit_samples < 2):
+        if self.exit_sampling in KEEP_LAST_SAMPLING and self.exit_samples is not None and self.exit_samples < 2:
             raise ValueError(f"exit_sampling {self.exit_sampling} needs exit_samples >= 2 (the output exit and at "
                              "least one other)")
         if self.implementation == "reference" and self.exit_samples is not None:

@@ -23,6 +23,7 @@ outcomes (the cached tokens and one bucket for all others), in closed form with 
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from hsconv.hidden_states import cap_logits
 from hsconv.settings import (  # noqa: F401 (re-exported)
-    EXIT_SAMPLING, KL_DIRECTIONS, MOVEMENT_CONVENTIONS, ZETA2_MEASURES, check_settings)
+    EXIT_SAMPLING, KEEP_LAST_SAMPLING, KL_DIRECTIONS, MOVEMENT_CONVENTIONS, ZETA2_MEASURES, check_settings)
 
 
 
@@ -60,20 +61,16 @@ def sample_exits(weights: torch.Tensor, samples: int | None, scheme: str = "unif
         return torch.arange(exits), weights
     if scheme not in EXIT_SAMPLING:
         raise ValueError(f"exit_sampling {scheme!r} is not one of {', '.join(EXIT_SAMPLING)}")
+    if scheme in KEEP_LAST_SAMPLING and samples < 2:
+        raise ValueError(f"exit_sampling {scheme} needs exit_samples >= 2 (the output exit and at least one other)")
     if scheme == "uniform":
         chosen = torch.randperm(exits, generator=generator)[:samples].sort().values
         return chosen, weights[chosen] * (exits / samples)
     if scheme == "uniform_keep_last":
-        if samples < 2:
-            raise ValueError("exit_sampling uniform_keep_last needs exit_samples >= 2 (the output exit and at least "
-                             "one other)")
         others = torch.randperm(exits - 1, generator=generator)[:samples - 1].sort().values
         coefficients = torch.cat([weights[others] * ((exits - 1) / (samples - 1)), weights[-1:]])
         return torch.cat([others, torch.tensor([exits - 1])]), coefficients
     if scheme == "stratified_keep_last":
-        if samples < 2:
-            raise ValueError("exit_sampling stratified_keep_last needs exit_samples >= 2 (the output exit and at "
-                             "least one band)")
         others, coefficients = [], []
         for band in exit_strata(weights[:-1], samples - 1):
             band_weights = weights[band].double().cpu()
@@ -100,7 +97,7 @@ def exit_strata(weights: torch.Tensor, bands: int) -> list[torch.Tensor]:
         cuts.append(cut)
         previous = cut
     edges = [0, *cuts, exits]
-    return [torch.arange(start, end) for start, end in zip(edges[:-1], edges[1:])]
+    return [torch.arange(start, end) for start, end in itertools.pairwise(edges)]
 
 
 def with_output_anchor(chosen: torch.Tensor, coefficients: torch.Tensor, output_exit: int,
