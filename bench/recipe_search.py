@@ -68,6 +68,12 @@ RECIPES: dict[str, dict] = {
                                                 "exit_sampling": "stratified_keep_last", "learning_rate": 2.0e-4,
                                                 "warmup_steps": 10, "precision": "bfloat16"},
                                     "packing": {"token_budget": 122880}},
+    # the same with ζ2 on the rises only (zeta2_penalty: rise): a late step larger than the one before it is pulled
+    # down and the one before it up, shrinking steps are left alone
+    "bf16-rise-anchor1-240": {"distill": {"frozen": FROZEN, "output_kl_weight": 1.0, "exit_samples": 4,
+                                          "exit_sampling": "stratified_keep_last", "learning_rate": 2.0e-4,
+                                          "warmup_steps": 10, "precision": "bfloat16", "zeta2_penalty": "rise"},
+                              "packing": {"token_budget": 122880}},
 }
 TARGETS = ["results/tables/convergence.parquet", "results/tables/convergence_paired.parquet",
            "results/tables/output_paired.parquet"]

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from hsconv.distill.loss import RecomputedTarget, layer_weights, reference_loss, self_distillation_loss
+from hsconv.distill.loss import (RecomputedTarget, hidden_state_penalty, layer_weights, reference_loss,
+                                self_distillation_loss)
 from hsconv.hidden_states import decoder_states, final_norm_module
 from hsconv.models import build_tiny_model
 
@@ -103,6 +104,40 @@ def test_scale_free_zeta2_is_one_minus_cosine_and_ignores_the_last_states_scale(
         unscaled, _ = loss_and_grads(self_distillation_loss, student, target, chunk_tokens=4,
                                      **{**settings, "zeta2_measure": "relative_step"})
         assert abs(paper.step[-1] - unscaled.step[-1]) > 0.1 * unscaled.step[-1]
+
+
+def test_rise_penalty_by_hand():
+    """zeta2_penalty rise: Σ_{l≥2} w_l max(0, s_l − s_{l−1}), the rises only; step: Σ_{l≥1} w_l s_l."""
+    weights = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    steps = torch.tensor([0.5, 0.2, 0.6], dtype=torch.float64, requires_grad=True)
+    rise = hidden_state_penalty(steps, weights, "rise")
+    assert rise.item() == pytest.approx(0.4 * (0.6 - 0.2))  # 0.2 -> 0.6 rises; 0.5 -> 0.2 falls, not penalised
+    rise.backward()
+    # only the rising pair is pulled: the larger step down, the one before it up; the first step is left alone
+    torch.testing.assert_close(steps.grad, torch.tensor([0.0, -0.4, 0.4], dtype=torch.float64))
+    assert hidden_state_penalty(steps.detach(), weights, "step").item() == pytest.approx(0.2 * 0.5 + 0.3 * 0.2 + 0.4 * 0.6)
+    shrinking = torch.tensor([0.5, 0.4, 0.1], dtype=torch.float64)
+    assert hidden_state_penalty(shrinking, weights, "rise").item() == 0.0
+    with pytest.raises(ValueError, match="zeta2_penalty 'rises' is not one of step, rise"):
+        hidden_state_penalty(steps, weights, "rises")
+
+
+@pytest.mark.parametrize(("convention", "measure"), [("hf", "relative_step"), ("pre_norm", "cosine_distance")])
+def test_rise_penalty_fused_equals_float64_reference(convention, measure):
+    """The rise penalty through the fused loss and through the reference: the same ζ2 (the rises of the logged
+    steps, by hand) and the same gradients."""
+    student, target = make_pair(tied=True)
+    settings = dict(alpha=0.7, k=0.25, movement_convention=convention, zeta2_measure=measure, zeta2_penalty="rise")
+    expected, expected_grads = loss_and_grads(reference_loss, student, target, **settings)
+    fused, fused_grads = loss_and_grads(self_distillation_loss, student, target, chunk_tokens=4, **settings)
+    weights = layer_weights(len(expected.step), 0.25)
+    by_hand = sum(float(weights[layer]) * max(0.0, float(expected.step[layer - 1] - expected.step[layer - 2]))
+                  for layer in range(2, len(expected.step) + 1))
+    assert by_hand > 0  # the tiny model has a rise to penalise
+    assert expected.zeta2.item() == pytest.approx(by_hand, rel=1e-12)
+    torch.testing.assert_close(fused.zeta2.double(), expected.zeta2.double(), rtol=1e-9, atol=1e-12)
+    for name, gradient in expected_grads.items():
+        torch.testing.assert_close(fused_grads[name], gradient, rtol=1e-5, atol=1e-10, msg=name)
 
 
 def test_float32_fused_loss_close_to_float64():

@@ -23,6 +23,9 @@ KLDirection = Literal["student_target", "target_student"]
 # ζ2's per-layer step: the paper's ‖h_l − h_{l−1}‖² / ‖h_{l−1}‖² (eq. 5), or the scale-free 1 − cos(h_{l−1}, h_l)
 # (= 2 D_l), which a norm's gain cannot inflate or shrink.
 Zeta2Measure = Literal["relative_step", "cosine_distance"]
+# What ζ2 penalises in those steps: each step (the paper, eq. 5), or only a step larger than the one before it (the
+# rise S_model counts against a model), which leaves large but shrinking steps alone.
+Zeta2Penalty = Literal["step", "rise"]
 ExitSampling = Literal["uniform", "weighted", "uniform_keep_last", "stratified_keep_last"]
 LossImplementation = Literal["fused", "reference"]
 TrainingPrecision = Literal["auto", "float32", "bfloat16"]

@@ -26,6 +26,7 @@ from hsconv.names import (  # noqa: F401
     Overflow,
     TrainingPrecision,
     Zeta2Measure,
+    Zeta2Penalty,
     choices,
 )
 
@@ -226,6 +227,7 @@ class TunedLensSettings:
 KL_DIRECTIONS = choices(KLDirection)
 MOVEMENT_CONVENTIONS = choices(Convention)
 ZETA2_MEASURES = choices(Zeta2Measure)
+ZETA2_PENALTIES = choices(Zeta2Penalty)
 EXIT_SAMPLING = choices(ExitSampling)
 # the schemes that compute the output exit every step and draw the rest: they need at least one other exit
 KEEP_LAST_SAMPLING = tuple(scheme for scheme in EXIT_SAMPLING if scheme.endswith("_keep_last"))
@@ -262,6 +264,8 @@ class LossSettings:
     teacher_top_k: int | None = setting(None, "read the frozen model's top-k distribution from a cache (none: "
                                               "recompute it every step)", minimum=1)
     zeta2_measure: Zeta2Measure = setting("relative_step", "ζ2's step between adjacent states")
+    zeta2_penalty: Zeta2Penalty = setting("step", "step: Σ w_l s_l, every step (the paper); rise: Σ w_l max(0, s_l − "
+                                                  "s_{l−1}), only a step larger than the one before it")
     # β of ζ1 + β KL_L: the output exit's KL weighed again on top of its layer weight w_L, so that holding the model's
     # own output to the target does not depend on k (0: the paper's loss).
     output_kl_weight: float = setting(0.0, "extra weight β on the output exit's KL, outside the layer weights "
@@ -273,6 +277,8 @@ class LossSettings:
             raise ValueError(f"output_kl_weight must be at least 0, got {self.output_kl_weight}")
         if self.zeta2_measure not in ZETA2_MEASURES:
             raise ValueError(f"zeta2_measure {self.zeta2_measure!r} is not one of {', '.join(ZETA2_MEASURES)}")
+        if self.zeta2_penalty not in ZETA2_PENALTIES:
+            raise ValueError(f"zeta2_penalty {self.zeta2_penalty!r} is not one of {', '.join(ZETA2_PENALTIES)}")
         if self.implementation not in LOSS_IMPLEMENTATIONS:
             raise ValueError(f"loss implementation {self.implementation!r} is not one of "
                              f"{', '.join(LOSS_IMPLEMENTATIONS)}")

@@ -3,6 +3,7 @@
 ζ1 = Σ_{l=0..L} w_l KL_l, the logit-lens distribution of every layer against the frozen model's output;
 ζ2 = Σ_{l=1..L} w_l ‖h_l − h_{l−1}‖² / ‖h_{l−1}‖², the step between adjacent hidden states; w = softmax(k·l).
 (``zeta2_measure: cosine_distance`` puts the scale-free 1 − cos(h_{l−1}, h_l) in place of the relative step;
+``zeta2_penalty: rise`` penalises only Σ_{l=2..L} w_l max(0, s_l − s_{l−1}), a step larger than the one before it;
 ``output_kl_weight`` β adds β KL_L to ζ1, the output exit weighed again outside the layer weights.)
 Both per-token quantities are averaged over the real (unpadded) tokens.
 
@@ -32,7 +33,8 @@ import torch.nn.functional as F
 
 from hsconv.hidden_states import cap_logits
 from hsconv.settings import (  # noqa: F401 (re-exported)
-    EXIT_SAMPLING, KEEP_LAST_SAMPLING, KL_DIRECTIONS, MOVEMENT_CONVENTIONS, ZETA2_MEASURES, check_settings)
+    EXIT_SAMPLING, KEEP_LAST_SAMPLING, KL_DIRECTIONS, MOVEMENT_CONVENTIONS, ZETA2_MEASURES, ZETA2_PENALTIES,
+    check_settings)
 
 
 
@@ -341,12 +343,28 @@ def layer_steps(states: list[torch.Tensor], measure: str = "relative_step") -> t
     return torch.stack(steps)
 
 
+def hidden_state_penalty(step: torch.Tensor, weights: torch.Tensor, penalty: str = "step") -> torch.Tensor:
+    """ζ2 from the per-layer steps s_1..s_L (each a mean over the batch's tokens) and the layer weights w_0..w_L.
+
+    ``step``: Σ_{l=1..L} w_l s_l (eq. 5), every step pulled down. ``rise``: Σ_{l=2..L} w_l max(0, s_l − s_{l−1}),
+    only where a step is larger than the one before it: the batch's own count of what S_model holds against a model
+    (its rises between layers' mean movements), which leaves a large step alone as long as the next ones shrink.
+    """
+    if penalty not in ZETA2_PENALTIES:
+        raise ValueError(f"zeta2_penalty {penalty!r} is not one of {', '.join(ZETA2_PENALTIES)}")
+    weights = weights.to(step.dtype)
+    if penalty == "step":
+        return (weights[1:] * step).sum()
+    return (weights[2:] * (step[1:] - step[:-1]).clamp_min(0.0)).sum()
+
+
 def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Module,
                            head: torch.nn.Linear, target: Target, mask: torch.Tensor, alpha: float, k: float,
                            direction: str = "student_target", movement_convention: str = "hf",
                            chunk_tokens: int = 256, exit_samples: int | None = None, exit_sampling: str = "uniform",
                            generator: torch.Generator | None = None, softcap: float | None = None,
-                           zeta2_measure: str = "relative_step", output_kl_weight: float = 0.0) -> LossTerms:
+                           zeta2_measure: str = "relative_step", output_kl_weight: float = 0.0,
+                           zeta2_penalty: str = "step") -> LossTerms:
     """ζ for one batch.
 
     ``pre_norm_states``: h_0..h_L of the student, all before the final norm (B, T, d each); ``target``: the frozen
@@ -382,7 +400,7 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
     else:
         last = pre_norm_states[-1][mask]
     step = layer_steps([state[mask] for state in pre_norm_states[:-1]] + [last], zeta2_measure)
-    zeta2 = (weights[1:].to(step.dtype) * step).sum()
+    zeta2 = hidden_state_penalty(step, weights, zeta2_penalty)
     total = zeta1 + alpha * zeta2
     return LossTerms(total=total, zeta1=zeta1, zeta2=zeta2, kl=kl.detach(), step=step.detach(), tokens=tokens,
                      exits=chosen.tolist())
@@ -392,7 +410,7 @@ def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Mod
                    target: RecomputedTarget, mask: torch.Tensor, alpha: float,
                    k: float, direction: str = "student_target", movement_convention: str = "hf",
                    softcap: float | None = None, zeta2_measure: str = "relative_step",
-                   output_kl_weight: float = 0.0) -> LossTerms:
+                   output_kl_weight: float = 0.0, zeta2_penalty: str = "step") -> LossTerms:
     """ζ the plain way: every layer's logits materialised at once, gradients by autograd. For tests and the
     benchmark's naive baseline; run it in float64 for an independent check of :func:`self_distillation_loss`."""
     check_settings(direction, movement_convention)
@@ -412,6 +430,6 @@ def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Mod
     if movement_convention == "hf":
         states[-1] = normed[-1]
     step = layer_steps([state[mask] for state in states], zeta2_measure)
-    zeta2 = (weights[1:] * step.to(weights.dtype)).sum()
+    zeta2 = hidden_state_penalty(step.to(weights.dtype), weights, zeta2_penalty)
     return LossTerms(total=zeta1 + alpha * zeta2, zeta1=zeta1, zeta2=zeta2, kl=kl.detach(), step=step.detach(),
                      tokens=int(mask.sum()))

@@ -62,7 +62,8 @@ class SelfDistillation(torch.nn.Module):
         settings = self.settings
         common = dict(mask=attention_mask, alpha=settings.alpha, k=settings.k, direction=settings.kl_direction,
                       movement_convention=settings.movement_convention, softcap=self.softcap,
-                      zeta2_measure=settings.zeta2_measure, output_kl_weight=settings.output_kl_weight)
+                      zeta2_measure=settings.zeta2_measure, zeta2_penalty=settings.zeta2_penalty,
+                      output_kl_weight=settings.output_kl_weight)
         if settings.implementation == "reference":
             return reference_loss(pre_norm, self.final_norm, self.head, target, **common)
         generator = None
