@@ -27,6 +27,10 @@ def test_one_factor_at_a_time_around_the_reference_with_the_shared_overrides():
     assert setting_name("k", 0.0) == "k-0" and setting_name("k", 0.25) == "k-0.25"
     with pytest.raises(ValueError, match="learning_rate cannot be ablated"):
         ablation_settings(DISTILL, {"learning_rate": [1e-3]})
+    # ζ2's penalty is a factor too; the config's distill section without the key means the paper's "step"
+    penalty = ablation_settings({**DISTILL, "zeta2_penalty": "step"}, {"zeta2_penalty": ["step", "rise"]})
+    assert list(penalty) == ["reference", "zeta2_penalty-rise"]
+    assert penalty["zeta2_penalty-rise"]["zeta2_penalty"] == "rise"
 
 
 def _write_inputs(directory, accuracy_per_variant):

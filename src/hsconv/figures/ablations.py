@@ -12,10 +12,10 @@ from hsconv.figures.style import apply_style, model_colour, save_figure
 from hsconv.io import read_input_table
 
 FACTOR_LABELS = {"alpha": "α = {}", "k": "k = {}", "kl_direction": "KL {}", "movement_convention": "$h_L$ {}",
-                 "zeta2_measure": "ζ2 step {}"}
+                 "zeta2_measure": "ζ2 step {}", "zeta2_penalty": "ζ2 on each {}"}
 VALUE_LABELS = {"student_target": "(q_l ‖ q_target)", "target_student": "(q_target ‖ q_l)",
                 "pre_norm": "before final norm", "hf": "after final norm",
-                "relative_step": "‖Δh‖²/‖h‖²", "cosine_distance": "1 − cos"}
+                "relative_step": "‖Δh‖²/‖h‖²", "cosine_distance": "1 − cos", "step": "step", "rise": "rise"}
 
 
 def setting_label(row) -> str:
