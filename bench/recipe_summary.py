@@ -16,7 +16,10 @@ tables and the run's training log; nothing is recomputed here:
   as they are the recipe's, not the data set's or convention's);
 - ``tokens``, ``train_seconds``: tokens trained on (the training log's running count) and the sum of the logged step
   times (start-up and checkpoint writing excluded); ``job_seconds``: the whole distill job's wall-clock, from
-  Snakemake's benchmark file (start-up, checkpoints and saving the model included: the 15-minute budget's measure).
+  Snakemake's benchmark file (start-up, checkpoints and saving the model included: the 15-minute budget's measure);
+- ``output_kl_training``, ``last_step_training``, ``previous_step_training``: from the training log's per-layer table,
+  the output exit's KL and ζ2's steps of the last two layers (s_L, s_{L−1}), each the mean over the last tenth of the
+  steps (at least 4): where the loss left the output and the last step (NaN where the run kept no per-layer log).
 """
 
 from __future__ import annotations
@@ -29,7 +32,19 @@ import pandas as pd
 COLUMNS = ["recipe", "model", "dataset", "convention", "tokens", "train_seconds", "job_seconds", "s_base", "s_distilled",
            "s_distilled_low", "s_difference", "s_difference_low", "s_difference_high", "ratio_base", "ratio_distilled",
            "accuracy_base", "accuracy_distilled", "accuracy_diff", "accuracy_diff_low", "accuracy_diff_high",
-           "perplexity_base", "perplexity_distilled", "perplexity_ratio"]
+           "perplexity_base", "perplexity_distilled", "perplexity_ratio", "output_kl_training", "last_step_training",
+           "previous_step_training"]
+
+
+def training_tail(layers: pd.DataFrame) -> dict[str, float]:
+    """The output exit's KL and the last two layers' steps, means over the last tenth of the steps (at least 4)."""
+    steps = sorted(layers["step"].unique())
+    tail = layers[layers["step"].isin(steps[-max(4, len(steps) // 10):])]
+    last = int(layers["layer"].max())
+    by_layer = tail.groupby("layer")[["kl", "hidden_step"]].mean()
+    return {"output_kl_training": float(by_layer.loc[last, "kl"]),
+            "last_step_training": float(by_layer.loc[last, "hidden_step"]),
+            "previous_step_training": float(by_layer.loc[last - 1, "hidden_step"])}
 
 
 def recipe_rows(recipe: str, run: Path, variant: str = "distilled") -> pd.DataFrame:
@@ -47,6 +62,8 @@ def recipe_rows(recipe: str, run: Path, variant: str = "distilled") -> pd.DataFr
     accuracy, perplexity = accuracy.iloc[0], perplexity.iloc[0]
     steps = pd.read_parquet(next((run / "results" / "training").glob("*/steps.parquet")))  # the main run's
     job = pd.read_csv(next((run / "results" / "benchmarks" / "distill").glob("*.tsv")), sep="\t")
+    layer_logs = list((run / "results" / "training").glob("*/layers.parquet"))
+    tail = training_tail(pd.read_parquet(layer_logs[0])) if layer_logs else {}
     rows = []
     for (model, dataset, convention), scores in convergence.groupby(["model", "dataset", "final_norm"], sort=True):
         base = scores[scores["variant"] == "base"].iloc[0]
@@ -64,7 +81,7 @@ def recipe_rows(recipe: str, run: Path, variant: str = "distilled") -> pd.DataFr
             "accuracy_distilled": accuracy["variant_value"], "accuracy_diff": 100 * accuracy["difference"],
             "accuracy_diff_low": 100 * accuracy["lower"], "accuracy_diff_high": 100 * accuracy["upper"],
             "perplexity_base": perplexity["baseline_value"], "perplexity_distilled": perplexity["variant_value"],
-            "perplexity_ratio": perplexity["variant_value"] / perplexity["baseline_value"]})
+            "perplexity_ratio": perplexity["variant_value"] / perplexity["baseline_value"], **tail})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -33,6 +33,10 @@ def write_run(run: Path) -> None:
     training.mkdir(parents=True)
     pd.DataFrame({"step": [1, 2], "tokens": [512, 1024], "seconds": [30.0, 31.5]}).to_parquet(
         training / "steps.parquet")
+    # 5 steps of layers 0..2: the last 4 steps' means are read (a tenth of 5 is less than 4)
+    pd.DataFrame([{"step": step, "layer": layer, "kl": step + layer / 10, "hidden_step": None if layer == 0 else
+                   10 * step + layer} for step in range(1, 6) for layer in range(3)]).to_parquet(
+        training / "layers.parquet")
     benchmarks = run / "results" / "benchmarks" / "distill"
     benchmarks.mkdir(parents=True)
     (benchmarks / "m.tsv").write_text("s\th:m:s\tmax_rss\n75.25\t0:01:15\t512.0\n")
@@ -49,6 +53,8 @@ def test_one_row_per_dataset_and_convention_from_the_runs_tables(tmp_path):
     assert (row["ratio_base"], row["ratio_distilled"]) == (4.9, 1.8)
     assert row["accuracy_diff"] == pytest.approx(-0.5) and row["accuracy_diff_low"] == pytest.approx(-2.0)
     assert row["perplexity_ratio"] == pytest.approx(31.2 / 30.0)
+    assert row["output_kl_training"] == pytest.approx((2 + 3 + 4 + 5) / 4 + 0.2)
+    assert (row["last_step_training"], row["previous_step_training"]) == (pytest.approx(37.0), pytest.approx(36.0))
 
 
 def test_the_summary_writes_its_tables_and_the_frontier_figure(tmp_path):
