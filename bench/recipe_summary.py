@@ -136,8 +136,8 @@ def keep_earlier_rows(table: pd.DataFrame, earlier: pd.DataFrame) -> pd.DataFram
     if before.isna().any(axis=1).any() or mismatch.any():
         raise ValueError("the earlier summary's base-model numbers differ from this run's (or it lacks some of its "
                          f"data sets): {list(now.index[mismatch | before.isna().any(axis=1)])}; not merging")
-    kept = earlier[~earlier["recipe"].isin(table["recipe"])]
-    return pd.concat([kept[COLUMNS], table], ignore_index=True)
+    kept = earlier[~earlier["recipe"].isin(table["recipe"])].reindex(columns=COLUMNS)  # columns added since: empty
+    return pd.concat([kept, table], ignore_index=True)
 
 
 def write_summary(runs: dict[str, Path], out: Path, keep_earlier: bool = False) -> pd.DataFrame:
