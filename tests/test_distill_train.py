@@ -103,14 +103,16 @@ def test_untied_qwen2_head_trains_under_zero1_with_one_sampled_exit(tmp_path, co
     assert pd.read_parquet(outputs["log_out"])["zeta1"].notna().all()
 
 
-@pytest.mark.heavy  # three DeepSpeed runs per scheme (about a minute): CI runs it in its heavy tier
-@pytest.mark.parametrize("scheme", ["uniform", "stratified_keep_last"])
-def test_output_anchor_with_sampled_exits_resumes_bit_for_bit_and_logs_its_weight(tmp_path, corpus, scheme):
-    """The sampled-anchor recipes (docs/findings.md §11–12) on a tiny model: killed after step 3 and resumed, each
+@pytest.mark.heavy  # three DeepSpeed runs per recipe (about a minute): CI runs it in its heavy tier
+@pytest.mark.parametrize("recipe", [{"exit_sampling": "uniform"}, {"exit_sampling": "stratified_keep_last"},
+                                    {"exit_sampling": "stratified_keep_last", "zeta2_penalty": "rise", "alpha": 2.0,
+                                     "precision": "bfloat16"}], ids=["uniform", "stratified", "stratified-rise-bf16"])
+def test_output_anchor_with_sampled_exits_resumes_bit_for_bit_and_logs_its_weight(tmp_path, corpus, recipe):
+    """The sampled-anchor recipes (docs/findings.md §11–13) on a tiny model: killed after step 3 and resumed, each
     equals the uninterrupted run bit for bit; the output exit is computed in every step, logged with weight w_L + β."""
     model_dir, tokens = make_model(tmp_path, corpus)
-    settings = {**SETTINGS, "output_kl_weight": 1.5, "exit_samples": 2, "exit_sampling": scheme,
-                "frozen": ["embeddings", "final_norm"], "movement_convention": "pre_norm"}
+    settings = {**SETTINGS, "output_kl_weight": 1.5, "exit_samples": 2, "frozen": ["embeddings", "final_norm"],
+                "movement_convention": "pre_norm", **recipe}
     whole, whole_out = run_distill(tmp_path, model_dir, tokens, "whole", settings=settings)
     assert whole.returncode == 0, whole.stderr[-3000:]
     killed, killed_out = run_distill(tmp_path, model_dir, tokens, "killed", settings=settings,
