@@ -30,10 +30,18 @@ from bench.recipe_summary import write_summary
 
 REPO = Path(__file__).resolve().parents[1]
 FROZEN = ["embeddings", "final_norm"]
-# Tried in this order (docs/findings.md §10-11 say why each followed the one before); {} is config.yaml itself
-# (`default` was measured as `frozen16`, `paper-loss16` as `default`, before config.yaml took its keys).
+# config.yaml's distill and packing keys from 2026-12-05 (§11) until §13's recipe replaced them: every recipe below
+# but `default` is these keys with its own changed, so that each stays the configuration it was measured as.
+BEFORE_13 = {"distill": {"alpha": 1.0, "frozen": FROZEN, "learning_rate": 5.0e-4, "warmup_steps": 2,
+                         "precision": "auto", "checkpoint_every": 8, "exit_samples": None, "exit_sampling": "uniform",
+                         "output_kl_weight": 0.0, "zeta2_penalty": "step"},
+             "packing": {"token_budget": 8192}}
+# Tried in this order (docs/findings.md §10-13 say why each followed the one before). `default` is config.yaml itself,
+# since 2026-12-05 §13's recipe (measured as bf16-rise-alpha4-anchor4-216); `frozen16` was `default` before it (§11),
+# and `paper-loss16` was `default` before that.
 RECIPES: dict[str, dict] = {
-    "default": {},  # config.yaml: since 2026-12-05 the embeddings/head and the final norm's gain frozen, 16 steps
+    "default": {},  # config.yaml
+    "frozen16": {},  # BEFORE_13 itself: 16 full steps, embeddings/head and the final norm's gain frozen
     "paper-loss16": {"distill": {"frozen": []}},  # the default before: every parameter trains (the paper's)
     "frozen40": {"distill": {"frozen": FROZEN}, "packing": {"token_budget": 20480}},
     "fwdk05-16": {"distill": {"frozen": FROZEN, "kl_direction": "target_student", "k": 0.5}},
@@ -83,13 +91,8 @@ RECIPES: dict[str, dict] = {
                                                  "checkpoint_every": 40},
                                      "packing": {"token_budget": 122880}},
     # α and β doubled again (from 1 → 2 both S and the output gained: the intermediate exits' KL weighs less), and 216
-    # steps, so that the job fits the 15 minutes (240 took 929 s)
-    "bf16-rise-alpha4-anchor4-216": {"distill": {"frozen": FROZEN, "alpha": 4.0, "output_kl_weight": 4.0,
-                                                 "exit_samples": 4, "exit_sampling": "stratified_keep_last",
-                                                 "learning_rate": 2.0e-4, "warmup_steps": 10,
-                                                 "precision": "bfloat16", "zeta2_penalty": "rise",
-                                                 "checkpoint_every": 40},
-                                     "packing": {"token_budget": 110592}},
+    # steps, so that the job fits the 15 minutes (240 took 929 s): measured under this name, then made config.yaml's
+    # `default` (its rows and snapshot renamed)
 }
 TARGETS = ["results/tables/convergence.parquet", "results/tables/convergence_paired.parquet",
            "results/tables/output_paired.parquet"]
@@ -110,11 +113,20 @@ def recipe_config(overrides: dict, base: Path = REPO / "config.yaml") -> dict:
     return config
 
 
+def recipe_overrides(name: str) -> dict:
+    """The config keys recipe ``name`` changes in config.yaml: none for ``default``, else BEFORE_13's with its own."""
+    if name == "default":
+        return {}
+    recipe = RECIPES[name]
+    return {section: {**BEFORE_13.get(section, {}), **recipe.get(section, {})}
+            for section in [*BEFORE_13, *(section for section in recipe if section not in BEFORE_13)]}
+
+
 def run_recipe(name: str, work: Path) -> float:
     """Measure one recipe in the shared run folder and snapshot what the summary reads; the run's seconds."""
     config_path = work / "configs" / f"{name}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(recipe_config(RECIPES[name]), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(recipe_config(recipe_overrides(name)), sort_keys=False))
     run = work / "run"
     run.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -77,19 +77,24 @@ def test_a_run_without_the_wikitext_output_is_refused(tmp_path):
         recipe_rows("k05", tmp_path)
 
 
-def test_a_recipe_is_the_default_config_with_its_keys_changed_and_the_output_on_the_measured_sets():
-    from bench.recipe_search import RECIPES, recipe_config
+def test_a_recipe_is_its_base_with_its_keys_changed_and_the_output_on_the_measured_sets():
+    """`default` is config.yaml itself; every other recipe is config.yaml with the keys it had until §13 (BEFORE_13)
+    and its own changed, so that a recipe stays what it was measured as when config.yaml moves on."""
+    import yaml
 
-    default, frozen = recipe_config(RECIPES["default"]), recipe_config(RECIPES["frozen40"])
-    assert frozen["distill"]["frozen"] == ["embeddings", "final_norm"] and frozen["packing"]["token_budget"] == 20480
-    paper = recipe_config(RECIPES["paper-loss16"])
-    assert paper["distill"]["frozen"] == [] and default["distill"]["frozen"] == ["embeddings", "final_norm"]
-    # every other key as config.yaml has it
-    assert {key: value for key, value in paper["distill"].items() if key != "frozen"} == \
-        {key: value for key, value in default["distill"].items() if key != "frozen"}
-    assert frozen["packing"] == {**default["packing"], "token_budget": 20480}
-    assert frozen["evaluation"]["output_datasets"] == frozen["evaluation"]["datasets"] == ["lambada", "wikitext"]
-    assert all(Path(data["path"]).is_absolute() for data in frozen["datasets"].values())
+    from bench.recipe_search import BEFORE_13, REPO, recipe_config, recipe_overrides
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    default = recipe_config(recipe_overrides("default"))
+    frozen16, frozen40 = (recipe_config(recipe_overrides(name)) for name in ("frozen16", "frozen40"))
+    paper = recipe_config(recipe_overrides("paper-loss16"))
+    assert default["distill"] == config["distill"] and default["packing"] == config["packing"]
+    assert frozen16["distill"] == {**config["distill"], **BEFORE_13["distill"]}
+    assert frozen16["packing"] == {**config["packing"], "token_budget": 8192}
+    assert paper["distill"] == {**frozen16["distill"], "frozen": []}
+    assert frozen40["distill"] == frozen16["distill"] and frozen40["packing"]["token_budget"] == 20480
+    assert frozen40["evaluation"]["output_datasets"] == frozen40["evaluation"]["datasets"] == ["lambada", "wikitext"]
+    assert all(Path(data["path"]).is_absolute() for data in frozen40["datasets"].values())
 
 
 def test_keeping_earlier_rows_adds_the_new_recipes_and_refuses_a_different_base(tmp_path):
