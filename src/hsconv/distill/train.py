@@ -302,7 +302,7 @@ def _plan(model_dir, tokens_path, settings: DistillSettings, device: str, name: 
 
 def _cpu_has_bf16_matmul() -> bool:
     """Whether oneDNN multiplies bf16 matrices natively here (avx512_bf16 or AMX). Where it does, a SmolLM2 step runs
-    1.9x faster in bf16 than in float32 (docs/findings.md §13); where it does not, bf16 is emulated and slower."""
+    1.45x faster in bf16 than in float32 (docs/findings.md §13); where it does not, bf16 is emulated and slower."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
