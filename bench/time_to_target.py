@@ -5,11 +5,11 @@
     python -m bench.time_to_target --phase report        # only the table, the figure and the Markdown
 
 Each setting trains the embedded default with the workflow's own trainer (``hsconv distill``: DeepSpeed ZeRO-2, one
-process, float32 on CPU) on the same packed FineWeb-Edu rows in the same order with the same learning-rate schedule;
+process, on config.yaml's distill settings) on the same packed FineWeb-Edu rows in the same order with the same learning-rate schedule;
 only the loss's exit sampling (``exit_samples``, ``exit_sampling``) and where the teacher comes from differ (recomputed,
 or a top-k cache, ``teacher_top_k``, written once before and timed on its own). The trainings run one after another and
-alone, since their step times are the measurement. A DeepSpeed checkpoint every ``--eval-every`` optimizer steps is
-a snapshot; after all trainings, each snapshot's student weights are evaluated (not timed): S_model and the last
+alone, since their step times are the measurement. A DeepSpeed checkpoint every ``--eval-every`` optimizer steps
+becomes a snapshot (the student's float32 master weights, as the trainer saves its model); after all trainings, each snapshot's student weights are evaluated (not timed): S_model and the last
 layer's D on held-out LAMBADA passages (both conventions for h_L, bootstrap interval over passages; the hidden-state
 and metric stages' own code) and last-layer LAMBADA accuracy from stock lm-eval on the first passages, each passage's
 outcome kept so that every snapshot is compared with the full loss's last one by a paired bootstrap. Wall-clock is the
@@ -89,9 +89,11 @@ def train(model: str, name: str, setting: tuple, inputs: dict, out: Path, eval_e
           flush=True)
     with open(run / "train.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    # A snapshot needs only the model states; the optimizer's (3× the weights) would fill the disk.
-    for optimizer_states in (run / "checkpoints").rglob("*optim_states.pt"):
-        optimizer_states.unlink()
+    # Each checkpoint becomes a snapshot (the float32 student, as the trainer saves its model); the DeepSpeed files
+    # (the optimizer's states are 3× the weights) would fill the disk.
+    for checkpoint in sorted((run / "checkpoints").glob("*/step*")):
+        snapshot_model(model, checkpoint, run / "snapshots" / checkpoint.name)
+    shutil.rmtree(run / "checkpoints")
 
 
 def teacher_cache(model: str, inputs: dict, out: Path, top_k: int) -> Path:
@@ -110,13 +112,14 @@ def teacher_cache(model: str, inputs: dict, out: Path, top_k: int) -> Path:
 
 
 def snapshot_model(model: str, checkpoint: Path, out: Path) -> None:
-    """The student weights of a ZeRO-2 checkpoint (kept whole in its model states) as an HF model directory."""
-    import torch
+    """The student weights of a ZeRO-2 checkpoint as an HF model directory: the optimizer's float32 master copies,
+    as the trainer saves its model (the module's own weights in a bf16 run are those copies rounded to bf16)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from hsconv.models import load_model, save_hf
 
     loaded = load_model(model)
-    states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    states = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     student = {key.removeprefix("student."): value for key, value in states.items() if key.startswith("student.")}
     missing, unexpected = loaded.model.load_state_dict(student, strict=False)
     # A tied head has no weight of its own in the state dict; anything else missing would be a bug.
@@ -158,22 +161,18 @@ def evaluate(model: str, settings: dict, inputs: dict, out: Path, accuracy_passa
     evaluated.mkdir(parents=True, exist_ok=True)
     jobs = [("pretrained", 0, None)]
     for name in settings:
-        for checkpoint in sorted((out / "runs" / name / "checkpoints").glob("*/step*")):
-            jobs.append((name, int(checkpoint.name.removeprefix("step")), checkpoint))
-    for name, step, checkpoint in jobs:
+        for snapshot in sorted((out / "runs" / name / "snapshots").glob("step*")):
+            jobs.append((name, int(snapshot.name.removeprefix("step")), snapshot))
+    for name, step, snapshot in jobs:
         record = evaluated / f"{name}-step{step:03d}.json"
         if record.exists():
             continue
         print(f"evaluating {name} at step {step}", flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir = model
-            if checkpoint is not None:
-                model_dir = str(Path(tmp) / "model")
-                snapshot_model(model, checkpoint, Path(model_dir))
-            documents = evaluated / f"{name}-step{step:03d}-passages.parquet"
-            result = evaluate_model(model_dir, inputs, documents, accuracy_passages, bootstrap)
+        documents = evaluated / f"{name}-step{step:03d}-passages.parquet"
+        result = evaluate_model(model if snapshot is None else str(snapshot), inputs, documents, accuracy_passages,
+                                bootstrap)
         seconds = 0.0
-        if checkpoint is not None:
+        if snapshot is not None:
             log = pd.read_parquet(out / "runs" / name / "steps.parquet")
             seconds = float(log.loc[log["step"] <= step, "seconds"].sum())
         record.write_text(json.dumps({"setting": name, "step": step, "train_seconds": seconds, **result}, indent=1))
@@ -328,8 +327,8 @@ def main() -> None:
             train(model, name, setting, inputs, out, args.eval_every, base_settings)
     if args.phase in ("all", "evaluate"):
         evaluate(model, settings, inputs, out, args.accuracy_passages, args.bootstrap)
-        for name in settings:  # the snapshots' optimizer states are large and no longer needed
-            shutil.rmtree(out / "runs" / name / "checkpoints", ignore_errors=True)
+        for name in settings:  # the snapshots are large and no longer needed
+            shutil.rmtree(out / "runs" / name / "snapshots", ignore_errors=True)
     if args.phase in ("all", "report"):
         from hsconv.io import write_table
 

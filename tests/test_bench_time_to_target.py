@@ -43,17 +43,16 @@ def test_benchmark_on_the_tiny_model(tiny_model_dir, tmp_path):
     result = subprocess.run([*command, "--phase", "train"], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    # The last snapshot of a run holds exactly the weights the trainer saved as its model.
-    from bench.time_to_target import snapshot_model
+    # The last snapshot of a run holds exactly the weights the trainer saved as its model (float32 masters: the
+    # default trains in bf16, whose module weights are rounded), and no DeepSpeed checkpoint is left on disk.
     from hsconv.models import load_model
 
-    last = sorted((out / "runs/m2/checkpoints").glob("*/step*"))[-1]
+    last = sorted((out / "runs/m2/snapshots").glob("step*"))[-1]
     assert last.name == "step0000004"
-    snapshot_model(str(tiny_model_dir), last, tmp_path / "snapshot")
-    snapshot, trained = (load_model(path).model.state_dict() for path in (tmp_path / "snapshot", out / "runs/m2/model"))
+    snapshot, trained = (load_model(path).model.state_dict() for path in (last, out / "runs/m2/model"))
     assert snapshot.keys() == trained.keys()
     assert all(torch.equal(snapshot[key], trained[key]) for key in snapshot)
-    assert not list(out.rglob("*optim_states.pt"))
+    assert not list(out.rglob("*.pt"))
 
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
