@@ -93,6 +93,13 @@ RECIPES: dict[str, dict] = {
     # α and β doubled again (from 1 → 2 both S and the output gained: the intermediate exits' KL weighs less), and 216
     # steps, so that the job fits the 15 minutes (240 took 929 s): measured under this name, then made config.yaml's
     # `default` (its rows and snapshot renamed)
+    # α and β doubled once more (§14): the intermediate exits' KL at 1/17 of the loss's weights, not 1/9
+    "bf16-rise-alpha8-anchor8-216": {"distill": {"frozen": FROZEN, "alpha": 8.0, "output_kl_weight": 8.0,
+                                                 "exit_samples": 4, "exit_sampling": "stratified_keep_last",
+                                                 "learning_rate": 2.0e-4, "warmup_steps": 10,
+                                                 "precision": "bfloat16", "zeta2_penalty": "rise",
+                                                 "checkpoint_every": 40},
+                                     "packing": {"token_budget": 110592}},
 }
 TARGETS = ["results/tables/convergence.parquet", "results/tables/convergence_paired.parquet",
            "results/tables/output_paired.parquet"]
