@@ -462,26 +462,48 @@ WALL_CLOCK_COLUMNS = {"seconds", "tokens_per_second"}
 
 def compare_results(reference: Path, other: Path) -> int:
     """Assert that two runs wrote the same files with the same bytes (Parquet: the same schema, metadata and values,
-    wall-clock columns aside); return how many files were compared."""
+    wall-clock columns aside); return how many files were compared. Every differing file is reported (a JSON file
+    with its differing entries), not only the first, so that a failure shows where a difference starts."""
     def files(root: Path) -> set[Path]:
         return {path.relative_to(root) for path in (root / "results").rglob("*")
                 if path.is_file() and path.relative_to(root / "results").parts[0] not in NOT_COMPARED}
 
     names = files(reference)
     assert names == files(other), sorted(names ^ files(other))
+    differences = []
     for name in sorted(names):
         if name.suffix == ".parquet":
             expected, actual = (pd.read_parquet(root / name) for root in (reference, other))
-            assert list(expected.columns) == list(actual.columns), name
             kept = [column for column in expected.columns if column not in WALL_CLOCK_COLUMNS]
-            pd.testing.assert_frame_equal(expected[kept], actual[kept], check_exact=True, obj=str(name))
-            metadata = [read_provenance(root / name) for root in (reference, other)]
-            assert metadata[0] == metadata[1], name
+            try:
+                assert list(expected.columns) == list(actual.columns), "columns differ"
+                pd.testing.assert_frame_equal(expected[kept], actual[kept], check_exact=True, obj=str(name))
+                metadata = [read_provenance(root / name) for root in (reference, other)]
+                assert metadata[0] == metadata[1], "provenance differs"
+            except AssertionError as error:
+                differences.append(f"{name}: {str(error)[:600]}")
         elif "training" in name.parts and name.suffix in (".pdf", ".png") or name.name == "steps.csv":
             continue  # the training figure plots throughput, which is wall-clock
-        else:
-            assert (reference / name).read_bytes() == (other / name).read_bytes(), name
+        elif (reference / name).read_bytes() != (other / name).read_bytes():
+            detail = ""
+            if name.suffix == ".json":
+                entries = [json_leaves(json.loads((root / name).read_text())) for root in (reference, other)]
+                detail = "; ".join(f"{key}: {entries[0].get(key)!r} != {entries[1].get(key)!r}"
+                                   for key in sorted(entries[0].keys() | entries[1].keys())
+                                   if entries[0].get(key) != entries[1].get(key))[:1500]
+            differences.append(f"{name}: bytes differ {detail}")
+    assert not differences, "\n".join(differences)
     return len(names)
+
+
+def json_leaves(value, prefix: str = "") -> dict[str, object]:
+    """A JSON document as {"a/b/0": leaf}."""
+    if isinstance(value, dict):
+        return {key: leaf for name, item in value.items() for key, leaf in json_leaves(item, f"{prefix}{name}/").items()}
+    if isinstance(value, list):
+        return {key: leaf for index, item in enumerate(value)
+                for key, leaf in json_leaves(item, f"{prefix}{index}/").items()}
+    return {prefix.rstrip("/"): value}
 
 
 def dry_run_jobs(result: subprocess.CompletedProcess) -> list[tuple[str, list[str]]]:
