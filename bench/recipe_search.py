@@ -36,7 +36,18 @@ BEFORE_13 = {"distill": {"alpha": 1.0, "frozen": FROZEN, "learning_rate": 5.0e-4
                          "precision": "auto", "checkpoint_every": 8, "exit_samples": None, "exit_sampling": "uniform",
                          "output_kl_weight": 0.0, "zeta2_penalty": "step"},
              "packing": {"token_budget": 8192}}
-# Tried in this order (docs/findings.md §10-13 say why each followed the one before). `default` is config.yaml itself,
+
+
+def rises_in_bf16(weight: float, steps: int) -> dict:
+    """§13–14's recipes: bf16, 4 stratified exits, ζ2 on the rises, lr 2e-4 with 10 warm-up steps, a checkpoint every
+    40 steps, α = β = ``weight``, ``steps`` optimizer steps of 4 × 128 tokens."""
+    return {"distill": {"frozen": FROZEN, "alpha": weight, "output_kl_weight": weight, "exit_samples": 4,
+                        "exit_sampling": "stratified_keep_last", "learning_rate": 2.0e-4, "warmup_steps": 10,
+                        "precision": "bfloat16", "zeta2_penalty": "rise", "checkpoint_every": 40},
+            "packing": {"token_budget": steps * 512}}
+
+
+# Tried in this order (docs/findings.md §10-14 say why each followed the one before). `default` is config.yaml itself,
 # since 2026-12-05 §14's recipe (measured as bf16-rise-alpha16-anchor16-200); `bf16-rise-alpha4-anchor4-216` was
 # `default` before it (§13), `frozen16` before that (§11), and `paper-loss16` before that.
 RECIPES: dict[str, dict] = {
@@ -84,38 +95,17 @@ RECIPES: dict[str, dict] = {
                               "packing": {"token_budget": 122880}},
     # the rises pulled twice as hard (α = 2) and the output held harder (β = 2); checkpoints every 40 steps, not 8
     # (each costs ~5 s of the budget)
-    "bf16-rise-alpha2-anchor2-240": {"distill": {"frozen": FROZEN, "alpha": 2.0, "output_kl_weight": 2.0,
-                                                 "exit_samples": 4, "exit_sampling": "stratified_keep_last",
-                                                 "learning_rate": 2.0e-4, "warmup_steps": 10,
-                                                 "precision": "bfloat16", "zeta2_penalty": "rise",
-                                                 "checkpoint_every": 40},
-                                     "packing": {"token_budget": 122880}},
+    "bf16-rise-alpha2-anchor2-240": rises_in_bf16(2.0, 240),
     # α and β doubled again (from 1 → 2 both S and the output gained: the intermediate exits' KL weighs less), and 216
-    # steps, so that the job fits the 15 minutes (240 took 929 s): measured under this name, then made config.yaml's
-    # `default` (its rows and snapshot renamed)
-    # §13's recipe, config.yaml's `default` from 2026-12-05 until §14's replaced it (measured under this name)
-    "bf16-rise-alpha4-anchor4-216": {"distill": {"frozen": FROZEN, "alpha": 4.0, "output_kl_weight": 4.0,
-                                                 "exit_samples": 4, "exit_sampling": "stratified_keep_last",
-                                                 "learning_rate": 2.0e-4, "warmup_steps": 10,
-                                                 "precision": "bfloat16", "zeta2_penalty": "rise",
-                                                 "checkpoint_every": 40},
-                                     "packing": {"token_budget": 110592}},
+    # steps, so that the job fits the 15 minutes (240 took 929 s): §13's recipe, config.yaml's `default` from
+    # 2026-12-05 until §14's replaced it
+    "bf16-rise-alpha4-anchor4-216": rises_in_bf16(4.0, 216),
     # α and β doubled once more (§14): the intermediate exits' KL at 1/17 of the loss's weights, not 1/9
-    "bf16-rise-alpha8-anchor8-216": {"distill": {"frozen": FROZEN, "alpha": 8.0, "output_kl_weight": 8.0,
-                                                 "exit_samples": 4, "exit_sampling": "stratified_keep_last",
-                                                 "learning_rate": 2.0e-4, "warmup_steps": 10,
-                                                 "precision": "bfloat16", "zeta2_penalty": "rise",
-                                                 "checkpoint_every": 40},
-                                     "packing": {"token_budget": 110592}},
+    "bf16-rise-alpha8-anchor8-216": rises_in_bf16(8.0, 216),
     # and once more (1/33), on 200 steps: the 216 of α = 8 took 939 s on a slower hour of this machine (4.2 s a step
     # against 3.8 s for the same work an hour before), so 200 leave the 15 minutes a margin: measured under this name,
     # then made config.yaml's `default` (§14; its rows and snapshot renamed)
-    "bf16-rise-alpha16-anchor16-200": {"distill": {"frozen": FROZEN, "alpha": 16.0, "output_kl_weight": 16.0,
-                                                   "exit_samples": 4, "exit_sampling": "stratified_keep_last",
-                                                   "learning_rate": 2.0e-4, "warmup_steps": 10,
-                                                   "precision": "bfloat16", "zeta2_penalty": "rise",
-                                                   "checkpoint_every": 40},
-                                       "packing": {"token_budget": 102400}},
+    "bf16-rise-alpha16-anchor16-200": rises_in_bf16(16.0, 200),
 }
 TARGETS = ["results/tables/convergence.parquet", "results/tables/convergence_paired.parquet",
            "results/tables/output_paired.parquet"]
