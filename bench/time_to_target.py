@@ -5,11 +5,12 @@
     python -m bench.time_to_target --phase report        # only the table, the figure and the Markdown
 
 Each setting trains the embedded default with the workflow's own trainer (``hsconv distill``: DeepSpeed ZeRO-2, one
-process, on config.yaml's distill settings) on the same packed FineWeb-Edu rows in the same order with the same learning-rate schedule;
-only the loss's exit sampling (``exit_samples``, ``exit_sampling``) and where the teacher comes from differ (recomputed,
-or a top-k cache, ``teacher_top_k``, written once before and timed on its own). The trainings run one after another and
-alone, since their step times are the measurement. A DeepSpeed checkpoint every ``--eval-every`` optimizer steps
-becomes a snapshot (the student's float32 master weights, as the trainer saves its model); after all trainings, each snapshot's student weights are evaluated (not timed): S_model and the last
+process, on config.yaml's distill settings) on the same packed FineWeb-Edu rows in the same order with the same
+learning-rate schedule; only the loss's exit sampling (``exit_samples``, ``exit_sampling``) and where the teacher comes
+from differ (recomputed, or a top-k cache, ``teacher_top_k``, written once before and timed on its own). The trainings
+run one after another and alone, since their step times are the measurement. A DeepSpeed checkpoint every
+``--eval-every`` optimizer steps becomes a snapshot (the student's float32 master weights, as the trainer saves its
+model); after all trainings, each snapshot is evaluated (not timed): S_model and the last
 layer's D on held-out LAMBADA passages (both conventions for h_L, bootstrap interval over passages; the hidden-state
 and metric stages' own code) and last-layer LAMBADA accuracy from stock lm-eval on the first passages, each passage's
 outcome kept so that every snapshot is compared with the full loss's last one by a paired bootstrap. Wall-clock is the

@@ -25,13 +25,9 @@ def local_runs_ignore_the_hosts_slurm(request, tmp_path_factory):
         return
     empty = tmp_path_factory.mktemp("slurm") / "slurm.conf"
     empty.write_text("")
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(empty)
-    yield
-    if previous is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = previous
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SLURM_CONF", str(empty))
+        yield
 
 
 def shared_file(name: str) -> Path:

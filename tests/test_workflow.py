@@ -499,7 +499,8 @@ def compare_results(reference: Path, other: Path) -> int:
 def json_leaves(value, prefix: str = "") -> dict[str, object]:
     """A JSON document as {"a/b/0": leaf}."""
     if isinstance(value, dict):
-        return {key: leaf for name, item in value.items() for key, leaf in json_leaves(item, f"{prefix}{name}/").items()}
+        return {key: leaf for name, item in value.items()
+                for key, leaf in json_leaves(item, f"{prefix}{name}/").items()}
     if isinstance(value, list):
         return {key: leaf for index, item in enumerate(value)
                 for key, leaf in json_leaves(item, f"{prefix}{index}/").items()}
