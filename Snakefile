@@ -1,7 +1,8 @@
 # hsconv: hidden-state convergence of Transformer language models.
 #   snakemake --cores all                          the paper's figures and tables for the embedded default (config.yaml)
 #   snakemake --cores all findings                 the studies beyond the paper too (ablations, tuned lens, early
-#                                                  exit, paired differences, seeds, output); or one of them by name
+#                                                  exit, paired differences, seeds, output, layer relevance); or one
+#                                                  of them by name
 #   snakemake --cores all results/figures/fig3.pdf one target
 #   snakemake --cores all --configfile configs/paper.yaml   a preset replaces config.yaml entirely
 from snakemake.utils import min_version, validate
@@ -31,6 +32,7 @@ include: "workflow/rules/early_exit.smk"
 include: "workflow/rules/ablations.smk"
 include: "workflow/rules/tuned_lens.smk"
 include: "workflow/rules/output.smk"
+include: "workflow/rules/layer_relevance.smk"
 
 
 rule all:
@@ -41,8 +43,8 @@ rule all:
 
 
 rule findings:
-    """Every study beyond the paper: ablations, the tuned-lens baseline, early exit, paired differences, seeds and
-    the output on larger sets."""
+    """Every study beyond the paper: ablations, the tuned-lens baseline, early exit, paired differences, seeds, the
+    output on larger sets and layer relevance."""
     input:
         [study_targets(study) for study in STUDIES],
 
@@ -83,3 +85,10 @@ rule output:
     LAMBADA test set by default), each paired against base, and the spread of those differences over seeds."""
     input:
         study_targets("output"),
+
+
+rule layer_relevance:
+    """Each block removed (alone, and the greedy prunings) beside its movement D_l: does a block that moves the
+    hidden state little matter little?"""
+    input:
+        study_targets("layer_relevance"),

@@ -108,7 +108,7 @@ SETTINGS_SECTIONS = [("distill", "LossSettings"), ("distill", "TrainSettings"), 
                      ("corpus", "CorpusSettings"), ("packing", "PackingSettings"),
                      ("hidden_states", "HiddenStatesSettings"), ("metrics", "MetricsSettings"),
                      ("evaluation", "EvaluationSettings"), ("early_exit", "EarlyExitSettings"),
-                     ("sentence", "SentenceSettings")]
+                     ("sentence", "SentenceSettings"), ("layer_relevance", "LayerRelevanceSettings")]
 
 
 @pytest.mark.parametrize("section, settings", SETTINGS_SECTIONS)

@@ -32,6 +32,7 @@ from hsconv.settings import (
     EarlyExitSettings,
     EvaluationSettings,
     HiddenStatesSettings,
+    LayerRelevanceSettings,
     MetricsSettings,
     PackingSettings,
     SentenceSettings,
@@ -561,6 +562,52 @@ def _plot_lens_heatmap(args: argparse.Namespace) -> None:
                       args.final_norm, args.title)
 
 
+def _layer_relevance_arguments(stage: argparse.ArgumentParser) -> None:
+    stage.add_argument("--model-dir", required=True)
+    stage.add_argument("--dataset", dest="datasets", type=dataset_spec, nargs="+", required=True,
+                       metavar="NAME=KIND=PARQUET", help="texts written by prepare-texts; KIND is lambada or wikitext")
+    stage.add_argument("--documents-out", required=True, help="each document's outcome per configuration (Parquet)")
+    stage.add_argument("--layers-out", required=True, help="the intact model's per-layer sums per document (Parquet)")
+    _required(stage, "--model", "--variant")
+    stage.add_argument("--device", type=device, default="cpu")
+    add_settings(stage, LayerRelevanceSettings, "layer_relevance")
+
+
+def _layer_relevance(args: argparse.Namespace) -> None:
+    from hsconv.evaluation.layer_skip import measure_layer_relevance
+
+    measure_layer_relevance(args.model_dir, {name: (kind, path) for name, kind, path in args.datasets},
+                            args.documents_out, args.layers_out, args.model, args.variant, device=args.device,
+                            **asdict(stage_settings(args)))
+
+
+def _tabulate_layer_relevance_arguments(stage: argparse.ArgumentParser) -> None:
+    stage.add_argument("--documents", nargs="+", required=True, help="layer-relevance outcomes per model and variant")
+    stage.add_argument("--layers", nargs="+", required=True, help="their per-layer sums")
+    _required(stage, "--out", "--agreement-out", "--pruning-out", "--config-hash")
+    add_settings(stage, MetricsSettings, "metrics")
+
+
+def _tabulate_layer_relevance(args: argparse.Namespace) -> None:
+    from hsconv.layer_relevance import tabulate_layer_relevance
+
+    metrics = stage_settings(args)
+    tabulate_layer_relevance(args.documents, args.layers, *(Path(path).with_suffix("") for path in
+                                                            (args.out, args.agreement_out, args.pruning_out)),
+                             args.config_hash, metrics.bootstrap_samples, metrics.confidence, metrics.seed)
+
+
+def _plot_layer_relevance_arguments(stage: argparse.ArgumentParser) -> None:
+    _required(stage, "--table", "--pruning", "--pdf", "--png")
+    stage.add_argument("--model", dest="models", type=name_label, nargs="+", required=True, help="NAME=LABEL, in order")
+
+
+def _plot_layer_relevance(args: argparse.Namespace) -> None:
+    from hsconv.figures.layer_relevance import plot_layer_relevance
+
+    plot_layer_relevance(args.table, args.pruning, args.pdf, args.png, dict(args.models))
+
+
 STAGES = {
     "prepare-model": Stage("resolve a model source into a model directory", _prepare_model_arguments, _prepare_model),
     "prepare-texts": Stage("read, subset and write an evaluation data set as Parquet", _prepare_texts_arguments, _prepare_texts),
@@ -589,6 +636,12 @@ STAGES = {
     "plot-movement": Stage("Figs. 3 and 8: D_l per layer, one panel per model", _plot_movement_arguments, _plot_movement),
     "trace-sentence": Stage("one sentence through every layer: logit lens, D_l and PCA", _trace_sentence_arguments, _trace_sentence),
     "plot-trajectory": Stage("Fig. 4: per-layer states of the sentence in 3-D (PCA)", _plot_trajectory_arguments, _plot_trajectory),
+    "layer-relevance": Stage("each block removed (alone and greedily pruned) against the intact model, through "
+                             "lm-eval", _layer_relevance_arguments, _layer_relevance),
+    "tabulate-layer-relevance": Stage("per block: movement beside removal effect; their agreement; the prunings",
+                                      _tabulate_layer_relevance_arguments, _tabulate_layer_relevance),
+    "plot-layer-relevance": Stage("D_l beside the removal KL per block, and the greedy prunings",
+                                  _plot_layer_relevance_arguments, _plot_layer_relevance),
     "plot-lens-heatmap": Stage("Fig. 7: logit-lens top-1 token per layer at the target", _plot_lens_heatmap_arguments, _plot_lens_heatmap),
 }
 

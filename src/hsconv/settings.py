@@ -199,6 +199,18 @@ class EarlyExitSettings:
 
 
 @dataclass(frozen=True)
+class LayerRelevanceSettings:
+    """Each block removed, beside its movement (config section ``layer_relevance``, less ``models`` and
+    ``datasets``; stage ``layer-relevance``)."""
+
+    prune_max_layers: int = setting(8, "the greedy prunings remove up to this many blocks together (capped at L − 1)",
+                                    minimum=1)
+    batch_tokens: int = setting(8192, "padded tokens per forward pass (requests are packed longest first)", minimum=1)
+    precision: TrainingPrecision = setting("auto", "the models' precision: auto is bfloat16 where the device "
+                                                   "multiplies it natively (AMX, avx512_bf16, a CUDA GPU), else float32")
+
+
+@dataclass(frozen=True)
 class SentenceSettings:
     """The one sentence Figs. 4 and 7 trace (config section ``sentence``; stage ``trace-sentence``)."""
 

@@ -367,7 +367,8 @@ def paper_targets():
 def study_targets(study):
     """The outputs of one study beyond the paper, built only when asked for by name (`snakemake findings` builds
     them all): `ablations`, `tuned_lens`, `early_exit` (with the pruned models), `paired` (distilled − base),
-    `seeds` (the spread over distill.seeds) or `output` (the output alone on evaluation.output_datasets)."""
+    `seeds` (the spread over distill.seeds), `output` (the output alone on evaluation.output_datasets) or
+    `layer_relevance` (each block removed, beside its movement)."""
     if study == "ablations":
         return (["results/tables/ablations.csv", "results/figures/ablations.pdf", "results/figures/ablations.png"]
                 if ABLATION_MODELS else [])
@@ -382,6 +383,12 @@ def study_targets(study):
             return []
         return expand("results/tables/{table}.{ext}", ext=("csv", "md"),
                       table=["output_paired", *(["output_seeds"] if SEED_VARIANTS else [])])
+    if study == "layer_relevance":
+        relevance = config.get("layer_relevance", {})
+        return ([*expand("results/tables/{table}.{ext}", ext=("csv", "md"),
+                         table=("layer_relevance", "layer_relevance_agreement", "layer_pruning")),
+                 *expand("results/figures/layer_relevance.{ext}", ext=("pdf", "png"))]
+                if relevance.get("models") else [])
     if not EVALUATED_DATASETS:
         return []
     if study == "tuned_lens":
@@ -396,7 +403,7 @@ def study_targets(study):
     raise ValueError(f"unknown study {study!r}")
 
 
-STUDIES = ("ablations", "tuned_lens", "early_exit", "paired", "seeds", "output")
+STUDIES = ("ablations", "tuned_lens", "early_exit", "paired", "seeds", "output", "layer_relevance")
 # The configured per-layer figures (5, 6, 9, 10) whose models all have a tuned lens, drawn again with it as a third
 # curve.
 TUNED_LENS_FIGURES = [name for name in PER_LAYER_FIGURES if name in config["figures"]

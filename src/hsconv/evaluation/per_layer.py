@@ -115,13 +115,9 @@ def _task_metrics(tasks: dict, bootstrap_iters: int, log_samples: bool) -> dict:
 
     results = {"results": {}, "n-samples": {}, "configs": {}, "versions": {}, "samples": {}}
     for name, task in tasks.items():
-        task.apply_filters()
-        by_document = _instances_by_document(task.instances)
-        (filter_key,) = task.instances[0].filtered_resps  # the stock tasks have one filter, "none"
+        filter_key, per_document = document_metrics(task)
         raw, samples = {}, []
-        for doc_id, doc in task.doc_iterator(rank=0, world_size=1):
-            metrics = task.process_results(doc, [instance.filtered_resps[filter_key]
-                                                 for instance in by_document[doc_id]])
+        for doc_id, metrics in per_document:
             for metric, value in metrics.items():
                 raw.setdefault(metric, []).append(value)
             if log_samples:
@@ -140,6 +136,18 @@ def _task_metrics(tasks: dict, bootstrap_iters: int, log_samples: bool) -> dict:
         results["versions"][name] = task.VERSION
         results["samples"][name] = samples
     return results
+
+
+def document_metrics(task, doc_ids: set[int] | None = None) -> tuple[str, list[tuple[int, dict]]]:
+    """The task's filter and each document's metrics (``process_results``) from the responses now in its instances,
+    in the task's document order; only the documents in ``doc_ids`` where given."""
+    task.apply_filters()
+    by_document = _instances_by_document(task.instances)
+    (filter_key,) = task.instances[0].filtered_resps  # the stock tasks have one filter, "none"
+    return filter_key, [(doc_id, task.process_results(doc, [instance.filtered_resps[filter_key]
+                                                            for instance in by_document[doc_id]]))
+                        for doc_id, doc in task.doc_iterator(rank=0, world_size=1)
+                        if doc_ids is None or doc_id in doc_ids]
 
 
 def _instances_by_document(instances) -> dict[int, list]:
@@ -287,12 +295,18 @@ def document_outcomes(results: dict, layer: int, task_names: dict[str, str], kin
     rows = []
     for name, task in task_names.items():
         for sample in results["samples"][task]:
-            row = {"task": name, "kind": kinds[name], "layer": layer, "doc_id": int(sample["doc_id"])}
-            if "acc" in sample:
-                row.update(acc=float(sample["acc"]), loglikelihood=float(sample["perplexity"]))
-            if "word_perplexity" in sample:
-                loglikelihood, words = sample["word_perplexity"]
-                row.update(loglikelihood=float(loglikelihood), words=int(words),
-                           bytes=int(sample["byte_perplexity"][1]))
-            rows.append(row)
+            rows.append({"task": name, "kind": kinds[name], "layer": layer, "doc_id": int(sample["doc_id"]),
+                         **outcome_fields(sample)})
     return rows
+
+
+def outcome_fields(metrics: dict) -> dict:
+    """A document's outcome from its lm-eval metrics: LAMBADA's correctness and target log-likelihood, WikiText's
+    log-likelihood with its word and byte counts."""
+    if "acc" in metrics:
+        return {"acc": float(metrics["acc"]), "loglikelihood": float(metrics["perplexity"])}
+    if "word_perplexity" in metrics:
+        loglikelihood, words = metrics["word_perplexity"]
+        return {"loglikelihood": float(loglikelihood), "words": int(words),
+                "bytes": int(metrics["byte_perplexity"][1])}
+    return {}

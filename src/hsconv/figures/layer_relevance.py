@@ -1,0 +1,86 @@
+"""Layer relevance: a block's movement D_l beside what removing it does, and the greedy prunings, per model."""
+
+from __future__ import annotations
+
+import os
+
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+from hsconv.errors import InputError
+from hsconv.figures.per_layer import TASK_LABELS
+from hsconv.figures.style import PALETTE, apply_style, save_figure, variant_label, variant_style
+from hsconv.io import read_input_table
+
+METRIC_CHANGE_LABELS = {"acc": "accuracy change (points)", "word_perplexity": "word perplexity change (%)"}
+ORDER_LABELS = {"block_influence": "smallest block influence (ShortGPT)", "removal_kl": "smallest removal KL"}
+ORDER_MARKERS = {"block_influence": "o", "removal_kl": "s"}
+
+
+def plot_layer_relevance(table_path: str | os.PathLike, pruning_path: str | os.PathLike, pdf_out: str | os.PathLike,
+                         png_out: str | os.PathLike, models: dict[str, str]) -> plt.Figure:
+    """One column per model. Rows: D_l per block (the first data set); the KL of the intact model's output to the
+    output with block l removed, with its bootstrap band, per data set (log scale); then, per data set, the metric's
+    change when the n least relevant blocks by each order are removed together (held-out documents)."""
+    table = read_input_table(table_path, "layer-relevance table", made_by="tabulate-layer-relevance")
+    pruning = read_input_table(pruning_path, "layer-pruning table", made_by="tabulate-layer-relevance")
+    missing = [name for name in models if name not in set(table["model"])]
+    if missing:
+        raise InputError(f"{table_path} has no rows for model(s) {missing}")
+    tasks = sorted(table["task"].unique())
+    apply_style()
+    rows = 2 + len(tasks)
+    figure, axes = plt.subplots(rows, len(models), figsize=(5.0 * len(models), 2.9 * rows), squeeze=False)
+    for column, (name, label) in enumerate(models.items()):
+        rows_of_model = table[table["model"] == name]
+        num_layers = int(rows_of_model["layer"].max())
+        movement = rows_of_model[rows_of_model["task"] == tasks[0]]
+        axis = axes[0][column]
+        for variant, frame in movement.groupby("variant", sort=True):
+            style = variant_style(variant)
+            axis.plot(frame["layer"], frame["movement"], color=PALETTE[0], label=f"{variant_label(variant)}: D_l",
+                      markersize=3, **style)
+            axis.plot(frame["layer"], frame["movement_without_first"], color=PALETTE[7], markersize=2,
+                      label=f"{variant_label(variant)}: first position left out", **style)
+        axis.set_ylabel("movement $D_l$ (= BI/2)")
+        axis.set_title(f"(a) {label}: movement of block l on {TASK_LABELS.get(tasks[0], tasks[0])}", fontsize=10)
+        axis.legend(fontsize=7)
+        axis = axes[1][column]
+        for index, task in enumerate(tasks):
+            for variant, frame in rows_of_model[rows_of_model["task"] == task].groupby("variant", sort=True):
+                axis.plot(frame["layer"], frame["removal_kl"], color=PALETTE[1 + index], markersize=3,
+                          label=f"{TASK_LABELS.get(task, task)}, {variant_label(variant)}", **variant_style(variant))
+                axis.fill_between(frame["layer"], frame["removal_kl_low"], frame["removal_kl_high"],
+                                  color=PALETTE[1 + index], alpha=0.15, linewidth=0)
+        axis.set_yscale("log")
+        axis.set_ylabel("KL(intact ‖ block l removed) (nats/token)")
+        axis.set_title(f"(b) {label}: effect of removing block l (95% band over documents)", fontsize=10)
+        axis.legend(fontsize=7)
+        for offset, task in enumerate(tasks):
+            axis = axes[2 + offset][column]
+            frame = pruning[(pruning["model"] == name) & (pruning["task"] == task)]
+            for (variant, order), curve in frame.groupby(["variant", "order"], sort=True):
+                # accuracy in points; perplexity relative to the intact model's, in percent
+                scale = 100.0 if (curve["metric"] == "acc").all() else 100.0 / curve["intact_value"]
+                style = variant_style(variant) | {"marker": ORDER_MARKERS[order]}
+                axis.plot(curve["n_removed"], scale * curve["difference"], color=PALETTE[3 + (order == "removal_kl")],
+                          markersize=4, label=f"{variant_label(variant)}, {ORDER_LABELS[order]}", **style)
+                axis.fill_between(curve["n_removed"], scale * curve["difference_low"],
+                                  scale * curve["difference_high"], color=PALETTE[3 + (order == "removal_kl")],
+                                  alpha=0.12, linewidth=0)
+            axis.axhline(0, color="black", linewidth=0.6)
+            metric = frame["metric"].iloc[0] if len(frame) else ""
+            axis.set_ylabel(f"{TASK_LABELS.get(task, task)} {METRIC_CHANGE_LABELS.get(metric, metric)}")
+            axis.set_xlabel("blocks removed together (n)")
+            axis.set_title(f"({chr(99 + offset)}) {label}: the n least relevant blocks removed (held-out half)",
+                           fontsize=10)
+            axis.legend(fontsize=7)
+        for axis in axes[:2, column]:
+            axis.set_xlabel(f"block l (1..{num_layers})")
+        for axis in axes[:, column]:
+            axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.suptitle("Layer relevance: movement beside the effect of removing each block "
+                    "(base solid, self-distilled dashed)", fontsize=11)
+    figure.tight_layout()
+    save_figure(figure, pdf_out, png_out)
+    return figure
