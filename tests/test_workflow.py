@@ -309,7 +309,8 @@ RERUN_MATRIX = {
                    "prune_model": 2, "evaluate_pruned": 2, "tabulate_early_exit": 1, "plot_early_exit": 1,
                    "paired_differences": 1, "distill_ablation": 2, "evaluate_ablation": 2,
                    "evaluate_output": 2, "output_paired_differences": 1,
-                   "tabulate_ablations": 1, "plot_ablations": 1, "plot_tuned_lens_figure": 2, "all": 1,
+                   "tabulate_ablations": 1, "plot_ablations": 1, "plot_tuned_lens_figure": 2,
+                   "measure_layer_relevance": 1, "tabulate_layer_relevance": 1, "plot_layer_relevance": 1, "all": 1,
                    "findings": 1}),
     "PCA figure code": ("figures/trajectory.py", "\nVIEW_ELEVATION = 22\n", {"plot_fig4": 1, "all": 1}),
     "a comment in the corpus code": ("corpus.py", "\n# a comment\n", {}),
@@ -335,6 +336,26 @@ def test_rerun_matrix_after_real_edits(finished_run, tmp_path, edit):
     assert planned_counts(result) == expected, result.stdout[-3000:]
 
 
+def test_layer_relevance_study_tables_and_figure(finished_run):
+    """Every block of the Llama removed, for both variants and both data sets; the prunings by both orders; the
+    intact model's accuracy in the relevance table is the per-layer evaluation's at the output exit."""
+    results = finished_run / "results"
+    table = pd.read_parquet(results / "tables/layer_relevance.parquet")
+    assert set(table["model"]) == {"tiny-llama"} and set(table["variant"]) == {"base", "distilled"}
+    assert table.groupby(["variant", "task"])["layer"].apply(sorted).map(tuple).eq((1, 2, 3, 4)).all()
+    assert (table["removal_kl"] > 0).all() and (table["removal_kl_low"] <= table["removal_kl"]).all()
+    evaluation = pd.read_parquet(results / "tables/per_layer_evaluation.parquet")
+    output = evaluation[(evaluation["model"] == "tiny-llama") & (evaluation["layer"] == 4)
+                        & (evaluation["metric"] == "acc")].set_index("variant")["value"]
+    intact = table[table["metric"] == "acc"].groupby("variant")["intact_value"].first()
+    assert (intact - output.reindex(intact.index)).abs().max() < 1e-12
+    pruning = pd.read_parquet(results / "tables/layer_pruning.parquet")
+    assert set(pruning["order"]) == {"block_influence", "removal_kl"} and set(pruning["n_removed"]) == {1, 2}
+    agreement = pd.read_parquet(results / "tables/layer_relevance_agreement.parquet")
+    assert agreement["spearman"].between(-1, 1).all()
+    assert (results / "figures/layer_relevance.pdf").read_bytes().startswith(b"%PDF")
+
+
 @pytest.mark.slow
 def test_changing_the_text_subset_reruns_measurement_not_models(finished_run, tmp_path):
     shutil.copy(finished_run / "config.yaml", tmp_path / "saved.yaml")
@@ -353,7 +374,8 @@ STUDY_RULES = {"ablations": {"distill_ablation", "evaluate_ablation", "tabulate_
                               "paired_tuned_lens_differences"},
                "early_exit": {"prune_model", "evaluate_pruned", "tabulate_early_exit", "plot_early_exit"},
                "paired": {"paired_differences", "compare_convergence"},
-               "output": {"evaluate_output", "output_paired_differences"}}
+               "output": {"evaluate_output", "output_paired_differences"},
+               "layer_relevance": {"measure_layer_relevance", "tabulate_layer_relevance", "plot_layer_relevance"}}
 
 
 def test_the_default_target_is_the_paper_and_each_study_has_a_name(tmp_path):

@@ -566,6 +566,8 @@ def _layer_relevance_arguments(stage: argparse.ArgumentParser) -> None:
     stage.add_argument("--model-dir", required=True)
     stage.add_argument("--dataset", dest="datasets", type=dataset_spec, nargs="+", required=True,
                        metavar="NAME=KIND=PARQUET", help="texts written by prepare-texts; KIND is lambada or wikitext")
+    stage.add_argument("--limit", dest="limits", type=limit_spec, nargs="*", default=[], metavar="NAME=N",
+                       help="only the first N documents of a data set")
     stage.add_argument("--documents-out", required=True, help="each document's outcome per configuration (Parquet)")
     stage.add_argument("--layers-out", required=True, help="the intact model's per-layer sums per document (Parquet)")
     _required(stage, "--model", "--variant")
@@ -578,7 +580,7 @@ def _layer_relevance(args: argparse.Namespace) -> None:
 
     measure_layer_relevance(args.model_dir, {name: (kind, path) for name, kind, path in args.datasets},
                             args.documents_out, args.layers_out, args.model, args.variant, device=args.device,
-                            **asdict(stage_settings(args)))
+                            limits=dict(args.limits), **asdict(stage_settings(args)))
 
 
 def _tabulate_layer_relevance_arguments(stage: argparse.ArgumentParser) -> None:

@@ -114,6 +114,16 @@ def check_config(config: dict) -> None:
     if tuned_lens.get("models") and sequences <= tuned_lens["holdout_sequences"]:
         raise ConfigError(f"tuned_lens.holdout_sequences={tuned_lens['holdout_sequences']} leaves none of the "
                           f"{sequences} packed sequences to train on")
+    _check_layer_relevance(config)
+    if config.get("ablations", {}).get("models"):
+        _check_ablations(config)
+    sentence = config["sentence"]
+    if sentence["target"] not in sentence["text"]:
+        raise ConfigError(f"sentence.target {sentence['target']!r} does not occur in sentence.text "
+                          f"{sentence['text']!r}")
+
+
+def _check_layer_relevance(config: dict) -> None:
     relevance = config.get("layer_relevance", {})
     _require_known("model", relevance.get("models", []), config["models"], "layer_relevance.models")
     _require_known("data set", relevance.get("datasets", []), config["datasets"], "layer_relevance.datasets")
@@ -121,14 +131,9 @@ def check_config(config: dict) -> None:
         if config["datasets"][name]["kind"] not in choices(EvaluationKind):
             raise ConfigError(f"layer_relevance.datasets: {name!r} is of kind {config['datasets'][name]['kind']!r}; "
                               f"the removal effects are scored with lm-eval's lambada and wikitext tasks")
+    _require_known("data set", relevance.get("limits", {}), relevance.get("datasets", []), "layer_relevance.limits")
     if relevance.get("models") and not relevance.get("datasets"):
         raise ConfigError("layer_relevance.datasets is empty: name the data sets the removal effects are scored on")
-    if config.get("ablations", {}).get("models"):
-        _check_ablations(config)
-    sentence = config["sentence"]
-    if sentence["target"] not in sentence["text"]:
-        raise ConfigError(f"sentence.target {sentence['target']!r} does not occur in sentence.text "
-                          f"{sentence['text']!r}")
 
 
 def _check_distill(config: dict) -> None:

@@ -206,6 +206,9 @@ class LayerRelevanceSettings:
     prune_max_layers: int = setting(8, "the greedy prunings remove up to this many blocks together (capped at L − 1)",
                                     minimum=1)
     batch_tokens: int = setting(8192, "padded tokens per forward pass (requests are packed longest first)", minimum=1)
+    window_tokens: int | None = setting(None, "lm-eval's max_length: the longest window, so WikiText is scored in "
+                                              "rolling windows of this many tokens (none: the model's context)",
+                                        minimum=2)
     precision: TrainingPrecision = setting("auto", "the models' precision: auto is bfloat16 where the device "
                                                    "multiplies it natively (AMX, avx512_bf16, a CUDA GPU), else float32")
 

@@ -284,12 +284,23 @@ OUTPUT_DATASETS = config["evaluation"]["output_datasets"]
 OUTPUT_VARIANTS = list(dict.fromkeys(["base", *VARIANTS, *SEED_VARIANTS]))
 
 
-def evaluation_datasets(names, limited=True):
+# The layer-relevance study (`snakemake layer_relevance`): what removing each block does, beside its movement.
+RELEVANCE_MODELS = config["layer_relevance"]["models"]
+RELEVANCE_DATASETS = config["layer_relevance"]["datasets"]
+
+
+def relevance_measurements(name):
+    """A measurement of every studied model and variant: `documents` (outcomes) or `layers` (movement sums)."""
+    return expand("results/layer_relevance/{model}/{variant}/{name}.parquet", model=RELEVANCE_MODELS,
+                  variant=VARIANTS, name=name)
+
+
+def evaluation_datasets(names, limited=True, section="evaluation"):
     """`--dataset NAME=KIND=PATH...` of `hsconv evaluate-layers` for the named data sets (their texts are the job's
-    input.texts, in that order), and `--limit NAME=N...` for those that evaluation.limits cuts short (unless not
+    input.texts, in that order), and `--limit NAME=N...` for those that the section's `limits` cuts short (unless not
     `limited`: the output study evaluates its larger sets whole)."""
-    limits = [f"{name}={config['evaluation']['limits'][name]}" for name in names
-              if limited and name in config["evaluation"]["limits"]]
+    limits = [f"{name}={config[section]['limits'][name]}" for name in names
+              if limited and name in config[section]["limits"]]
 
     def args(wildcards, input):
         texts = [input.texts] if isinstance(input.texts, str) else input.texts
@@ -384,11 +395,10 @@ def study_targets(study):
         return expand("results/tables/{table}.{ext}", ext=("csv", "md"),
                       table=["output_paired", *(["output_seeds"] if SEED_VARIANTS else [])])
     if study == "layer_relevance":
-        relevance = config.get("layer_relevance", {})
         return ([*expand("results/tables/{table}.{ext}", ext=("csv", "md"),
                          table=("layer_relevance", "layer_relevance_agreement", "layer_pruning")),
                  *expand("results/figures/layer_relevance.{ext}", ext=("pdf", "png"))]
-                if relevance.get("models") else [])
+                if RELEVANCE_MODELS else [])
     if not EVALUATED_DATASETS:
         return []
     if study == "tuned_lens":

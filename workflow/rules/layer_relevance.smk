@@ -1,9 +1,3 @@
-# The layer-relevance study (`snakemake layer_relevance`): what removing each block does, beside its movement.
-RELEVANCE = config.get("layer_relevance", {})
-RELEVANCE_MODELS = RELEVANCE.get("models", [])
-RELEVANCE_DATASETS = RELEVANCE.get("datasets", [])
-
-
 rule measure_layer_relevance:
     """Every block of one model and variant removed alone, then the greedy prunings, through lm-eval's stock tasks
     against the intact model (one intact pass per batch; a removal reruns only the blocks after it)."""
@@ -14,7 +8,7 @@ rule measure_layer_relevance:
         documents="results/layer_relevance/{model}/{variant}/documents.parquet",
         layers="results/layer_relevance/{model}/{variant}/layers.parquet",
     params:
-        datasets=evaluation_datasets(RELEVANCE_DATASETS, limited=False),
+        datasets=evaluation_datasets(RELEVANCE_DATASETS, section="layer_relevance"),
         settings=section_settings("layer_relevance", settings.LayerRelevanceSettings),
         device=model_setting("device"),
         code=code_fingerprint("hsconv.evaluation.layer_skip"),
@@ -33,21 +27,17 @@ rule measure_layer_relevance:
 rule tabulate_layer_relevance:
     """Per block: movement, norm and the removal effect with intervals; their rank agreement; the greedy prunings."""
     input:
-        documents=expand("results/layer_relevance/{model}/{variant}/documents.parquet", model=RELEVANCE_MODELS,
-                         variant=VARIANTS),
-        layers=expand("results/layer_relevance/{model}/{variant}/layers.parquet", model=RELEVANCE_MODELS,
-                      variant=VARIANTS),
+        documents=relevance_measurements("documents"),
+        layers=relevance_measurements("layers"),
     output:
         table="results/tables/layer_relevance.parquet",
         csv=report("results/tables/layer_relevance.csv", caption="../report/layer_relevance_table.rst",
                    category="Layer relevance"),
-        md="results/tables/layer_relevance.md",
         agreement="results/tables/layer_relevance_agreement.parquet",
-        agreement_csv="results/tables/layer_relevance_agreement.csv",
-        agreement_md="results/tables/layer_relevance_agreement.md",
         pruning="results/tables/layer_pruning.parquet",
-        pruning_csv="results/tables/layer_pruning.csv",
-        pruning_md="results/tables/layer_pruning.md",
+        for_people=["results/tables/layer_relevance.md",
+                    *expand("results/tables/{table}.{ext}", table=("layer_relevance_agreement", "layer_pruning"),
+                            ext=("csv", "md"))],
     params:
         metrics=section_settings("metrics", settings.MetricsSettings),
         config_hash=CONFIG_HASH,

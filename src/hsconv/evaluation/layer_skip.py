@@ -22,7 +22,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from lm_eval.models.utils_hf import pad_and_concat
 
 from hsconv.architectures import family_of_config
 from hsconv.errors import InputError
@@ -180,14 +179,7 @@ class LayerSkipLM(LogitLensLM):
         total_tokens = sum(len(self._window(*key)) for key in keys)
         started, tokens_done = time.perf_counter(), 0
         for batch in self._batches(keys):
-            inputs, spans = [], []
-            for context, continuation in batch:
-                if not context or not continuation:
-                    raise InputError("lm-eval passed an empty context or continuation")
-                window = self._window(context, continuation)
-                inputs.append(torch.tensor(window, dtype=torch.long, device=self.device))
-                spans.append((len(window) - len(continuation), len(window)))
-            padded = pad_and_concat(max(len(x) for x in inputs), inputs, padding_side="right")
+            padded, spans = self._padded_batch(batch)
             intact = intact_pass(self.model, padded)
             self.forward_passes += 1
             for key, sums in zip(batch, self._movement_sums(intact, [stop for _, stop in spans])):
@@ -311,7 +303,8 @@ def _evaluate(lm: LayerSkipLM, tasks: dict, configurations: list[Configuration],
 
 def measure_layer_relevance(model_dir: str, datasets: dict[str, tuple[str, str]], documents_out: str,
                             layers_out: str, model: str, variant: str, prune_max_layers: int = 8,
-                            batch_tokens: int = 8192, precision: str = "float32", device: str = "cpu") -> dict:
+                            batch_tokens: int = 8192, window_tokens: int | None = None, precision: str = "float32",
+                            device: str = "cpu", limits: dict[str, int] | None = None) -> dict:
     """Stage entry point: every block removed alone, then the greedy prunings, on ``datasets``
     ({name: (kind, texts parquet)}) through lm-eval's stock tasks; writes each document's outcome per configuration
     (``documents_out``) and the intact model's per-layer movement and norm sums per document (``layers_out``).
@@ -322,7 +315,6 @@ def measure_layer_relevance(model_dir: str, datasets: dict[str, tuple[str, str]]
     import pandas as pd
 
     from hsconv.evaluation.per_layer import stock_tasks, write_task_data
-    from hsconv.io import write_parquet
     from hsconv.layer_relevance import EVALUATED_HALF, RANKED_HALF, pruning_orders
     from hsconv.models import weights_dir
     from hsconv.precision import resolve_precision
@@ -332,12 +324,12 @@ def measure_layer_relevance(model_dir: str, datasets: dict[str, tuple[str, str]]
     dtype = resolve_precision(precision, device)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="hsconv-layer-relevance-") as tmp:
-        data_files = {name: (kind, write_task_data(path, kind, Path(tmp) / f"{name}.jsonl"))
+        data_files = {name: (kind, write_task_data(path, kind, Path(tmp) / f"{name}.jsonl", (limits or {}).get(name)))
                       for name, (kind, path) in datasets.items()}
         # batch_size: how many of a document's rolling windows lm-eval hands over at once (batch_tokens then packs
         # them); LAMBADA's requests come in one call whatever it is.
         lm = LayerSkipLM(pretrained=str(weights_dir(Path(model_dir))), dtype=dtype, device=device, batch_size=64,
-                         batch_tokens=batch_tokens)
+                         batch_tokens=batch_tokens, max_length=window_tokens)
         task_dict, task_names = stock_tasks(data_files, Path(tmp))
         tasks = {name: (kind, task_dict["tasks"][task_names[name]]) for name, (kind, _) in datasets.items()}
         for _, task in tasks.values():
@@ -357,15 +349,25 @@ def measure_layer_relevance(model_dir: str, datasets: dict[str, tuple[str, str]]
             outcomes.extend(pruned)
     provenance = {"model": model, "variant": variant, "model_dir": str(model_dir), "dtype": dtype,
                   "precision": precision, "device": device, "batch_tokens": batch_tokens,
+                  "window_tokens": lm.max_length, "limits": limits or {},
                   "prune_max_layers": prune_max_layers, "forward_passes": lm.forward_passes,
                   "orders": {name: list(order) for name, order in orders.items()},
                   "halves": {"ranked": f"doc_id % 2 == {RANKED_HALF}", "evaluated": f"doc_id % 2 == {EVALUATED_HALF}"},
                   "datasets": {name: {"kind": kind, "texts": str(path)} for name, (kind, path) in datasets.items()}}
-    for rows, out in ((outcomes, documents_out), (layer_rows, layers_out)):
-        frame = pd.DataFrame(rows)
-        frame.insert(0, "variant", variant)
-        frame.insert(0, "model", model)
-        write_parquet(frame, out, {"layer_relevance": provenance})
+    _write_measurements(outcomes, layer_rows, documents_out, layers_out, provenance)
     log.info("%s/%s: %d configurations, %d forward passes, %.0f s -> %s", model, variant, len(singles) + len(prunings),
              lm.forward_passes, time.perf_counter() - started, documents_out)
     return provenance
+
+
+def _write_measurements(outcomes: list[dict], layer_rows: list[dict], documents_out, layers_out,
+                        provenance: dict) -> None:
+    import pandas as pd
+
+    from hsconv.io import write_parquet
+
+    for rows, out in ((outcomes, documents_out), (layer_rows, layers_out)):
+        frame = pd.DataFrame(rows)
+        frame.insert(0, "variant", provenance["variant"])
+        frame.insert(0, "model", provenance["model"])
+        write_parquet(frame, out, {"layer_relevance": provenance})

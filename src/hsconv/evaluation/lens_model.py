@@ -101,14 +101,7 @@ class LogitLensLM(HFLM):
         started, tokens_done = time.perf_counter(), 0
         for start in range(0, len(order), batch_size):
             batch = [keys[i] for i in order[start:start + batch_size]]
-            inputs, spans = [], []
-            for context, continuation in batch:
-                if not context or not continuation:
-                    raise InputError("lm-eval passed an empty context or continuation")
-                window = self._window(context, continuation)
-                inputs.append(torch.tensor(window, dtype=torch.long, device=self.device))
-                spans.append((len(window) - len(continuation), len(window)))
-            padded = pad_and_concat(max(len(x) for x in inputs), inputs, padding_side="right")
+            padded, spans = self._padded_batch(batch)
             # HFLM calls the model without an attention mask (right padding never reaches earlier positions).
             result = decoder_states(self.model, padded, None)
             self.forward_passes += 1
@@ -130,6 +123,17 @@ class LogitLensLM(HFLM):
             log.info("%d exits: %d/%d requests scored, %d/%d tokens, %.0f tokens/s, ~%.0f s left",
                      len(self.scored_exits), min(start + batch_size, len(order)), len(order), tokens_done,
                      total_tokens, rate, (total_tokens - tokens_done) / max(rate, 1e-9))
+
+    def _padded_batch(self, batch: list[tuple]) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """The requests' windows, right-padded into one batch, and each one's scored span (begin, stop)."""
+        inputs, spans = [], []
+        for context, continuation in batch:
+            if not context or not continuation:
+                raise InputError("lm-eval passed an empty context or continuation")
+            window = self._window(context, continuation)
+            inputs.append(torch.tensor(window, dtype=torch.long, device=self.device))
+            spans.append((len(window) - len(continuation), len(window)))
+        return pad_and_concat(max(len(x) for x in inputs), inputs, padding_side="right"), spans
 
     def _window(self, context: tuple, continuation: tuple) -> tuple:
         """Exactly HFLM's window: the last max_length + 1 tokens, minus the final one."""

@@ -32,49 +32,13 @@ def plot_layer_relevance(table_path: str | os.PathLike, pruning_path: str | os.P
     rows = 2 + len(tasks)
     figure, axes = plt.subplots(rows, len(models), figsize=(5.0 * len(models), 2.9 * rows), squeeze=False)
     for column, (name, label) in enumerate(models.items()):
-        rows_of_model = table[table["model"] == name]
-        num_layers = int(rows_of_model["layer"].max())
-        movement = rows_of_model[rows_of_model["task"] == tasks[0]]
-        axis = axes[0][column]
-        for variant, frame in movement.groupby("variant", sort=True):
-            style = variant_style(variant)
-            axis.plot(frame["layer"], frame["movement"], color=PALETTE[0], label=f"{variant_label(variant)}: D_l",
-                      markersize=3, **style)
-            axis.plot(frame["layer"], frame["movement_without_first"], color=PALETTE[7], markersize=2,
-                      label=f"{variant_label(variant)}: first position left out", **style)
-        axis.set_ylabel("movement $D_l$ (= BI/2)")
-        axis.set_title(f"(a) {label}: movement of block l on {TASK_LABELS.get(tasks[0], tasks[0])}", fontsize=10)
-        axis.legend(fontsize=7)
-        axis = axes[1][column]
-        for index, task in enumerate(tasks):
-            for variant, frame in rows_of_model[rows_of_model["task"] == task].groupby("variant", sort=True):
-                axis.plot(frame["layer"], frame["removal_kl"], color=PALETTE[1 + index], markersize=3,
-                          label=f"{TASK_LABELS.get(task, task)}, {variant_label(variant)}", **variant_style(variant))
-                axis.fill_between(frame["layer"], frame["removal_kl_low"], frame["removal_kl_high"],
-                                  color=PALETTE[1 + index], alpha=0.15, linewidth=0)
-        axis.set_yscale("log")
-        axis.set_ylabel("KL(intact ‖ block l removed) (nats/token)")
-        axis.set_title(f"(b) {label}: effect of removing block l (95% band over documents)", fontsize=10)
-        axis.legend(fontsize=7)
+        of_model = table[table["model"] == name]
+        _movement_panel(axes[0][column], of_model[of_model["task"] == tasks[0]], label)
+        _removal_panel(axes[1][column], of_model, tasks, label)
         for offset, task in enumerate(tasks):
-            axis = axes[2 + offset][column]
-            frame = pruning[(pruning["model"] == name) & (pruning["task"] == task)]
-            for (variant, order), curve in frame.groupby(["variant", "order"], sort=True):
-                # accuracy in points; perplexity relative to the intact model's, in percent
-                scale = 100.0 if (curve["metric"] == "acc").all() else 100.0 / curve["intact_value"]
-                style = variant_style(variant) | {"marker": ORDER_MARKERS[order]}
-                axis.plot(curve["n_removed"], scale * curve["difference"], color=PALETTE[3 + (order == "removal_kl")],
-                          markersize=4, label=f"{variant_label(variant)}, {ORDER_LABELS[order]}", **style)
-                axis.fill_between(curve["n_removed"], scale * curve["difference_low"],
-                                  scale * curve["difference_high"], color=PALETTE[3 + (order == "removal_kl")],
-                                  alpha=0.12, linewidth=0)
-            axis.axhline(0, color="black", linewidth=0.6)
-            metric = frame["metric"].iloc[0] if len(frame) else ""
-            axis.set_ylabel(f"{TASK_LABELS.get(task, task)} {METRIC_CHANGE_LABELS.get(metric, metric)}")
-            axis.set_xlabel("blocks removed together (n)")
-            axis.set_title(f"({chr(99 + offset)}) {label}: the n least relevant blocks removed (held-out half)",
-                           fontsize=10)
-            axis.legend(fontsize=7)
+            _pruning_panel(axes[2 + offset][column], pruning[(pruning["model"] == name) & (pruning["task"] == task)],
+                           task, f"({chr(99 + offset)}) {label}")
+        num_layers = int(of_model["layer"].max())
         for axis in axes[:2, column]:
             axis.set_xlabel(f"block l (1..{num_layers})")
         for axis in axes[:, column]:
@@ -84,3 +48,47 @@ def plot_layer_relevance(table_path: str | os.PathLike, pruning_path: str | os.P
     figure.tight_layout()
     save_figure(figure, pdf_out, png_out)
     return figure
+
+
+def _movement_panel(axis, movement, label: str) -> None:
+    for variant, frame in movement.groupby("variant", sort=True):
+        style = variant_style(variant)
+        axis.plot(frame["layer"], frame["movement"], color=PALETTE[0], label=f"{variant_label(variant)}: D_l",
+                  markersize=3, **style)
+        axis.plot(frame["layer"], frame["movement_without_first"], color=PALETTE[7], markersize=2,
+                  label=f"{variant_label(variant)}: first position left out", **style)
+    task = movement["task"].iloc[0]
+    axis.set_ylabel("movement $D_l$ (= BI/2)")
+    axis.set_title(f"(a) {label}: movement of block l on {TASK_LABELS.get(task, task)}", fontsize=10)
+    axis.legend(fontsize=7)
+
+
+def _removal_panel(axis, of_model, tasks: list[str], label: str) -> None:
+    for index, task in enumerate(tasks):
+        for variant, frame in of_model[of_model["task"] == task].groupby("variant", sort=True):
+            axis.plot(frame["layer"], frame["removal_kl"], color=PALETTE[1 + index], markersize=3,
+                      label=f"{TASK_LABELS.get(task, task)}, {variant_label(variant)}", **variant_style(variant))
+            axis.fill_between(frame["layer"], frame["removal_kl_low"], frame["removal_kl_high"],
+                              color=PALETTE[1 + index], alpha=0.15, linewidth=0)
+    axis.set_yscale("log")
+    axis.set_ylabel("KL(intact ‖ block l removed) (nats/token)")
+    axis.set_title(f"(b) {label}: effect of removing block l (95% band over documents)", fontsize=10)
+    axis.legend(fontsize=7)
+
+
+def _pruning_panel(axis, frame, task: str, title: str) -> None:
+    for (variant, order), curve in frame.groupby(["variant", "order"], sort=True):
+        # accuracy in points; perplexity relative to the intact model's, in percent
+        scale = 100.0 if (curve["metric"] == "acc").all() else 100.0 / curve["intact_value"]
+        colour = PALETTE[3 + (order == "removal_kl")]
+        axis.plot(curve["n_removed"], scale * curve["difference"], color=colour, markersize=4,
+                  label=f"{variant_label(variant)}, {ORDER_LABELS[order]}",
+                  **(variant_style(variant) | {"marker": ORDER_MARKERS[order]}))
+        axis.fill_between(curve["n_removed"], scale * curve["difference_low"], scale * curve["difference_high"],
+                          color=colour, alpha=0.12, linewidth=0)
+    axis.axhline(0, color="black", linewidth=0.6)
+    metric = frame["metric"].iloc[0] if len(frame) else ""
+    axis.set_ylabel(f"{TASK_LABELS.get(task, task)} {METRIC_CHANGE_LABELS.get(metric, metric)}")
+    axis.set_xlabel("blocks removed together (n)")
+    axis.set_title(f"{title}: the n least relevant blocks removed (held-out half)", fontsize=10)
+    axis.legend(fontsize=7)
