@@ -31,9 +31,10 @@ from bench.recipe_summary import write_summary
 REPO = Path(__file__).resolve().parents[1]
 FROZEN = ["embeddings", "final_norm"]
 # config.yaml's distill and packing keys from 2026-12-05 (§11) until §13's recipe replaced them: every recipe below
-# but `default` is these keys with its own changed, so that each stays the configuration it was measured as.
+# but `default` is these keys with its own changed, so that each stays the configuration it was measured as
+# (`precision` was `auto`, which meant float32 on a CPU until auto chose bf16 where it is native).
 BEFORE_13 = {"distill": {"alpha": 1.0, "frozen": FROZEN, "learning_rate": 5.0e-4, "warmup_steps": 2,
-                         "precision": "auto", "checkpoint_every": 8, "exit_samples": None, "exit_sampling": "uniform",
+                         "precision": "float32", "checkpoint_every": 8, "exit_samples": None, "exit_sampling": "uniform",
                          "output_kl_weight": 0.0, "zeta2_penalty": "step"},
              "packing": {"token_budget": 8192}}
 

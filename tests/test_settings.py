@@ -104,3 +104,26 @@ def test_every_stage_with_settings_has_a_flag_per_field_with_its_range():
 def test_defaults_are_the_fields_defaults():
     assert defaults(HiddenStatesSettings) == {"batch_size": 8, "max_tokens": None, "overflow": "error",
                                               "exclude_special_tokens": True}
+
+
+def test_precision_auto_is_bf16_only_where_the_device_multiplies_it_natively(monkeypatch):
+    """`auto` (the default's distill and layer-relevance precision) must not choose an emulated bf16: on a CPU
+    without avx512_bf16 or AMX it would make a newcomer's first run take hours."""
+    import hsconv.precision as precision
+
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device="cpu": False)
+    assert precision.resolve_precision("auto", "cpu") == "float32"
+    assert precision.resolve_precision("float32", "cpu") == "float32"
+    assert precision.resolve_precision("bfloat16", "cpu") == "bfloat16"  # asked for: kept, with a warning
+    monkeypatch.setattr(precision, "bf16_is_native", lambda device="cpu": True)
+    assert precision.resolve_precision("auto", "cpu") == "bfloat16"
+    assert precision.resolve_precision("float32", "cuda:0") == "float32"
+
+
+def test_the_default_config_leaves_the_precision_to_the_machine():
+    import yaml
+
+    from conftest import REPO
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert config["distill"]["precision"] == "auto" and config["layer_relevance"]["precision"] == "auto"

@@ -25,6 +25,7 @@ from hsconv.names import (
     ModelDtype,
     SubsetMode,
     TextKind,
+    TrainingPrecision,
     choices,
 )
 from hsconv.settings import (
@@ -264,7 +265,8 @@ def _cache_teacher_arguments(stage: argparse.ArgumentParser) -> None:
     stage.add_argument("--out", required=True, help="cache directory to write")
     stage.add_argument("--top-k", type=integer(1), required=True, help="tokens kept per position")
     stage.add_argument("--batch-size", type=integer(1), default=8)
-    stage.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    stage.add_argument("--dtype", default="float32", choices=choices(TrainingPrecision),
+                       help="the frozen model's precision (auto: bfloat16 where this device multiplies it natively)")
     stage.add_argument("--device", type=device, default="cpu")
 
 

@@ -337,7 +337,8 @@ class TrainSettings:
     seed: int = setting(0, "seed of the data order and of exit sampling", minimum=0)
     zero_stage: int = setting(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
     offload_optimizer: bool = setting(False, "ZeRO-Offload of the optimizer state to CPU memory")
-    precision: TrainingPrecision = setting("auto", "auto: bfloat16 on GPU, float32 on CPU")
+    precision: TrainingPrecision = setting("auto", "auto: bfloat16 where the device multiplies it natively (a CUDA GPU "
+                                                   "with bf16, a CPU with AMX or avx512_bf16), float32 elsewhere")
     gradient_checkpointing: bool = setting(False, "recompute the student's layers in backward")
     frozen: tuple[FrozenPart, ...] = setting((), "parts of the student left as they are: embeddings (with a tied LM "
                                                  "head), final_norm (its gain)")

@@ -244,10 +244,9 @@ def distill_args(checkpoints):
 
 
 def teacher_dtype(wildcards):
-    """The dtype the trainer would run the frozen model in, so that the cache holds what it would compute."""
-    precision = config["distill"]["precision"]
-    on_gpu = config["models"][wildcards.model]["device"].startswith("cuda")
-    return "bfloat16" if precision == "bfloat16" or (precision == "auto" and on_gpu) else "float32"
+    """The precision the trainer runs the frozen model in (`auto` is resolved by the job, on its own machine), so that
+    the cache holds what the trainer would compute."""
+    return config["distill"]["precision"]
 
 
 def teacher_resources():

@@ -27,6 +27,7 @@ from hsconv.errors import InputError
 from hsconv.hidden_states import decoder_states, readout
 from hsconv.io import atomic_path, sha256_file
 from hsconv.models import context_length, load_model
+from hsconv.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def write_teacher_cache(model_dir: str | os.PathLike, tokens_path: str | os.Path
     The distribution is formed as the trainer forms q_target (the decoder's last normalised state through the LM
     head and the family's softcap, log-softmax in float32), so a cache with k = V − 1 reproduces the recomputed
     loss exactly."""
+    dtype = resolve_precision(dtype, device)  # `auto` as the trainer resolves it on this machine
     loaded = load_model(model_dir, dtype=dtype, device=device)
     model = loaded.model
     ids, n_tokens = read_sequences(tokens_path, context_length(model.config), loaded.name)

@@ -37,6 +37,7 @@ from hsconv.models import (
     load_model,
     read_manifest,
 )
+from hsconv.precision import resolve_precision
 from hsconv.settings import DistillSettings, LossSettings, TrainingError, TrainSettings  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -238,7 +239,8 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
     # ("terminate called without an active exception", exit -6) after a run that finished.
     try:
         engine, scheduler, bf16 = _engine(plan, model_dir, settings, device_type, local_rank)
-        settings_record = {"distill": settings.to_dict(), "world_size": world, "tokens": str(tokens_path),
+        settings_record = {"distill": settings.to_dict(), "precision": "bfloat16" if bf16 else "float32",
+                           "world_size": world, "tokens": str(tokens_path),
                            "sequences": int(len(plan.ids)), "sequence_length": int(plan.ids.shape[1])}
         if plan.cache is not None:
             settings_record["teacher_cache"] = {key: plan.cache.manifest[key]
@@ -300,25 +302,15 @@ def _plan(model_dir, tokens_path, settings: DistillSettings, device: str, name: 
                  min(total_steps, train.max_steps or total_steps), cache)
 
 
-def _cpu_has_bf16_matmul() -> bool:
-    """Whether oneDNN multiplies bf16 matrices natively here (avx512_bf16 or AMX). Where it does, a SmolLM2 step runs
-    1.45x faster in bf16 than in float32 (docs/findings.md §13); where it does not, bf16 is emulated and slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str, local_rank: int):
     """The DeepSpeed engine around student + frozen target, its learning-rate schedule, and whether it runs bf16."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     train = settings.train
-    bf16 = train.precision == "bfloat16" or (train.precision == "auto" and device_type == "cuda")
-    if device_type == "cpu" and bf16 and not _cpu_has_bf16_matmul():
-        log.warning("bfloat16 on this CPU is emulated and slow (no avx512_bf16/AMX); precision auto would choose "
-                    "float32")
+    # auto: bf16 where the device multiplies it natively (a SmolLM2 step runs 1.45x faster than float32 on an AMX
+    # CPU, docs/findings.md §13); float32 where bf16 would be emulated, many times slower
+    bf16 = resolve_precision(train.precision, device_type) == "bfloat16"
     torch_device = torch.device(get_accelerator().device_name(local_rank)) if device_type == "cuda" else \
         torch.device("cpu")
     if train.deterministic:
