@@ -21,14 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT / ".." / "shared" / "data"
 
 
-def matmul_limit(size: int | None = None, repeats: int = 7) -> dict:
+def matmul_limit(size: int | None = None, repeats: int = 7, dtype: str | None = None) -> dict:
     """GFLOP/s of a ``size × size`` matmul (after one warm-up), each repeat timed alone: float32 on the CPU,
-    bfloat16 on a GPU (the precision each runs distillation in)."""
+    bfloat16 on a GPU (the precision each runs distillation in), unless ``dtype`` names another."""
     import torch
 
     cuda = torch.cuda.is_available()
     size = size or (8192 if cuda else 2048)
-    dtype, device = (torch.bfloat16, "cuda") if cuda else (torch.float32, "cpu")
+    device = "cuda" if cuda else "cpu"
+    dtype = getattr(torch, dtype) if dtype else torch.bfloat16 if cuda else torch.float32
     a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     torch.matmul(a, b)
     rates = []

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from bench import data_stage, default_run, distill_step, extraction, per_layer_eval, teacher_cache
+from bench import data_stage, default_run, distill_step, extraction, layer_skip, per_layer_eval, teacher_cache
 from bench.common import ROOT, SHARED, environment, matmul_limit, spread
 
 # Committed, so that BENCHMARKS.md can be rendered again anywhere from what it was rendered from.
@@ -32,7 +32,7 @@ MODEL = "smollm2-135m"
 DISTILL_SHAPES = [(4, 64), (4, 256), (8, 512)]  # the first is also run with the naive loss
 DISTILL_EXITS = [4, 8, 16]
 NAIVE_SHAPES = [(4, 64), (1, 256)]
-SECTIONS = ("default_run", "machine", "data", "distill", "extraction", "eval", "teacher")
+SECTIONS = ("default_run", "machine", "data", "distill", "extraction", "eval", "teacher", "layer_skip")
 
 
 def model_dir() -> str:
@@ -77,6 +77,7 @@ MEASURE = {
     "eval": lambda model: per_layer_eval.measure(model, lambada=300, wikitext=1, repeats=3),
     "teacher": lambda model: teacher_cache.measure(model, distill_tokens(model), ks=(64, 256)),
     "default_run": lambda model: default_run.measure(),
+    "layer_skip": lambda model: layer_skip.measure(model, lambada=32, repeats=2),
 }
 
 
@@ -156,13 +157,21 @@ def checks(stored: dict) -> dict[str, list[str]]:
             lines.append("- Top-k teacher cache, ζ1 relative error (KL(q_l‖p)): " + ", ".join(
                 f"k = {k}: {measured['k'][k]['relative_error']:+.1e}" for k in ("64", "256") if k in measured["k"])
                 + ".")
+    if "layer_skip" in stored:
+        run = stored["layer_skip"]
+        replayed, whole = min(run["seconds"]["replayed"]), min(run["seconds"]["whole"])
+        goals["layer_skip"] = [f"- Layer relevance, every block of SmolLM2 removed alone ({run['dtype']}): replaying "
+                               f"the intact prefix is {whole / replayed:.2f}× faster than running each removal whole "
+                               f"({replayed / min(run['seconds']['intact']):.1f} intact passes' time for "
+                               f"{run['layers']} removals and the intact pass)."]
     return goals
 
 
 # How each section's goal lines begin, to carry them over from an earlier BENCHMARKS.md (see previous_report).
 GOAL_PREFIXES = {"default_run": ("- The default run",),
                  "distill": ("- Distillation at", "- Fused at", "- Step memory"), "eval": ("- All-exit",),
-                 "extraction": ("- Hidden-state stage",), "teacher": ("- Top-k teacher cache",)}
+                 "extraction": ("- Hidden-state stage",), "teacher": ("- Top-k teacher cache",),
+                 "layer_skip": ("- Layer relevance",)}
 
 
 def previous_report(text: str) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -187,17 +196,19 @@ INTRO = {
     "extraction": extraction.__doc__.split("\n\n", 2)[2].strip(),
     "eval": per_layer_eval.__doc__.split("\n\n", 2)[2].strip(),
     "teacher": teacher_cache.__doc__.split("\n\n", 2)[2].strip(),
+    "layer_skip": layer_skip.__doc__.split("\n\n", 2)[2].strip(),
 }
 TITLES = {"default_run": "The default run: `snakemake --cores all`, whole and per job",
           "machine": "The limit: matrix-multiply rate", "data": "Data stage: sampling and packing",
           "distill": "Self-distillation step: fused per-layer loss vs the naive one",
           "extraction": "Hidden-state extraction vs a bare forward pass",
           "eval": "Per-layer evaluation: all exits through the logit lens vs stock lm-eval",
-          "teacher": "Teacher targets: a top-k cache vs recomputing the frozen model"}
+          "teacher": "Teacher targets: a top-k cache vs recomputing the frozen model",
+          "layer_skip": "Layer relevance: removals with the intact prefix replayed vs run whole"}
 RENDER = {"default_run": default_run.markdown,
           "machine": lambda r: "best GFLOP/s per run: " + spread([m["best_gflops"] for m in r["matmul"]]),
           "data": data_stage.markdown, "distill": distill_step.markdown, "extraction": extraction.markdown,
-          "eval": per_layer_eval.markdown, "teacher": teacher_cache.markdown}
+          "eval": per_layer_eval.markdown, "teacher": teacher_cache.markdown, "layer_skip": layer_skip.markdown}
 
 
 def render(stored: dict, previous: str = "") -> str:

@@ -174,7 +174,7 @@ class LayerSkipLM(LogitLensLM):
         if batch:
             yield batch
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _score(self, keys: list[tuple]) -> None:
         total_tokens = sum(len(self._window(*key)) for key in keys)
         started, tokens_done = time.perf_counter(), 0

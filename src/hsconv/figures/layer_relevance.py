@@ -30,14 +30,14 @@ def plot_layer_relevance(table_path: str | os.PathLike, pruning_path: str | os.P
     tasks = sorted(table["task"].unique())
     apply_style()
     rows = 2 + len(tasks)
-    figure, axes = plt.subplots(rows, len(models), figsize=(5.0 * len(models), 2.9 * rows), squeeze=False)
+    figure, axes = plt.subplots(rows, len(models), figsize=(6.4 * len(models), 3.0 * rows), squeeze=False)
     for column, (name, label) in enumerate(models.items()):
         of_model = table[table["model"] == name]
         _movement_panel(axes[0][column], of_model[of_model["task"] == tasks[0]], label)
         _removal_panel(axes[1][column], of_model, tasks, label)
         for offset, task in enumerate(tasks):
             _pruning_panel(axes[2 + offset][column], pruning[(pruning["model"] == name) & (pruning["task"] == task)],
-                           task, f"({chr(99 + offset)}) {label}")
+                           f"({chr(99 + offset)}) {label}")
         num_layers = int(of_model["layer"].max())
         for axis in axes[:2, column]:
             axis.set_xlabel(f"block l (1..{num_layers})")
@@ -50,6 +50,13 @@ def plot_layer_relevance(table_path: str | os.PathLike, pruning_path: str | os.P
     return figure
 
 
+def data_label(frame) -> str:
+    """The data set as a reader knows it (LAMBADA, WikiText-2), with the config's name where it says more."""
+    task, kind = frame["task"].iloc[0], frame["kind"].iloc[0]
+    known = TASK_LABELS.get(kind, kind)
+    return known if task == kind else f"{known} ({task})"
+
+
 def _movement_panel(axis, movement, label: str) -> None:
     for variant, frame in movement.groupby("variant", sort=True):
         style = variant_style(variant)
@@ -57,9 +64,9 @@ def _movement_panel(axis, movement, label: str) -> None:
                   markersize=3, **style)
         axis.plot(frame["layer"], frame["movement_without_first"], color=PALETTE[7], markersize=2,
                   label=f"{variant_label(variant)}: first position left out", **style)
-    task = movement["task"].iloc[0]
+    axis.set_yscale("log")  # block 1 moves the embedding ~20x more than any later block
     axis.set_ylabel("movement $D_l$ (= BI/2)")
-    axis.set_title(f"(a) {label}: movement of block l on {TASK_LABELS.get(task, task)}", fontsize=10)
+    axis.set_title(f"(a) {label}: movement of block l, {data_label(movement)}", fontsize=10)
     axis.legend(fontsize=7)
 
 
@@ -67,16 +74,16 @@ def _removal_panel(axis, of_model, tasks: list[str], label: str) -> None:
     for index, task in enumerate(tasks):
         for variant, frame in of_model[of_model["task"] == task].groupby("variant", sort=True):
             axis.plot(frame["layer"], frame["removal_kl"], color=PALETTE[1 + index], markersize=3,
-                      label=f"{TASK_LABELS.get(task, task)}, {variant_label(variant)}", **variant_style(variant))
+                      label=f"{data_label(frame)}, {variant_label(variant)}", **variant_style(variant))
             axis.fill_between(frame["layer"], frame["removal_kl_low"], frame["removal_kl_high"],
                               color=PALETTE[1 + index], alpha=0.15, linewidth=0)
     axis.set_yscale("log")
-    axis.set_ylabel("KL(intact ‖ block l removed) (nats/token)")
-    axis.set_title(f"(b) {label}: effect of removing block l (95% band over documents)", fontsize=10)
+    axis.set_ylabel("KL(intact ‖ removed)\n(nats per scored token)")
+    axis.set_title(f"(b) {label}: removing block l alone (95% band over documents)", fontsize=10)
     axis.legend(fontsize=7)
 
 
-def _pruning_panel(axis, frame, task: str, title: str) -> None:
+def _pruning_panel(axis, frame, title: str) -> None:
     for (variant, order), curve in frame.groupby(["variant", "order"], sort=True):
         # accuracy in points; perplexity relative to the intact model's, in percent
         scale = 100.0 if (curve["metric"] == "acc").all() else 100.0 / curve["intact_value"]
@@ -88,7 +95,7 @@ def _pruning_panel(axis, frame, task: str, title: str) -> None:
                           color=colour, alpha=0.12, linewidth=0)
     axis.axhline(0, color="black", linewidth=0.6)
     metric = frame["metric"].iloc[0] if len(frame) else ""
-    axis.set_ylabel(f"{TASK_LABELS.get(task, task)} {METRIC_CHANGE_LABELS.get(metric, metric)}")
+    axis.set_ylabel(METRIC_CHANGE_LABELS.get(metric, metric))
     axis.set_xlabel("blocks removed together (n)")
-    axis.set_title(f"{title}: the n least relevant blocks removed (held-out half)", fontsize=10)
+    axis.set_title(f"{title}: the n least relevant removed, {data_label(frame)} (held-out half)", fontsize=10)
     axis.legend(fontsize=7)
