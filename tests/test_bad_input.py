@@ -99,6 +99,15 @@ def evaluate_args(*extra: str, dataset: str | None = None) -> Callable[[dict], l
     return build
 
 
+def relevance_args(*extra: str, dataset: str | None = None) -> Callable[[dict], list[str]]:
+    def build(inputs):
+        out = inputs["out"]
+        return ["--model-dir", inputs["model"], "--dataset", dataset or f"lambada=lambada={inputs['lambada']}",
+                "--documents-out", out + "/d.parquet", "--layers-out", out + "/l.parquet", "--model", "tiny",
+                "--variant", "base", *extra]
+    return build
+
+
 def convergence_args(hidden: str = "dump", model: str = "tiny", *extra: str) -> Callable[[dict], list[str]]:
     def build(inputs):
         out = inputs["out"]
@@ -164,6 +173,16 @@ CASES = [
          "the output evaluation naming a data set that is not configured"),
     Case("config-batch-not-multiple", "config", config_edit(_set("distill.micro_batch_size", 3)),
          "distill.batch_size", "a batch that micro-batches do not divide"),
+    Case("config-relevance-unknown-model", "config", config_edit(_set("layer_relevance.models", ["gpt5"])),
+         "layer_relevance.models", "the layer-relevance study naming a model that is not configured"),
+    Case("config-relevance-jsonl", "config",
+         config_edit(lambda c: c["datasets"].update(notes={"kind": "jsonl", "path": "x.jsonl"})
+                     or c["layer_relevance"].update(datasets=["lambada", "notes"])), "layer_relevance.datasets",
+         "a jsonl data set given to the layer-relevance study (it is scored with lm-eval's tasks)"),
+    Case("config-relevance-limit-unknown", "config", config_edit(_set("layer_relevance.limits", {"wiki": 2})),
+         "layer_relevance.limits", "a limit for a data set the study does not read"),
+    Case("config-relevance-no-datasets", "config", config_edit(_set("layer_relevance.datasets", [])),
+         "layer_relevance.datasets", "the study asked for with no data set to score on"),
     # --- prepare-model ---
     Case("model-heads-do-not-divide", "prepare-model",
          lambda i: ["--name", "m", "--source", tiny(num_heads=5), "--out", i["out"] + "/m"], "num_heads",
@@ -320,6 +339,18 @@ CASES = [
          "evaluation texts that do not exist"),
     Case("evaluate-batch-size-zero", "evaluate-layers", evaluate_args("--batch-size", "0"), "--batch-size",
          "a batch of 0"),
+    # --- layer-relevance ---
+    Case("relevance-texts-missing", "layer-relevance",
+         lambda i: relevance_args(dataset=f"lambada=lambada={i['missing']}")(i), lambda i: i["missing"],
+         "evaluation texts that do not exist"),
+    Case("relevance-dataset-kind", "layer-relevance", relevance_args(dataset="x=squad=x.parquet"), "--dataset",
+         "a --dataset kind lm-eval has no task for"),
+    Case("relevance-prune-zero", "layer-relevance", relevance_args("--prune-max-layers", "0"), "--prune-max-layers",
+         "greedy prunings of 0 blocks"),
+    Case("relevance-precision", "layer-relevance", relevance_args("--precision", "float16"), "--precision",
+         "a precision the study does not offer"),
+    Case("relevance-window-one", "layer-relevance", relevance_args("--window-tokens", "1"), "--window-tokens",
+         "a 1-token window, which scores nothing"),
     # --- compute-convergence ---
     Case("convergence-not-a-dump", "compute-convergence", convergence_args("lambada"), lambda i: i["lambada"],
          "a table that is not a hidden-state dump"),
