@@ -132,12 +132,15 @@ def test_output_anchor_with_sampled_exits_resumes_bit_for_bit_and_logs_its_weigh
     pd.testing.assert_frame_equal(layers, pd.read_parquet(killed_out["layers_out"]))
 
 
-def test_frozen_parts_keep_their_pretrained_values_and_the_rest_trains(tmp_path, corpus):
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_frozen_parts_keep_their_pretrained_values_and_the_rest_trains(tmp_path, corpus, precision):
     """distill.frozen: the embeddings (with the tied head: one tensor) and the final norm's gain are left bit for bit
-    as they were, every decoder layer still trains."""
+    as they were, every decoder layer still trains; in bf16 too, whose engine rounds the module's copies of the frozen
+    parts (which have no float32 master)."""
     model_dir, tokens = make_model(tmp_path, corpus)
     result, outputs = run_distill(tmp_path, model_dir, tokens, "frozen",
-                                  settings={**SETTINGS, "max_steps": 2, "frozen": ["embeddings", "final_norm"]})
+                                  settings={**SETTINGS, "max_steps": 2, "frozen": ["embeddings", "final_norm"],
+                                            "precision": precision})
     assert result.returncode == 0, result.stderr[-3000:]
     before, after = load_file(model_dir / "model.safetensors"), load_file(outputs["out"] / "model.safetensors")
     frozen = {"model.embed_tokens.weight", "model.norm.weight"}
@@ -146,7 +149,8 @@ def test_frozen_parts_keep_their_pretrained_values_and_the_rest_trains(tmp_path,
         assert torch.equal(before[name], after[name]), name
     layers = [name for name in after if name.startswith("model.layers.")]
     assert layers and all(not torch.equal(before[name], after[name]) for name in layers if name.endswith("proj.weight"))
-    assert load_model(outputs["out"]).manifest["training"]["distill"]["frozen"] == ["embeddings", "final_norm"]
+    training = load_model(outputs["out"]).manifest["training"]
+    assert training["distill"]["frozen"] == ["embeddings", "final_norm"] and training["precision"] == precision
 
 
 def test_another_seed_gives_another_run(tmp_path, corpus):

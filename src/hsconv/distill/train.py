@@ -238,7 +238,7 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
     # An exit with the group alive lets gloo's threads be torn down by the C++ runtime, which can abort
     # ("terminate called without an active exception", exit -6) after a run that finished.
     try:
-        engine, scheduler, bf16 = _engine(plan, model_dir, settings, device_type, local_rank)
+        engine, scheduler, bf16, frozen = _engine(plan, model_dir, settings, device_type, local_rank)
         settings_record = {"distill": settings.to_dict(), "precision": "bfloat16" if bf16 else "float32",
                            "world_size": world, "tokens": str(tokens_path),
                            "sequences": int(len(plan.ids)), "sequence_length": int(plan.ids.shape[1])}
@@ -251,7 +251,7 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
                  settings.train.batch_size, settings.train.micro_batch_size, plan.accumulation, world,
                  "bf16" if bf16 else "float32", settings.train.zero_stage)
         step_rows, layer_rows = _train(engine, scheduler, plan, settings, checkpoints, settings_record, rank, world)
-        state = _master_weights(engine)  # every rank: assembling ZeRO's partitions is a collective
+        state = _master_weights(engine, frozen)  # every rank: assembling ZeRO's partitions is a collective
         if rank == 0:
             _save_model(state, plan.base, model_dir, out_dir, plan.name, settings_record)
             provenance = {"model": plan.name, "settings": settings_record}
@@ -303,7 +303,9 @@ def _plan(model_dir, tokens_path, settings: DistillSettings, device: str, name: 
 
 
 def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str, local_rank: int):
-    """The DeepSpeed engine around student + frozen target, its learning-rate schedule, and whether it runs bf16."""
+    """The DeepSpeed engine around student + frozen target, its learning-rate schedule, whether it runs bf16, and the
+    frozen parameters' pretrained float32 values (a bf16 engine rounds the module's copies, and frozen parameters
+    have no float32 master)."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -321,6 +323,8 @@ def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str,
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     trainable = _trainable_parameters(student, train.frozen)
+    frozen = {name: parameter.detach().to("cpu", torch.float32, copy=True)
+              for name, parameter in student.named_parameters() if not parameter.requires_grad}
     target = None
     if plan.cache is None:
         target = load_model(model_dir, dtype="bfloat16" if bf16 else "float32", device=str(torch_device)).model
@@ -342,7 +346,7 @@ def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str,
                                                    model_parameters=None if optimizer else trainable)
     if train.zero_stage == 3:
         module.register_for_zero3()  # needs the partitioned parameters that initialize() made
-    return engine, scheduler, bf16
+    return engine, scheduler, bf16, frozen
 
 
 def _trainable_parameters(student: torch.nn.Module, frozen: tuple[str, ...]) -> list[torch.nn.Parameter]:
@@ -426,13 +430,17 @@ def _step(engine, plan: _Plan, train: TrainSettings, step: int, rank: int) -> St
     return stats
 
 
-def _master_weights(engine) -> dict[str, torch.Tensor]:
-    """Every parameter's float32 master copy, assembled from ZeRO's partitions on every rank. The module's own
-    weights would round a bf16 run's result to bf16; in a float32 run the two are the same tensors."""
+def _master_weights(engine, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every trained parameter's float32 master copy, assembled from ZeRO's partitions on every rank, and every frozen
+    one's pretrained value (``frozen``). The module's own weights would round a bf16 run's result to bf16, the frozen
+    parts included; in a float32 run the two are the same tensors."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     state = {}
     for name, parameter in engine.module.student.named_parameters():
+        if name in frozen:
+            state[name] = frozen[name].clone()
+            continue
         master = safe_get_full_fp32_param(parameter)
         state[name] = (parameter.data if master is None else master).detach().to("cpu", torch.float32).clone()
     return state
