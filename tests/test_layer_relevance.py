@@ -235,3 +235,18 @@ def test_the_stage_writes_every_removal_and_the_held_out_prunings(model_dir, tex
         assert ",".join(map(str, sorted(order[:2]))) in set(pruned["removed"])
     layers = pd.read_parquet(tmp_path / "layers.parquet")
     assert set(layers["layer"]) == set(range(num_layers + 1))
+
+
+def test_the_figure_draws_a_data_set_without_held_out_documents(model_dir, texts, tmp_path):
+    """One WikiText article (doc 0) ranks the blocks and leaves nothing to score the prunings on: the panel says so."""
+    from hsconv.figures.layer_relevance import plot_layer_relevance
+    from hsconv.layer_relevance import tabulate_layer_relevance
+
+    measure_layer_relevance(str(model_dir), texts, tmp_path / "d.parquet", tmp_path / "l.parquet", "tiny", "base",
+                            prune_max_layers=2, batch_tokens=1024, limits={"lambada": 4})
+    tabulate_layer_relevance([str(tmp_path / "d.parquet")], [str(tmp_path / "l.parquet")], tmp_path / "r",
+                             tmp_path / "a", tmp_path / "p", "test", samples=20)
+    assert set(pd.read_parquet(tmp_path / "p.parquet")["task"]) == {"lambada"}
+    plot_layer_relevance(tmp_path / "r.parquet", tmp_path / "p.parquet", tmp_path / "f.pdf", tmp_path / "f.png",
+                         {"tiny": "tiny Llama"})
+    assert (tmp_path / "f.pdf").read_bytes().startswith(b"%PDF")

@@ -108,7 +108,8 @@ def relevance_tables(outcomes: pd.DataFrame, layers: pd.DataFrame, samples: int 
             kl_sum, kl_tokens = (_per_document(removals, column, doc_ids, blocks) for column in ("kl_sum", "kl_tokens"))
 
             def pooled(numerator, denominator, rows=slice(None)):
-                return numerator[rows].sum(axis=-2) / denominator[rows].sum(axis=-2)
+                with np.errstate(invalid="ignore", divide="ignore"):  # NaN where a resample has no such token
+                    return numerator[rows].sum(axis=-2) / denominator[rows].sum(axis=-2)
 
             movement = pooled(sums["movement_sum"], sums["tokens"])[1:]
             without_first = pooled(sums["movement_without_first_sum"], sums["tokens_without_first"])[1:]

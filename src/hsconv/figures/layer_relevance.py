@@ -37,7 +37,7 @@ def plot_layer_relevance(table_path: str | os.PathLike, pruning_path: str | os.P
         _removal_panel(axes[1][column], of_model, tasks, label)
         for offset, task in enumerate(tasks):
             _pruning_panel(axes[2 + offset][column], pruning[(pruning["model"] == name) & (pruning["task"] == task)],
-                           f"({chr(99 + offset)}) {label}")
+                           f"({chr(99 + offset)}) {label}", data_label(of_model[of_model["task"] == task]))
         num_layers = int(of_model["layer"].max())
         for axis in axes[:2, column]:
             axis.set_xlabel(f"block l (1..{num_layers})")
@@ -83,7 +83,7 @@ def _removal_panel(axis, of_model, tasks: list[str], label: str) -> None:
     axis.legend(fontsize=7)
 
 
-def _pruning_panel(axis, frame, title: str) -> None:
+def _pruning_panel(axis, frame, title: str, data: str) -> None:
     for (variant, order), curve in frame.groupby(["variant", "order"], sort=True):
         # accuracy in points; perplexity relative to the intact model's, in percent
         scale = 100.0 if (curve["metric"] == "acc").all() else 100.0 / curve["intact_value"]
@@ -94,8 +94,11 @@ def _pruning_panel(axis, frame, title: str) -> None:
         axis.fill_between(curve["n_removed"], scale * curve["difference_low"], scale * curve["difference_high"],
                           color=colour, alpha=0.12, linewidth=0)
     axis.axhline(0, color="black", linewidth=0.6)
+    if frame.empty:  # one document: it ranked the blocks, none is left to score the prunings on
+        axis.text(0.5, 0.5, "no held-out (odd-numbered) document", transform=axis.transAxes, ha="center")
+    else:
+        axis.legend(fontsize=7)
     metric = frame["metric"].iloc[0] if len(frame) else ""
-    axis.set_ylabel(METRIC_CHANGE_LABELS.get(metric, metric))
+    axis.set_ylabel(METRIC_CHANGE_LABELS.get(metric, metric or "change"))
     axis.set_xlabel("blocks removed together (n)")
-    axis.set_title(f"{title}: the n least relevant removed, {data_label(frame)} (held-out half)", fontsize=10)
-    axis.legend(fontsize=7)
+    axis.set_title(f"{title}: the n least relevant removed, {data} (held-out half)", fontsize=10)
