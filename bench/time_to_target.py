@@ -93,7 +93,7 @@ def train(model: str, name: str, setting: tuple, inputs: dict, out: Path, eval_e
     # Each checkpoint becomes a snapshot (the float32 student, as the trainer saves its model); the DeepSpeed files
     # (the optimizer's states are 3× the weights) would fill the disk.
     for checkpoint in sorted((run / "checkpoints").glob("*/step*")):
-        snapshot_model(model, checkpoint, run / "snapshots" / checkpoint.name)
+        snapshot_model(model, checkpoint, run / "snapshots" / checkpoint.name, base_settings.get("frozen", ()))
     shutil.rmtree(run / "checkpoints")
 
 
@@ -112,19 +112,24 @@ def teacher_cache(model: str, inputs: dict, out: Path, top_k: int) -> Path:
     return cache
 
 
-def snapshot_model(model: str, checkpoint: Path, out: Path) -> None:
-    """The student weights of a ZeRO-2 checkpoint as an HF model directory: the optimizer's float32 master copies,
-    as the trainer saves its model (the module's own weights in a bf16 run are those copies rounded to bf16)."""
+def snapshot_model(model: str, checkpoint: Path, out: Path, frozen=()) -> None:
+    """The student weights of a ZeRO-2 checkpoint as an HF model directory, as the trainer saves its model: the
+    optimizer's float32 master copies of the trained parameters (the module's own weights in a bf16 run are those
+    copies rounded to bf16) and the pretrained values of the ``frozen`` parts (which have no master)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from hsconv.distill.train import _trainable_parameters
     from hsconv.models import load_model, save_hf
 
     loaded = load_model(model)
+    _trainable_parameters(loaded.model, tuple(frozen))
+    kept = {name for name, parameter in loaded.model.named_parameters() if not parameter.requires_grad}
     states = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    student = {key.removeprefix("student."): value for key, value in states.items() if key.startswith("student.")}
+    student = {key.removeprefix("student."): value for key, value in states.items()
+               if key.startswith("student.") and key.removeprefix("student.") not in kept}
     missing, unexpected = loaded.model.load_state_dict(student, strict=False)
     # A tied head has no weight of its own in the state dict; anything else missing would be a bug.
-    if unexpected or [key for key in missing if key != "lm_head.weight"]:
+    if unexpected or [key for key in missing if key != "lm_head.weight" and key not in kept]:
         raise RuntimeError(f"{checkpoint}: missing {missing}, unexpected {unexpected}")
     save_hf(loaded.model, loaded.tokenizer, out)
 
