@@ -123,7 +123,9 @@ def snapshot_model(model: str, checkpoint: Path, out: Path, frozen=()) -> None:
 
     loaded = load_model(model)
     _trainable_parameters(loaded.model, tuple(frozen))
-    kept = {name for name, parameter in loaded.model.named_parameters() if not parameter.requires_grad}
+    # every name of a frozen tensor, a tied head's too (the checkpoint has it under both names, bf16-rounded)
+    kept = {name for name, parameter in loaded.model.named_parameters(remove_duplicate=False)
+            if not parameter.requires_grad}
     states = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     student = {key.removeprefix("student."): value for key, value in states.items()
                if key.startswith("student.") and key.removeprefix("student.") not in kept}
