@@ -276,7 +276,8 @@ def test_teacher_cache_trains_without_a_target_model_and_matches_recomputing_it(
 
     model_dir, tokens = make_model(tmp_path, corpus)
     vocab = load_model(model_dir).model.get_output_embeddings().weight.shape[0]
-    settings = {**SETTINGS, "max_steps": 3}
+    # float32 on every CPU (auto would be bf16 where it is native), as the cache below is written in float32
+    settings = {**SETTINGS, "max_steps": 3, "precision": "float32"}
     recomputed, recomputed_out = run_distill(tmp_path, model_dir, tokens, "recomputed", settings=settings)
     assert recomputed.returncode == 0, recomputed.stderr[-3000:]
 
