@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -318,8 +320,6 @@ def measure_layer_relevance(model_dir: str, datasets: dict[str, tuple[str, str]]
     from hsconv.layer_relevance import EVALUATED_HALF, RANKED_HALF, pruning_orders
     from hsconv.models import weights_dir
     from hsconv.precision import resolve_precision
-    import tempfile
-    from pathlib import Path
 
     dtype = resolve_precision(precision, device)
     started = time.perf_counter()
