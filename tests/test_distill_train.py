@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from hsconv.corpus import CorpusError, pack_tokens, sample_corpus
 from hsconv.distill.loss import layer_weights
-from hsconv.distill.train import DistillSettings, LossSettings, TrainingError, distill, lr_factor
+from hsconv.distill.train import DistillSettings, LossSettings, TrainingError, distill, lr_factor, micro_batches
 from hsconv.errors import InputError
 from hsconv.models import load_model, prepare_model
 
@@ -323,3 +323,70 @@ def test_teacher_cache_trains_without_a_target_model_and_matches_recomputing_it(
     with pytest.raises(TeacherCacheError, match="written for other packed rows"):
         distill(model_dir, other_tokens, tmp_path / "m", tmp_path / "l.parquet", tmp_path / "x.parquet",
                 tmp_path / "c", DistillSettings.from_dict({**settings, "teacher_top_k": 8}), teacher_cache=small)
+
+
+@pytest.mark.parametrize("world, micro_batch_size", [(1, 4), (2, 4), (2, 2), (4, 1)])
+def test_each_rank_reads_its_own_share_and_every_row_is_used_as_often_as_expected(world, micro_batch_size):
+    n_rows, batch_size, epochs, seed = 37, 8, 3, 5
+    steps_per_epoch = n_rows // batch_size
+    uses = np.zeros((epochs, n_rows), dtype=int)
+    for step in range(steps_per_epoch * epochs):
+        shares = [micro_batches(n_rows, batch_size, micro_batch_size, seed, step, rank, world) for rank in range(world)]
+        flat = [(index, rows) for share in shares for index, rows in share]
+        # global micro-batch indices 0..n-1 in rank order; together the ranks' rows make the whole batch
+        assert [index for index, _ in flat] == list(range(batch_size // micro_batch_size))
+        rows = np.concatenate([rows for _, rows in flat])
+        # the same rows, in the same order, as one process taking the whole batch in one micro-batch
+        alone = np.concatenate([rows for _, rows in micro_batches(n_rows, batch_size, batch_size, seed, step, 0, 1)])
+        np.testing.assert_array_equal(rows, alone)
+        np.add.at(uses[step // steps_per_epoch], rows, 1)
+    # an epoch uses each row at most once, all but the n_rows mod batch_size rows its permutation leaves at the end
+    assert uses.max() == 1
+    assert uses.sum(axis=1).tolist() == [steps_per_epoch * batch_size] * epochs
+    # the rows left out differ between epochs (each epoch is its own permutation)
+    assert len({tuple(np.flatnonzero(epoch == 0)) for epoch in uses}) == epochs
+
+
+WORKFLOW = """
+import os, subprocess, sys, time
+from hsconv.lifetime import WORKFLOW_PID_ENV, workflow_identity
+os.environ[WORKFLOW_PID_ENV] = workflow_identity()  # as the Snakefile does
+# as Snakemake starts a job: a shell around the stage, its output to the job's log
+subprocess.Popen(["bash", "-c", "set -euo pipefail; " + sys.argv[1] + " > " + sys.argv[2] + " 2>&1"])
+time.sleep(600)
+"""
+
+
+def test_a_stage_stops_when_the_workflow_that_started_it_is_killed(tmp_path, corpus):
+    """SIGKILL the process that started the job (Snakemake here, which can then stop nothing): the stage notices within
+    a few seconds and ends itself, so nothing is written after the workflow is gone."""
+    import shlex
+    import signal
+    import time
+
+    import psutil
+
+    model_dir, tokens = make_model(tmp_path, corpus)
+    outputs = {"out": tmp_path / "run" / "model", "log-out": tmp_path / "run" / "steps.parquet",
+               "layers-out": tmp_path / "run" / "layers.parquet", "checkpoints": tmp_path / "run" / "checkpoints"}
+    stage = [sys.executable, "-m", "hsconv.cli", "distill", "--model-dir", str(model_dir), "--tokens", str(tokens),
+             "--settings", json.dumps({**SETTINGS, "max_steps": 2}), *[part for option, path in outputs.items()
+                                                                        for part in (f"--{option}", str(path))]]
+    log = tmp_path / "distill.log"
+    workflow = subprocess.Popen([sys.executable, "-c", WORKFLOW, shlex.join(stage), str(log)],
+                                env={**os.environ, "HSCONV_MIN_STEP_SECONDS": "120"})
+    try:
+        deadline = time.monotonic() + 180
+        while "no checkpoint in" not in (log.read_text() if log.exists() else ""):
+            assert workflow.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        jobs = [process for process in psutil.Process(workflow.pid).children(recursive=True)]
+        assert any("hsconv.cli" in " ".join(process.cmdline()) for process in jobs)
+        workflow.send_signal(signal.SIGKILL)
+        workflow.wait()
+        gone, alive = psutil.wait_procs(jobs, timeout=15)
+        assert not alive, [process.cmdline() for process in alive]
+    finally:
+        workflow.kill()
+    assert "the workflow that started this job (Snakemake, pid" in log.read_text()
+    assert not outputs["out"].exists() and not outputs["log-out"].exists()

@@ -13,6 +13,7 @@ Each family is checked by ``tests/test_architectures.py`` on a tiny random model
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,8 @@ def model_type_of_gguf(path: str | Path) -> str | None:
     gguf package's reader maps every tensor first, which takes seconds for a 100 MB file)."""
     try:
         return _gguf_architecture(path)
-    except (EOFError, KeyError, struct.error, UnicodeDecodeError) as error:
+    except (EOFError, KeyError, struct.error, UnicodeDecodeError, OverflowError, MemoryError, ValueError,
+            RecursionError) as error:  # a corrupt length or type field, read as a number
         raise InputError(f"cannot read the GGUF header ({type(error).__name__}: {error})", str(path),
                          "the file is truncated or corrupt; reinstall or download it again") from None
 
@@ -104,8 +106,12 @@ def _gguf_architecture(path: str | Path) -> str | None:
                 raise EOFError("the header ends early")
             return struct.unpack(fmt, data)[0]
 
+        file_size = os.fstat(handle.fileno()).st_size
+
         def read_string():
             size = read("<Q")
+            if size > file_size - handle.tell():
+                raise EOFError(f"a string of {size} bytes where {file_size - handle.tell()} are left")
             data = handle.read(size)
             if len(data) != size:
                 raise EOFError("the header ends early")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from hsconv.errors import EXIT_BAD_INPUT, NULLS, InputError, device, integer, real
+from hsconv.lifetime import stop_with_workflow
 from hsconv.names import (
     Convention,
     EvaluationKind,
@@ -672,10 +673,16 @@ def main(argv: list[str] | None = None) -> int:
 def run_stage(args: argparse.Namespace) -> int:
     """Run one parsed stage; its exit status: 2 for bad input (one line naming the culprit), 1 for an environment
     failure such as a full disk (one line), and a traceback for anything else, which is a bug."""
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Under a launcher (torchrun, deepspeed) every rank runs this: rank 0 tells the progress, the others only warn
+    # or fail, and say which rank they are.
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=args.log_level if rank == 0 else max(logging.getLevelName(args.log_level),
+                                                                    logging.WARNING),
+                        stream=sys.stderr, format=("" if rank == 0 else f"[rank {rank}] ")
+                        + "%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Embedding fonts in a PDF logs every glyph table at INFO.
     logging.getLogger("fontTools").setLevel(logging.WARNING)
+    stop_with_workflow(args.stage)
     try:
         run(args)
     except (InputError, FileNotFoundError, IsADirectoryError) as error:
@@ -701,7 +708,9 @@ def _report(args: argparse.Namespace, error, status: int) -> int:
     if args.debug:
         traceback.print_exc()
     sys.stderr.flush()
-    print(f"hsconv {args.stage}: {error}", file=sys.stderr, flush=True)
+    rank = os.environ.get("RANK", "0")
+    where = "" if rank == "0" else f" (rank {rank})"
+    print(f"hsconv {args.stage}{where}: {error}", file=sys.stderr, flush=True)
     return status
 
 

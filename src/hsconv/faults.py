@@ -9,7 +9,8 @@ the tests), each hook does nothing.
   ``KILL_SELECTION`` ({job: [its declared outputs]}), only those jobs are killed, each once, just before it renames
   one of its declared outputs (a sample of the jobs, for CI).
 - ``HSCONV_KILL_AFTER_STEP=<n>``: the trainer SIGKILLs itself right after optimizer step n (and its checkpoint, if
-  one is due), to prove that a run killed at any point resumes to the same result.
+  one is due), to prove that a run killed at any point resumes to the same result. With ``HSCONV_KILL_RANK=<r>``,
+  only rank r of a multi-process run does: one rank dies and the others are left waiting on it.
 - ``HSCONV_MIN_STEP_SECONDS=<s>``: every optimizer step lasts at least s seconds, so that a scheduler's time limit
   (Slurm's, in tests/test_slurm.py) reliably falls in the middle of a run.
 """
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 KILL_BEFORE_RENAME_ENV = "HSCONV_KILL_BEFORE_RENAME"
 KILL_SELECTION = "selected_jobs.json"
 KILL_AFTER_STEP_ENV = "HSCONV_KILL_AFTER_STEP"
+KILL_RANK_ENV = "HSCONV_KILL_RANK"
 MIN_STEP_SECONDS_ENV = "HSCONV_MIN_STEP_SECONDS"
 _first_rename_done = False
 
@@ -65,19 +67,21 @@ class TrainingFaults:
 
     kill_after_step: int = 0
     min_step_seconds: float = 0.0
+    kill_rank: int | None = None  # None: every rank
 
     @classmethod
     def from_environment(cls) -> TrainingFaults:
+        rank = os.environ.get(KILL_RANK_ENV)
         return cls(int(os.environ.get(KILL_AFTER_STEP_ENV, "0") or 0),
-                   float(os.environ.get(MIN_STEP_SECONDS_ENV, "0") or 0))
+                   float(os.environ.get(MIN_STEP_SECONDS_ENV, "0") or 0), int(rank) if rank else None)
 
     def pace(self, started: float) -> None:
         """Sleep out the rest of ``min_step_seconds`` since ``started`` (a ``time.perf_counter()`` value)."""
         if self.min_step_seconds:
             time.sleep(max(0.0, self.min_step_seconds - (time.perf_counter() - started)))
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int, rank: int = 0) -> None:
         """Called once a step (and its checkpoint) is done."""
-        if self.kill_after_step and step == self.kill_after_step:
-            log.warning("%s=%d: killing this process", KILL_AFTER_STEP_ENV, self.kill_after_step)
+        if self.kill_after_step and step == self.kill_after_step and self.kill_rank in (None, rank):
+            log.warning("%s=%d: killing this process (rank %d)", KILL_AFTER_STEP_ENV, self.kill_after_step, rank)
             os.kill(os.getpid(), signal.SIGKILL)

@@ -83,7 +83,9 @@ def write_parquet(frame: pd.DataFrame, path: str | os.PathLike, metadata: dict |
     existing = table.schema.metadata or {}
     table = table.replace_schema_metadata({**existing, PROVENANCE_KEY: json.dumps(provenance, default=str).encode()})
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+        # A CRC of every page: a reader (read_input_table) then tells a file damaged after it was written from one
+        # that was never right.
+        pq.write_table(table, tmp, write_page_checksum=True)
 
 
 def read_provenance(path: str | os.PathLike) -> dict:
@@ -136,6 +138,18 @@ def _how_to_fix(what: str, made_by: str) -> str:
     return f"give the {what} that `hsconv {made_by}` writes"
 
 
+def _starts_as_parquet(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(4) == b"PAR1"
+
+
+def _how_to_rebuild(made_by: str | None) -> str:
+    """What to do about an input that was written whole and damaged later (a cut copy, a bad disk)."""
+    writer = f"`hsconv {made_by}`" if made_by else "the stage that wrote it"
+    return (f"delete it and rerun: the workflow rebuilds it (or rerun with `snakemake --forcerun <rule>` naming the "
+            f"rule that writes it); outside the workflow, run {writer} again")
+
+
 def read_input_table(path: str | os.PathLike, what: str, columns=(), made_by: str | None = None,
                      allow_empty: bool = False) -> pd.DataFrame:
     """A stage's Parquet input, refused with its path when it is missing, not Parquet, lacks a needed column or
@@ -145,11 +159,18 @@ def read_input_table(path: str | os.PathLike, what: str, columns=(), made_by: st
     try:
         names = pq.read_schema(path).names
     except (pa.ArrowInvalid, OSError) as error:
+        if _starts_as_parquet(path):
+            raise InputError(f"{what} is damaged: it begins as Parquet but {str(error).splitlines()[0]}", str(path),
+                             _how_to_rebuild(made_by)) from None
         raise InputError(f"{what} is not a Parquet file ({str(error).splitlines()[0]})", str(path), how) from None
     missing = [column for column in columns if column not in names]
     if missing:
         raise InputError(f"{what} lacks the column(s) {missing} (it has {names})", str(path), how)
-    frame = pd.read_parquet(path)
+    try:
+        frame = pd.read_parquet(path, page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as error:
+        raise InputError(f"{what} is damaged ({str(error).splitlines()[0]})", str(path),
+                         _how_to_rebuild(made_by)) from None
     if frame.empty and not allow_empty:
         raise InputError(f"{what} holds no rows", str(path), how)
     return frame

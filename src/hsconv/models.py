@@ -52,8 +52,53 @@ TINY_ARCHITECTURES = tuple(FAMILIES)
 NO_GROUPED_ATTENTION = ("gpt2", "gpt_neox")
 
 
+# A tiny model's shape when the source leaves it out: the same defaults as the config schema's (tested equal), so that
+# `hsconv prepare-model --source` builds what the workflow builds from the same source.
+TINY_DEFAULTS = {"architecture": "llama", "hidden_size": 64, "intermediate_size": 128, "num_layers": 4, "num_heads": 4,
+                 "num_kv_heads": 2, "max_position_embeddings": 2048, "tie_word_embeddings": True,
+                 "final_logit_softcapping": None, "seed": 0}
+# The keys each kind of source takes, and which of them it needs (gguf: path, or package and file).
+SOURCE_KEYS = {"hub": ("id", "revision"), "local": ("path",), "gguf": ("path", "package", "file"),
+               "tiny": tuple(TINY_DEFAULTS)}
+REQUIRED_SOURCE_KEYS = {"hub": ("id",), "local": ("path",), "gguf": (), "tiny": ()}
+
+
 class ModelSourceError(InputError):
     """A model source that cannot be resolved; the message names the model and what was expected."""
+
+
+def complete_source(name: str, source) -> dict:
+    """``source`` with the schema's defaults filled in, after the checks the config schema makes (known keys, the keys a
+    kind needs, whole numbers where sizes go); then :func:`check_source`. A stage given a source directly (the CLI's
+    ``--source``) thus gets what the workflow's schema gives the config."""
+    if not isinstance(source, dict):
+        raise ModelSourceError(f"model {name!r}: a source is an object with a `kind`, got {source!r}", "--source")
+    kind = source.get("kind")
+    if kind not in SOURCE_KINDS:
+        raise ModelSourceError(f"model {name!r}: unknown source kind {kind!r}; expected one of {', '.join(SOURCE_KINDS)}",
+                               "kind")
+    unknown = sorted(set(source) - {"kind", *SOURCE_KEYS[kind]})
+    if unknown:
+        raise ModelSourceError(f"model {name!r}: a {kind} source has no key {unknown[0]!r}; its keys are "
+                               f"{', '.join(SOURCE_KEYS[kind])}", unknown[0])
+    missing = [key for key in REQUIRED_SOURCE_KEYS[kind] if key not in source]
+    if missing:
+        raise ModelSourceError(f"model {name!r}: a {kind} source needs `{missing[0]}`", missing[0])
+    if kind == "tiny":
+        source = {**TINY_DEFAULTS, **source}
+        for key, default in TINY_DEFAULTS.items():
+            value = source[key]
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ModelSourceError(f"model {name!r}: {key} must be true or false, got {value!r}", key)
+            if isinstance(default, int) and not isinstance(default, bool) and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "seed" else 1)):
+                raise ModelSourceError(f"model {name!r}: {key} must be a positive whole number, got {value!r}", key)
+        softcap = source["final_logit_softcapping"]
+        if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or softcap <= 0):
+            raise ModelSourceError(f"model {name!r}: final_logit_softcapping must be a positive number or null, got "
+                                   f"{softcap!r}", "final_logit_softcapping")
+    check_source(name, source)
+    return source
 
 
 @dataclass
@@ -120,7 +165,7 @@ def check_source(name: str, source: dict) -> None:
             check_model_dir(Path(source["path"]).expanduser())
         elif kind == "tiny":
             _check_tiny_shapes(source)
-    except ModelSourceError as error:
+    except InputError as error:  # the GGUF header reader's too (hsconv.architectures)
         raise ModelSourceError(f"model {name!r}: {error}") from None
 
 
@@ -147,7 +192,7 @@ def prepare_model(name: str, source: dict, out_dir: str | Path, fold_final_norm_
     ``fold_final_norm_gain``: write the model with its final norm's gain moved into the LM head
     (:func:`hsconv.hidden_states.fold_final_norm_gain`; the same function, another parametrisation), so that
     hub and local weights are copied, in float32."""
-    check_source(name, source)
+    source = complete_source(name, source)
     out_dir = Path(out_dir)
     kind = source["kind"]
     with atomic_path(out_dir) as tmp:

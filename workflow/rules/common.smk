@@ -13,6 +13,7 @@ from hsconv.config import (FIGURE_TARGETS, PER_LAYER_FIGURES, ConfigError, check
                            trainer_settings)
 from hsconv.fingerprint import code_fingerprint
 from hsconv.io import stable_hash
+from hsconv.lifetime import WORKFLOW_PID_ENV, workflow_identity
 from hsconv.seeds import seed_variants
 from hsconv import settings
 
@@ -22,6 +23,9 @@ try:
     check_config(config)
 except ConfigError as error:
     raise WorkflowError(f"config: {error}")
+
+# Every job's stage stops when this Snakemake process is gone, even killed with SIGKILL (hsconv.lifetime).
+os.environ[WORKFLOW_PID_ENV] = workflow_identity()
 
 MODELS = list(config["models"])
 # Threads and memory of each model-running stage's jobs (config `resources`; distill's are distill.resources).

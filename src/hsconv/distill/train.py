@@ -379,7 +379,7 @@ def _train(engine, scheduler, plan: _Plan, settings: DistillSettings, checkpoint
     started_run, first_step = time.perf_counter(), step
     while step < plan.last_step:
         started, lr = time.perf_counter(), scheduler.get_last_lr()[0]
-        stats = _step(engine, plan, train, step, rank)
+        stats = _step(engine, plan, train, step, rank, world)
         if world > 1:
             stats = stats.all_reduce(engine.device)
         step += 1
@@ -401,25 +401,47 @@ def _train(engine, scheduler, plan: _Plan, settings: DistillSettings, checkpoint
         if step % train.checkpoint_every == 0 or step == plan.last_step:
             checkpoints.save(engine, step, {"step": step, "step_rows": step_rows, "layer_rows": layer_rows,
                                             "settings": settings_record}, rank)
-        faults.after_step(step)
+        faults.after_step(step, rank)
     return step_rows, layer_rows
 
 
-def _step(engine, plan: _Plan, train: TrainSettings, step: int, rank: int) -> StepStats:
-    """One optimizer step on this rank's slice of the step's batch (a permutation of the rows per epoch, seeded)."""
-    epoch, index_in_epoch = divmod(step, plan.steps_per_epoch)
-    order = np.random.default_rng([train.seed, epoch]).permutation(len(plan.ids))
-    batch = order[index_in_epoch * train.batch_size:(index_in_epoch + 1) * train.batch_size]
-    per_rank = plan.accumulation * train.micro_batch_size
+def micro_batches(n_rows: int, batch_size: int, micro_batch_size: int, seed: int, step: int, rank: int,
+                  world: int) -> list[tuple[int, np.ndarray]]:
+    """This rank's micro-batches of an optimizer step: (global micro-batch index, row indices) pairs.
+
+    Each epoch is a seeded permutation of the rows cut into batches of ``batch_size`` (the last ``n_rows mod
+    batch_size`` rows of the permutation wait for the next epoch's). Rank r takes the r-th of ``world`` equal
+    consecutive slices of the batch, cut into micro-batches; micro-batch i of rank r is the batch's global micro-batch
+    r·(micro-batches per rank) + i, so that one process with more accumulation sees the same micro-batches in the same
+    order."""
+    steps_per_epoch = n_rows // batch_size
+    epoch, index_in_epoch = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_rows)
+    batch = order[index_in_epoch * batch_size:(index_in_epoch + 1) * batch_size]
+    per_rank = batch_size // world
     mine = batch[rank * per_rank:(rank + 1) * per_rank]
+    first = rank * (per_rank // micro_batch_size)
+    return [(first + index, mine[start:start + micro_batch_size])
+            for index, start in enumerate(range(0, per_rank, micro_batch_size))]
+
+
+def exit_draw_seed(seed: int, step: int, global_micro_batch: int) -> int:
+    """The seed of a micro-batch's draw of exits (``exit_samples``): a function of the global micro-batch, not of the
+    rank, so that a run on several ranks draws what one process draws. (The trailing 0 stands where the rank was,
+    with the per-rank index: one process's draws are those of runs made before.)"""
+    return int(np.random.default_rng([seed, step, global_micro_batch, 0]).integers(2**62))
+
+
+def _step(engine, plan: _Plan, train: TrainSettings, step: int, rank: int, world: int) -> StepStats:
+    """One optimizer step on this rank's share of the step's batch (:func:`micro_batches`)."""
     stats = StepStats.zeros(plan.base.num_layers)
-    for micro in range(plan.accumulation):
-        rows = mine[micro * train.micro_batch_size:(micro + 1) * train.micro_batch_size]
+    for micro, rows in micro_batches(len(plan.ids), train.batch_size, train.micro_batch_size, train.seed, step, rank,
+                                     world):
         input_ids = torch.from_numpy(plan.ids[rows]).to(engine.device)
         mask = (torch.arange(plan.ids.shape[1])[None, :] < torch.from_numpy(plan.n_tokens[rows])[:, None]).long()
-        exit_seed = int(np.random.default_rng([train.seed, step, micro, rank]).integers(2**62))
         cached = None if plan.cache is None else plan.cache.rows(rows, engine.device)
-        terms = engine(input_ids, mask.to(engine.device), exit_seed=exit_seed, cached_target=cached)
+        terms = engine(input_ids, mask.to(engine.device), exit_seed=exit_draw_seed(train.seed, step, micro),
+                       cached_target=cached)
         problem = _first_non_finite(terms)
         if problem:
             raise FloatingPointError(f"model {plan.name!r}, step {step + 1}, micro-batch {micro + 1}: non-finite "
