@@ -616,3 +616,40 @@ def test_one_job_of_every_rule_killed_before_its_rename_then_rerun_gives_the_sam
     kills = kill_and_rerun(finished_run, killed, markers, EVERY_TARGET, selection)
     killed_rules = {kill["job"].split(":")[0] for kill in kills}
     assert killed_rules == rules, f"seed {KILL_SAMPLE_SEED}: never killed {sorted(rules - killed_rules)}"
+
+
+@pytest.mark.heavy
+def test_killing_snakemake_stops_its_running_jobs_and_a_rerun_finishes(tmp_path):
+    """`kill -9` of Snakemake while `distill` runs: the job's processes end within seconds (hsconv.lifetime), nothing
+    is written after; once unlocked (Snakemake keeps its lock after a SIGKILL), a rerun builds the model."""
+    import signal
+    import time
+
+    import psutil
+
+    write_config(tmp_path)
+    target = "results/models/tiny-llama/distilled"
+    log = tmp_path / "results/logs/distill/tiny-llama.log"
+    workflow = subprocess.Popen([*SNAKEMAKE, target, "--directory", str(tmp_path), "--configfile",
+                                 str(tmp_path / "config.yaml")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "HSCONV_MIN_STEP_SECONDS": "120"})
+    try:
+        deadline = time.monotonic() + 600
+        while "no checkpoint in" not in (log.read_text() if log.exists() else ""):
+            assert workflow.poll() is None and time.monotonic() < deadline, "distill never started training"
+            time.sleep(1)
+        jobs = psutil.Process(workflow.pid).children(recursive=True)
+        assert any("distill" in " ".join(process.cmdline()) for process in jobs)
+        workflow.send_signal(signal.SIGKILL)
+        workflow.wait()
+        _, alive = psutil.wait_procs(jobs, timeout=15)
+        assert not alive, [process.cmdline() for process in alive]
+    finally:
+        workflow.kill()
+    assert "is gone; stopping before anything more is written" in log.read_text()
+    time.sleep(2)
+    assert not (tmp_path / target).exists()
+    assert snakemake(tmp_path, target, "--unlock").returncode == 0
+    rerun = snakemake(tmp_path, target)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (tmp_path / target / "model.safetensors").is_file()
