@@ -38,7 +38,7 @@ def passages(path: Path, count: int) -> list[str]:
 
 def states_of(loaded, texts: list[str]) -> dict[str, torch.Tensor]:
     """Every layer's state (float64), the pre-norm and normalised h_L, for every token but each text's first."""
-    from hsconv.hidden_states import decoder_states
+    from hsconv.readout import decoder_states
 
     layers, pre_norm, normed = [], [], []
     with torch.no_grad():
@@ -78,7 +78,8 @@ def head_bias_check(normed: torch.Tensor, head: torch.nn.Module, dimension: int)
 def account(name: str, model_dir: str, texts: list[str], dimension: int | None) -> tuple[dict, pd.DataFrame,
                                                                                            pd.DataFrame]:
     """One model's summary row, per-dimension table and per-layer table; ``dimension`` None picks the largest."""
-    from hsconv.hidden_states import movement, readout
+    from hsconv.hidden_states import movement
+    from hsconv.readout import readout
     from hsconv.models import load_model
 
     loaded = load_model(model_dir)

@@ -52,7 +52,7 @@ def timed_floor(lens, windows, batch_size: int) -> tuple[float, float, int, dict
     import torch
     import torch.nn.functional as F
 
-    from hsconv.hidden_states import decoder_states
+    from hsconv.readout import decoder_states
 
     forward = head = 0.0
     tokens = 0

@@ -37,7 +37,7 @@ def measure(model_dir: str, tokens: str, ks=(16, 64, 256, 1024), batch: int = 4,
     from hsconv.distill.loss import TopKTarget, dense_from_top_k, folded_kl, layer_weights, top_k_target
     from hsconv.distill.teacher import TeacherCache, write_teacher_cache
     from hsconv.distill.objective import LossSettings, SelfDistillation
-    from hsconv.hidden_states import decoder_states, final_norm_module, lens_states
+    from hsconv.readout import decoder_states, final_norm_module, lens_states
     from hsconv.models import load_model
 
     torch.manual_seed(0)

@@ -204,7 +204,7 @@ def test_last_exit_equals_stock_lm_eval_in_every_family(family_model, tmp_path):
 def test_folding_the_final_norm_gain_keeps_every_exits_logits(family_model, tmp_path, tied):
     """The folded model (gain in the head, untied) gives every exit the same logits; with an RMSNorm its hf h_L is
     a positive multiple of the pre-norm h_L, so the two conventions' D_L coincide."""
-    from hsconv.hidden_states import decoder_states, lens_states, readout
+    from hsconv.readout import decoder_states, lens_states, readout
 
     architecture, model_dir = family_model
     source = {**SOURCE, "architecture": architecture, "tie_word_embeddings": tied}

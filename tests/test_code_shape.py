@@ -59,3 +59,61 @@ def test_the_workflow_passes_snakemakes_linter():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Congratulations, your workflow is in a good condition!" in result.stdout + result.stderr, \
         (result.stdout + result.stderr)[-3000:]
+
+
+def import_graph(package_root=REPO / "src" / "hsconv") -> dict[str, set[str]]:
+    """{module: the hsconv modules it imports}, every import counted, those inside functions too (a lazy import
+    hides a cycle from Python, not from a reader)."""
+    modules = {}
+    for path in package_root.rglob("*.py"):
+        parts = path.relative_to(package_root.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported |= {f"{node.module}.{alias.name}" for alias in node.names}
+        graph[name] = {module for module in imported if module in modules and module not in (name, "hsconv")}
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph (its modules in import order, the first repeated at the end), or None."""
+    state, path = {}, []
+
+    def visit(module):
+        state[module] = "open"
+        path.append(module)
+        for imported in sorted(graph[module]):
+            if state.get(imported) == "open":
+                return path[path.index(imported):] + [imported]
+            if imported not in state and (cycle := visit(imported)):
+                return cycle
+        state[module] = "done"
+        path.pop()
+        return None
+
+    for module in sorted(graph):
+        if module not in state and (cycle := visit(module)):
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    graph = import_graph()
+    assert {"hsconv.readout", "hsconv.hidden_states", "hsconv.models", "hsconv.distill.train"} <= set(graph)
+    assert "hsconv.readout" in graph["hsconv.hidden_states"]
+    assert import_cycle(graph) is None, " -> ".join(import_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path):
+    (tmp_path / "hsconv" / "sub").mkdir(parents=True)
+    (tmp_path / "hsconv" / "__init__.py").write_text("")
+    (tmp_path / "hsconv" / "a.py").write_text("from hsconv.sub import b\n")
+    (tmp_path / "hsconv" / "sub" / "__init__.py").write_text("")
+    (tmp_path / "hsconv" / "sub" / "b.py").write_text("def f():\n    from hsconv.a import g\n")
+    assert import_cycle(import_graph(tmp_path / "hsconv")) == ["hsconv.a", "hsconv.sub.b", "hsconv.a"]

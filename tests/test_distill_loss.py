@@ -10,7 +10,7 @@ import torch
 
 from hsconv.distill.loss import (RecomputedTarget, hidden_state_penalty, layer_weights, reference_loss,
                                 self_distillation_loss)
-from hsconv.hidden_states import decoder_states, final_norm_module
+from hsconv.readout import decoder_states, final_norm_module
 from hsconv.models import build_tiny_model
 
 SPEC = {"architecture": "llama", "hidden_size": 32, "intermediate_size": 64, "num_layers": 3, "num_heads": 4,

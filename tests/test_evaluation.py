@@ -163,7 +163,7 @@ def test_blocked_target_scores_equal_a_float64_log_softmax(bias, softcap, vocab_
     """Readout.score_targets (the lens's kernel: the vocabulary in blocks, an online logsumexp) against log_softmax of
     the whole logits in float64, with a bias, a softcap, a last block shorter than the others and one block larger
     than the vocabulary; and the argmax is the first maximal token, ties included."""
-    from hsconv.hidden_states import Readout
+    from hsconv.readout import Readout
 
     torch.manual_seed(0)
     vocab, width, rows = 37, 12, 40
@@ -220,7 +220,7 @@ def test_final_norm_is_found_in_each_layout_or_the_class_is_named():
     from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, MistralConfig,
                               MistralForCausalLM)
 
-    from hsconv.hidden_states import final_norm_module
+    from hsconv.readout import final_norm_module
 
     small = dict(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50)
     neox = GPTNeoXForCausalLM(GPTNeoXConfig(**small))

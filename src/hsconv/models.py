@@ -190,7 +190,7 @@ def prepare_model(name: str, source: dict, out_dir: str | Path, fold_final_norm_
     """Resolve ``source`` into the model directory ``out_dir`` (written atomically) and return it.
 
     ``fold_final_norm_gain``: write the model with its final norm's gain moved into the LM head
-    (:func:`hsconv.hidden_states.fold_final_norm_gain`; the same function, another parametrisation), so that
+    (:func:`hsconv.readout.fold_final_norm_gain`; the same function, another parametrisation), so that
     hub and local weights are copied, in float32."""
     source = complete_source(name, source)
     out_dir = Path(out_dir)
@@ -215,7 +215,7 @@ def prepare_model(name: str, source: dict, out_dir: str | Path, fold_final_norm_
         elif kind == "tiny":
             model, tokenizer = build_tiny_model(source)
         if fold_final_norm_gain:
-            from hsconv.hidden_states import fold_final_norm_gain as fold
+            from hsconv.readout import fold_final_norm_gain as fold
 
             if model is None:  # hub or local: the referenced weights, copied
                 loaded = load_model(Path(manifest["weights"]))

@@ -24,15 +24,10 @@ import pandas as pd
 import torch
 
 from hsconv.errors import InputError
-from hsconv.hidden_states import (
-    FINAL_NORM_CONVENTIONS,
-    layer_states,
-    lens_states,
-    movement,
-    readout,
-)
+from hsconv.hidden_states import FINAL_NORM_CONVENTIONS, movement
 from hsconv.io import write_parquet
 from hsconv.models import LoadedModel
+from hsconv.readout import layer_states, lens_states, readout
 from hsconv.settings import SentenceSettings
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from hsconv.errors import InputError
-from hsconv.hidden_states import decoder_states, lens_states, readout
+from hsconv.readout import decoder_states, lens_states, readout
 from hsconv.io import atomic_path, write_parquet
 from hsconv.settings import TunedLensSettings
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from hsconv.hidden_states import cap_logits
+from hsconv.readout import cap_logits
 from hsconv.settings import (  # noqa: F401 (re-exported)
     EXIT_SAMPLING, KEEP_LAST_SAMPLING, KL_DIRECTIONS, MOVEMENT_CONVENTIONS, ZETA2_MEASURES, ZETA2_PENALTIES,
     check_settings)
@@ -374,7 +374,7 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
     ``movement_convention`` chooses h_L in ζ2: after the final norm (``hf``, as ``output_hidden_states`` gives it)
     or before it. q_L is always LMHead(FinalNorm(pre-norm h_L)): the final norm is never applied twice.
     ``exit_samples``/``exit_sampling``: ζ1 on a random subset of the exits (:func:`sample_exits`); ζ2 stays exact.
-    ``softcap``: the family's output-logit cap (:class:`hsconv.hidden_states.Readout`), applied to both models.
+    ``softcap``: the family's output-logit cap (:class:`hsconv.readout.Readout`), applied to both models.
     ``output_kl_weight`` β: ζ1 + β KL_L, the output exit computed in every step (sampled or not), its coefficient
     raised by β; the sampled exits' estimate stays unbiased for the full ζ1 + β KL_L.
     """

@@ -12,7 +12,7 @@ import torch
 
 from hsconv.distill.loss import LossTerms, RecomputedTarget, TopKTarget, reference_loss, self_distillation_loss
 from hsconv.settings import LOSS_IMPLEMENTATIONS, LossSettings  # noqa: F401 (LossSettings is imported from here too)
-from hsconv.hidden_states import decoder_states, lens_states, readout
+from hsconv.readout import decoder_states, lens_states, readout
 
 
 

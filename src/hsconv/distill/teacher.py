@@ -24,7 +24,7 @@ import torch
 from hsconv.corpus import read_sequences
 from hsconv.distill.loss import TopKTarget, top_k_target
 from hsconv.errors import InputError
-from hsconv.hidden_states import decoder_states, readout
+from hsconv.readout import decoder_states, readout
 from hsconv.io import atomic_path, sha256_file
 from hsconv.models import context_length, load_model
 from hsconv.precision import resolve_precision

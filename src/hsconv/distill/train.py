@@ -28,7 +28,7 @@ from hsconv.distill.loss import LossTerms, layer_weights
 from hsconv.distill.objective import SelfDistillation
 from hsconv.errors import check_device_available
 from hsconv.faults import TrainingFaults
-from hsconv.hidden_states import final_norm_module
+from hsconv.readout import final_norm_module
 from hsconv.io import atomic_path, sha256_file, stable_hash, write_parquet
 from hsconv.models import (
     MODEL_MANIFEST,

@@ -21,7 +21,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import pad_and_concat
 
 from hsconv.errors import InputError
-from hsconv.hidden_states import decoder_states, lens_states, readout
+from hsconv.readout import decoder_states, lens_states, readout
 
 log = logging.getLogger(__name__)
 
