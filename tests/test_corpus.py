@@ -123,3 +123,45 @@ def test_corrupted_shard_is_named(tmp_path):
     shard.write_bytes(shard.read_bytes()[:-20])
     with pytest.raises(CorpusError, match="shard-00000.parquet does not match the sha256"):
         list(read_corpus(tmp_path / "corpus"))
+
+
+def _hub_documents(count):
+    def stream(source, missing=None):
+        assert source["id"] == "org/corpus" and source["config"] == "small" and "documents" not in source
+        yield from ({"text": f"hub document {index} " * 5} for index in range(count))
+    return stream
+
+
+def test_a_missing_local_file_is_replaced_by_its_hub_source(tmp_path, monkeypatch):
+    import hsconv.corpus as corpus
+
+    monkeypatch.setattr(corpus, "_iter_hub", _hub_documents(100))
+    source = {"kind": "text", "path": str(tmp_path / "absent.txt"),
+              "hub": {"id": "org/corpus", "config": "small", "split": "train", "documents": 30}}
+    manifest = sample_corpus(source, tmp_path / "out", seed=0)
+    assert manifest["documents"] == 30  # the hub block's cap, not the whole stream
+    assert {text for _, text in read_corpus(tmp_path / "out")} == {f"hub document {index} " * 5 for index in range(30)}
+
+
+def test_a_present_local_file_is_read_and_the_hub_is_not_touched(tmp_path, monkeypatch):
+    import hsconv.corpus as corpus
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked although the file is there")
+    monkeypatch.setattr(corpus, "_iter_hub", no_hub)
+    (tmp_path / "local.txt").write_text("a local line\n" * 20)
+    source = {"kind": "text", "path": str(tmp_path / "local.txt"), "chunk_chars": 40, "hub": {"id": "org/corpus"}}
+    assert sample_corpus(source, tmp_path / "out", seed=0)["documents"] > 1
+
+
+def test_offline_without_the_file_one_message_names_the_file_and_the_hub_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    source = {"kind": "text", "path": str(tmp_path / "absent.txt"),
+              "hub": {"id": "HuggingFaceFW/fineweb-edu", "config": "sample-10BT", "split": "train", "documents": 10}}
+    with pytest.raises(CorpusError, match="corpus file not found, and its hub source 'HuggingFaceFW/fineweb-edu'") \
+            as error:
+        sample_corpus(source, tmp_path / "out", seed=0)
+    assert str(tmp_path / "absent.txt") in str(error.value) and "HF_HUB_OFFLINE" in str(error.value)
+    assert not (tmp_path / "out").exists()

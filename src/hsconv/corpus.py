@@ -52,6 +52,13 @@ def iter_documents(source: dict) -> Iterator[dict]:
     if kind == "hub":
         yield from _iter_hub(source)
         return
+    if source.get("hub") and not Path(source["path"]).expanduser().exists():
+        # The local copy (../shared/data in the embedded default) is absent: stream the same data from the hub.
+        log.info("corpus file %s not found; streaming its hub source %s instead", source["path"], source["hub"]["id"])
+        hub = {key: value for key, value in source["hub"].items() if key != "documents"}
+        yield from itertools.islice(_iter_hub({"kind": "hub", **hub}, missing=source["path"]),
+                                    source["hub"].get("documents", 2000))
+        return
     path = check_input_file(source["path"], "corpus file", error=CorpusError)
     if kind == "jsonl":
         for _, record in iter_jsonl(path, error_type=CorpusError):
@@ -91,7 +98,9 @@ def _iter_text_chunks(path: Path, chunk_chars: int) -> Iterator[dict]:
         yield {"text": "".join(pending)}
 
 
-def _iter_hub(source: dict) -> Iterator[dict]:
+def _iter_hub(source: dict, missing: str | None = None) -> Iterator[dict]:
+    """The hub data set's documents, streamed; ``missing``: the local file this stands in for (named when the hub
+    cannot be reached either)."""
     try:
         import datasets
 
@@ -103,9 +112,15 @@ def _iter_hub(source: dict) -> Iterator[dict]:
     except StopIteration:
         return
     except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if missing is not None:
+            raise CorpusError(f"corpus file not found, and its hub source {source['id']!r} ({source.get('config')}) "
+                              f"cannot be streamed either ({type(error).__name__}: {reason})", str(missing),
+                              "put the file there (the repository's ../shared/data), or run with hub access "
+                              "(HF_HUB_OFFLINE unset)") from None
         raise CorpusError(
             f"corpus: cannot stream {source['id']!r} ({source.get('config')}) from the hub "
-            f"({type(error).__name__}: {error}); to run offline use a local copy, e.g. "
+            f"({type(error).__name__}: {reason}); to run offline use a local copy, e.g. "
             f"`corpus.source: {{kind: jsonl, path: ../shared/data/fineweb_edu_10BT_150docs.jsonl}}`") from None
     yield first
     yield from iterator

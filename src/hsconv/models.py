@@ -159,13 +159,17 @@ def check_source(name: str, source: dict) -> None:
             raise ModelSourceError(f"unknown source kind {kind!r}; expected one of {', '.join(SOURCE_KINDS)}")
         if kind == "gguf":
             path = gguf_path(source)
-            family_of(model_type_of_gguf(path), f"{path} (general.architecture)")
+            try:
+                model_type = model_type_of_gguf(path)
+            except InputError as error:  # a corrupt header, named with the file
+                raise ModelSourceError(str(error)) from None
+            family_of(model_type, f"{path} (general.architecture)")
         elif kind == "local":
             _check_local_dir(Path(source["path"]).expanduser())
             check_model_dir(Path(source["path"]).expanduser())
         elif kind == "tiny":
             _check_tiny_shapes(source)
-    except InputError as error:  # the GGUF header reader's too (hsconv.architectures)
+    except ModelSourceError as error:
         raise ModelSourceError(f"model {name!r}: {error}") from None
 
 

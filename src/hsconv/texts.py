@@ -71,7 +71,7 @@ def read_texts(name: str, kind: str, path: str | None, hub_id: str | None = None
     if kind == "jsonl" or not hub_id:
         raise TextSourceError(f"data set {name!r}: file not found", str(path),
                               "fix datasets.<name>.path, or give a hub_id to fall back on")
-    return _read_hub(name, kind, hub_id), f"hub:{hub_id}"
+    return _read_hub(name, kind, hub_id, missing=path), f"hub:{hub_id}"
 
 
 def _check_lambada_passage(text: str, where: str) -> None:
@@ -84,15 +84,22 @@ def _check_lambada_passage(text: str, where: str) -> None:
                               "remove the line")
 
 
-def _read_hub(name: str, kind: str, hub_id: str) -> list[str]:
+def _read_hub(name: str, kind: str, hub_id: str, missing: str | None = None) -> list[str]:
     default_id, config, split, field = HUB_SOURCES[kind]
     try:
         import datasets
 
         rows = datasets.load_dataset(hub_id or default_id, config, split=split)
     except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if missing:
+            raise TextSourceError(
+                f"data set {name!r}: file not found, and its hub fallback {hub_id!r} cannot be loaded from the hub "
+                f"or its cache either ({type(error).__name__}: {reason})", str(missing),
+                "put the file there (the repository's ../shared/data), or run with hub access (HF_HUB_OFFLINE "
+                "unset)") from None
         raise TextSourceError(
-            f"data set {name!r}: cannot load {hub_id!r} from the hub or its cache ({type(error).__name__}: {error}); "
+            f"data set {name!r}: cannot load {hub_id!r} from the hub or its cache ({type(error).__name__}: {reason}); "
             f"point `path:` to a local copy (e.g. ../shared/data/) to run offline") from None
     return list(rows[field])
 
