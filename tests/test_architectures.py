@@ -1,6 +1,6 @@
 """Every supported model family on a tiny random model: the hidden-state dump with its pre-norm capture, the logit
 lens at every exit (the last one equal to the model's own logits, softcap and all, and to stock lm-eval), one
-distillation step and one tuned-lens step. The README's table of families is what these tests check.
+distillation step and one tuned-lens step. docs/guide.md's table of families is what these tests check.
 
 Each reference here is computed independently of hsconv's readout: the last block's output from a hook on the block
 itself, the model's own ``forward`` logits, and Gemma's softcap written out from the config.

@@ -357,6 +357,23 @@ time.sleep(600)
 """
 
 
+def test_a_live_workflow_stays_alive_when_the_wall_clock_is_adjusted(monkeypatch):
+    """The watch compares start times since boot: an NTP step moves Linux's boot time (derived from the wall clock)
+    and with it every wall-clock start time, which made a live workflow look gone (a Slurm job in CI ended itself)."""
+    import psutil
+
+    from hsconv import lifetime
+
+    started = float(lifetime.workflow_identity().rsplit(":", 2)[2])
+    assert lifetime._alive(os.getpid(), started)
+    if sys.platform == "linux":
+        real_boot_time = psutil._psplatform.boot_time
+        monkeypatch.setattr(psutil._psplatform, "boot_time", lambda: real_boot_time() + 2.0)
+        assert lifetime._alive(os.getpid(), started)
+    assert not lifetime._alive(os.getpid(), started - 60)  # a reused pid: another start
+    assert not lifetime._alive(2**22 + 7, started)  # no such process
+
+
 def test_a_stage_stops_when_the_workflow_that_started_it_is_killed(tmp_path, corpus):
     """SIGKILL the process that started the job (Snakemake here, which can then stop nothing): the stage notices within
     a few seconds and ends itself, so nothing is written after the workflow is gone."""

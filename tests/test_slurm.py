@@ -84,9 +84,11 @@ def test_preset_runs_as_slurm_jobs_and_a_timed_out_distillation_resumes(partitio
     killed = snakemake(tmp_path, "results/models/tiny-llama/distilled", *slurm, "--set-resources",
                        "distill:runtime=1", env={"HSCONV_MIN_STEP_SECONDS": "9"})
     output = killed.stdout + killed.stderr
-    assert killed.returncode != 0, output[-3000:]
-    assert "TIMEOUT" in output, output[-3000:]
     results = tmp_path / "results"
+    distill_log = results / "logs/distill/tiny-llama.log"
+    output += "\n--- the distill job's log ---\n" + (distill_log.read_text()[-3000:] if distill_log.exists() else "")
+    assert killed.returncode != 0, output[-6000:]
+    assert "TIMEOUT" in output, output[-6000:]
     for path in ("models/tiny-llama/distilled", "training/tiny-llama/steps.parquet",
                  "training/tiny-llama/layers.parquet"):
         assert not (results / path).exists(), path

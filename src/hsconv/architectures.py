@@ -7,7 +7,7 @@ NeoX norms carry a bias, NeoX a parallel residual, OLMo 2 norms after each block
 ``model_type`` of its HF config; anything else is refused by name before any job starts, because a lens that
 misses an output transform (a logit scale, a second head) would report plausible but wrong numbers.
 
-Each family is checked by ``tests/test_architectures.py`` on a tiny random model (the README's table says what).
+Each family is checked by ``tests/test_architectures.py`` on a tiny random model (docs/guide.md, "Model families", says what).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class UnsupportedArchitectureError(InputError):
 @dataclass(frozen=True)
 class Family:
     model_type: str  # the HF config's ``model_type``
-    name: str  # what researchers call it (the README's table)
+    name: str  # what researchers call it (docs/guide.md's table of families)
     examples: str
     final_norm: str = "norm"  # the decoder's attribute holding the norm before the LM head
     layers: str = "layers"  # the decoder's attribute holding its blocks
@@ -59,7 +59,7 @@ def family_of(model_type: str | None, culprit: str = "") -> Family:
         return FAMILIES[model_type]
     raise UnsupportedArchitectureError(
         f"model architecture {model_type!r} is not supported", culprit or str(model_type),
-        f"use one of {', '.join(FAMILIES)} (the README lists what is checked for each); a new family needs its "
+        f"use one of {', '.join(FAMILIES)} (docs/guide.md lists what is checked for each); a new family needs its "
         f"final norm, layers and output transform added to hsconv.architectures and a tiny model in the tests")
 
 

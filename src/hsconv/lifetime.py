@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -29,20 +30,42 @@ WORKFLOW_PID_ENV = "HSCONV_WORKFLOW_PID"
 POLL_SECONDS = 1.0
 
 
-def workflow_identity() -> str:
-    """This process as ``HSCONV_WORKFLOW_PID`` names it: ``<host>:<pid>:<start time>``."""
-    import psutil
+def start_time(pid: int) -> float:
+    """When process ``pid`` started: on Linux in clock ticks since boot, elsewhere psutil's wall-clock start time.
 
-    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time()!r}"
-
-
-def _alive(pid: int, started: float) -> bool:
+    Not the wall-clock time on Linux: there it is the start since boot plus the boot time, which the kernel derives from
+    the wall clock, so a clock adjustment (NTP) shifts it between two reads and a live workflow would look gone.
+    Raises ProcessLookupError when there is no such process.
+    """
+    stat = Path(f"/proc/{pid}/stat")
+    if sys.platform.startswith("linux"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            raise ProcessLookupError(pid) from None
+        if fields[0] == "Z":  # a zombie has ended
+            raise ProcessLookupError(pid)
+        return float(fields[19])  # field 22 of proc_pid_stat(5), counted after the command name
     import psutil
 
     try:
         process = psutil.Process(pid)
-        return process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
+        if process.status() == psutil.STATUS_ZOMBIE:
+            raise ProcessLookupError(pid)
+        return process.create_time()
     except psutil.NoSuchProcess:
+        raise ProcessLookupError(pid) from None
+
+
+def workflow_identity() -> str:
+    """This process as ``HSCONV_WORKFLOW_PID`` names it: ``<host>:<pid>:<start time>``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{start_time(os.getpid())!r}"
+
+
+def _alive(pid: int, started: float) -> bool:
+    try:
+        return start_time(pid) == started  # a reused pid has another start time
+    except ProcessLookupError:
         return False
 
 
