@@ -1,7 +1,11 @@
 """Where the default distillation step's time goes, phase by phase, against the matmul limit of its precision.
 
     python -m bench.distill_profile --model-dir results/models/smollm2-135m/base \
-        --tokens results/data/tokens/smollm2-135m.parquet [--config config.yaml] [--steps 6] [--precision float32]
+        --tokens results/data/tokens/smollm2-135m.parquet [--config config.yaml] [--steps 6] [--precision float32] \
+        [--before]
+
+``--before`` profiles, first and in the same process, the step as the trainer took it before its optimizer was fused
+and ZeRO's stage chosen by ``zero_stage: auto`` (ZeRO-2, AdamW's per-tensor loop), and prints the two side by side.
 
 The step is the trainer's own (``hsconv.distill.train``: the DeepSpeed engine, the config's loss, exits, frozen parts
 and precision); each phase is timed by wrapping the function that does it, in one process, after one warm-up step:
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,9 +79,10 @@ class PhaseClock:
         return timed
 
 
-def instrument(engine, clock: PhaseClock, inner: dict) -> None:
+def instrument(engine, clock: PhaseClock, inner: dict):
     """Wrap the functions that do each phase (see the module's docstring); ``inner`` collects the seconds of phases
-    nested in the engine's forward and backward, subtracted to give the remainders."""
+    nested in the engine's forward and backward, subtracted to give the remainders. Returns the function that puts
+    the modules' own functions back."""
     import hsconv.distill.loss as loss
     import hsconv.distill.objective as objective
 
@@ -117,6 +123,12 @@ def instrument(engine, clock: PhaseClock, inner: dict) -> None:
     engine.backward = timed_backward
     engine.step = clock.wrap("optimizer", step)
 
+    def restore():
+        objective.decoder_states = states
+        loss.FusedLogitLensKL.forward, loss.FusedLogitLensKL.backward = (staticmethod(fused_forward),
+                                                                        staticmethod(fused_backward))
+    return restore
+
 
 def phase_flops(shape: dict, seq: int, tokens: int, exits: int, head_trains: bool) -> dict:
     """Floating-point operations of each phase in one step of ``tokens`` tokens."""
@@ -128,9 +140,26 @@ def phase_flops(shape: dict, seq: int, tokens: int, exits: int, head_trains: boo
             "decoder backward": 2 * decoder * tokens}
 
 
-def profile(model_dir: str, tokens_path: str, distill_section: dict, steps: int) -> dict:
+@contextmanager
+def unfused_adamw():
+    """torch.optim.AdamW as the trainer built it before (no ``fused``): the baseline of ``--before``. Its
+    ``__init__`` is wrapped rather than subclassed: DeepSpeed's ZeRO accepts AdamW by its exact type."""
     import torch
 
+    init = torch.optim.AdamW.__init__
+
+    def loop_init(self, *args, **kwargs):
+        kwargs.pop("fused", None)
+        init(self, *args, **kwargs)
+
+    torch.optim.AdamW.__init__ = loop_init
+    try:
+        yield
+    finally:
+        torch.optim.AdamW.__init__ = init
+
+
+def profile(model_dir: str, tokens_path: str, distill_section: dict, steps: int) -> dict:
     from hsconv.distill import train
     from hsconv.precision import resolve_precision
     from hsconv.settings import DistillSettings
@@ -139,42 +168,42 @@ def profile(model_dir: str, tokens_path: str, distill_section: dict, steps: int)
     precision = resolve_precision(settings.train.precision, "cpu")
     limits = {dtype: matmul_limit(dtype=dtype) for dtype in ("float32", "bfloat16")}
     plan = train._plan(model_dir, tokens_path, settings, "cpu", None, None)
-    train._init_distributed("cpu")
-    try:
-        engine, _, bf16, _ = train._engine(plan, model_dir, settings, "cpu", 0)
-        shape = model_shape(plan.base.model.config)
-        head_limits = {dtype: head_shape_limit(shape, dtype) for dtype in ("float32", "bfloat16")}
-        clock, inner = PhaseClock(), {"heads backward": 0.0}
-        instrument(engine, clock, inner)
-        rows = []
-        for step in range(steps + 1):
-            clock.seconds = dict.fromkeys(PHASES, 0.0)
-            inner["heads backward"] = 0.0
-            started = time.perf_counter()
-            stats = train._step(engine, plan, settings.train, step, 0, 1)
-            total = time.perf_counter() - started
-            # the heads' backward ran inside engine.backward: it belongs to the exit heads
-            clock.seconds["decoder backward"] -= inner["heads backward"]
-            clock.seconds["exit heads"] += inner["heads backward"]
-            clock.seconds["data and the rest"] = total - sum(clock.seconds.values())
-            rows.append({"step": step, "seconds": total, "tokens": int(stats.tokens.item()), **clock.seconds})
-    finally:
-        torch.distributed.destroy_process_group()
+    # the caller's process group serves every profile of the run (DeepSpeed keeps its groups for the process)
+    engine, _, bf16, _ = train._engine(plan, model_dir, settings, "cpu", 0)
+    shape = model_shape(plan.base.model.config)
+    head_limits = {dtype: head_shape_limit(shape, dtype) for dtype in ("float32", "bfloat16")}
+    clock, inner = PhaseClock(), {"heads backward": 0.0}
+    restore = instrument(engine, clock, inner)
+    rows = []
+    for step in range(steps + 1):
+        clock.seconds = dict.fromkeys(PHASES, 0.0)
+        inner["heads backward"] = 0.0
+        started = time.perf_counter()
+        stats = train._step(engine, plan, settings.train, step, 0, 1)
+        total = time.perf_counter() - started
+        # the heads' backward ran inside engine.backward: it belongs to the exit heads
+        clock.seconds["decoder backward"] -= inner["heads backward"]
+        clock.seconds["exit heads"] += inner["heads backward"]
+        clock.seconds["data and the rest"] = total - sum(clock.seconds.values())
+        rows.append({"step": step, "seconds": total, "tokens": int(stats.tokens.item()), **clock.seconds})
+    restore()
     loss_settings = settings.loss
     exits = loss_settings.exit_samples or shape["layers"] + 1
     head_trains = "embeddings" not in settings.train.frozen
     timed = rows[1:]  # the first step warms up
     flops = phase_flops(shape, plan.ids.shape[1], timed[0]["tokens"], exits, head_trains)
     return {"rows": rows, "flops": flops, "precision": "bfloat16" if bf16 else "float32", "resolved": precision,
+            "zero_stage": engine.zero_optimization_stage(), "optimizer": type(engine.optimizer).__name__,
             "limits": limits, "head_limits": head_limits, "shape": shape, "exits": exits,
             "batch": settings.train.batch_size, "micro_batch": settings.train.micro_batch_size,
             "sequence": int(plan.ids.shape[1]), "environment": environment(), "settings": settings.to_dict()}
 
 
-def markdown(result: dict) -> str:
+def markdown(result: dict, limit: float | None = None) -> str:
+    """The profile's table; percentages of ``limit`` (default: the matmul limit measured in the same process)."""
     timed = result["rows"][1:]
     precision = result["precision"]
-    limit = result["limits"][precision]["best_gflops"]
+    limit = limit or result["limits"][precision]["best_gflops"]
     total_flops = sum(result["flops"].values())
     lines = [f"| phase | seconds per step (min / median / max) | share of the step | GFLOP per step | GFLOP/s | "
              f"% of the {precision} matmul limit |", "|---|---|---|---|---|---|"]
@@ -198,7 +227,7 @@ def markdown(result: dict) -> str:
     lines += ["", f"{len(timed)} timed steps after one warm-up; {tokens:,} tokens a step (batch {result['batch']} × "
                   f"{result['sequence']} tokens, micro-batch {result['micro_batch']}), "
                   f"{spread([tokens / s for s in step_seconds])} tokens/s; {result['exits']} exits a step; "
-                  f"precision {precision}. Matmul limits in this process (2048², best of 7): float32 "
+                  f"precision {precision}, ZeRO stage {result['zero_stage']} ({result['optimizer']}). Matmul limits in this process (2048², best of 7): float32 "
                   f"{result['limits']['float32']['best_gflops']:.1f}, bfloat16 "
                   f"{result['limits']['bfloat16']['best_gflops']:.1f} GFLOP/s; the exit head's shape (256 × "
                   f"{result['shape']['d']} by {result['shape']['d']} × {result['shape']['vocab']:,}): float32 "
@@ -207,28 +236,93 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def default_section(config: str | Path = ROOT / "config.yaml") -> dict:
+    """The config's distill section as the trainer reads it (without the workflow's keys)."""
+    section = yaml.safe_load(Path(config).read_text())["distill"]
+    return {key: value for key, value in section.items() if key not in ("seeds", "resources")}
+
+
+def measure(model_dir: str, tokens: str, section: dict, steps: int, precisions=(None,), before: bool = True) -> dict:
+    """For each precision (None: the section's own), the step as it was (``before``) and as it is now, one process
+    group for all of them. Keyed ``"<precision>/<before|now>"``."""
+    from hsconv.distill.train import _init_distributed
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
+    _init_distributed("cpu")
+    results = {}
+    for precision in precisions:
+        settings = {**section, **({"precision": precision} if precision else {})}
+        name = precision or settings.get("precision", "auto")
+        if before:
+            with unfused_adamw():
+                results[f"{name}/before"] = profile(model_dir, tokens, {**settings, "zero_stage": 2}, steps)
+        results[f"{name}/now"] = profile(model_dir, tokens, settings, steps)
+    return results
+
+
+def best_limits(results: dict) -> dict[str, float]:
+    """Per precision, the best matmul rate measured in any of the runs: a shared machine's slower moments would
+    otherwise flatter the phases measured during them."""
+    return {dtype: max(result["limits"][dtype]["best_gflops"] for result in results.values())
+            for dtype in ("float32", "bfloat16")}
+
+
+def report(results: dict) -> str:
+    """The tables of :func:`measure`'s runs, each pair with its before/now line; every percentage is of the best
+    matmul rate of its precision measured in the whole run."""
+    limits = best_limits(results)
+    parts = []
+    for key, result in results.items():
+        name, when = key.split("/")
+        label = "before: ZeRO-2, AdamW per tensor" if when == "before" else "now: the trainer as it is"
+        parts += [f"**precision {name} (ran in {result['precision']}), {label}**", "",
+                  markdown(result, limits[result["precision"]]), ""]
+        if when == "now" and f"{name}/before" in results:
+            parts += [comparison(results[f"{name}/before"], result, limits[result["precision"]]), ""]
+    spans = ", ".join(f"{dtype} {min(r['limits'][dtype]['best_gflops'] for r in results.values()):.1f}–"
+                      f"{limits[dtype]:.1f}" for dtype in limits)
+    parts.append(f"Percentages are of the best matmul rate of each precision measured in this run; between the runs "
+                 f"it ranged {spans} GFLOP/s.")
+    return "\n".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--tokens", required=True, help="the packed tokens the default trains on (Parquet)")
     parser.add_argument("--config", default=str(ROOT / "config.yaml"), help="whose distill section to profile")
     parser.add_argument("--steps", type=int, default=6, help="timed steps after one warm-up step")
-    parser.add_argument("--precision", choices=["auto", "float32", "bfloat16"], help="override distill.precision")
+    parser.add_argument("--precision", nargs="+", choices=["auto", "float32", "bfloat16"],
+                        help="override distill.precision (several: one profile each)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML", help="override distill settings")
+    parser.add_argument("--before", action="store_true",
+                        help="first profile the step as it was (ZeRO-2, AdamW per tensor), in the same process")
     parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args()
-    section = yaml.safe_load(Path(args.config).read_text())["distill"]
-    section = {key: value for key, value in section.items() if key not in ("seeds", "resources")}
-    if args.precision:
-        section["precision"] = args.precision
+    section = default_section(args.config)
     for item in args.set:
         key, value = item.split("=", 1)
         section[key] = yaml.safe_load(value)
-    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
-    result = profile(args.model_dir, args.tokens, section, args.steps)
+    results = measure(args.model_dir, args.tokens, section, args.steps, args.precision or (None,), args.before)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1, default=str))
-    print(markdown(result))
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    print(report(results))
+
+
+def comparison(before: dict, now: dict, limit: float | None = None) -> str:
+    """One line: the step's median seconds, tokens/s and share of the matmul limit, before and now (default limit:
+    the better of the two runs' measurements, so that a slower moment of the machine does not flatter either)."""
+    limit = limit or max(result["limits"][now["precision"]]["best_gflops"] for result in (before, now))
+
+    def summary(result):
+        timed = result["rows"][1:]
+        seconds = statistics.median(row["seconds"] for row in timed)
+        rate = sum(result["flops"].values()) / seconds / 1e9
+        return seconds, timed[0]["tokens"] / seconds, rate, 100 * rate / limit
+    (s0, t0, r0, p0), (s1, t1, r1, p1) = summary(before), summary(now)
+    return (f"median step {s0:.2f} s → {s1:.2f} s; {t0:.1f} → {t1:.1f} tokens/s ({t1 / t0:.2f}×); "
+            f"{r0:.1f} → {r1:.1f} GFLOP/s, {p0:.0f}% → {p1:.0f}% of the {now['precision']} matmul limit "
+            f"({limit:.1f} GFLOP/s).")
 
 
 if __name__ == "__main__":

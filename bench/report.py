@@ -22,7 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from bench import data_stage, default_run, distill_step, extraction, layer_skip, per_layer_eval, teacher_cache
+from bench import (data_stage, default_run, distill_profile, distill_step, extraction, layer_skip, per_layer_eval,
+                   teacher_cache)
 from bench.common import ROOT, SHARED, environment, matmul_limit, spread
 
 # Committed, so that BENCHMARKS.md can be rendered again anywhere from what it was rendered from.
@@ -32,7 +33,8 @@ MODEL = "smollm2-135m"
 DISTILL_SHAPES = [(4, 64), (4, 256), (8, 512)]  # the first is also run with the naive loss
 DISTILL_EXITS = [4, 8, 16]
 NAIVE_SHAPES = [(4, 64), (1, 256)]
-SECTIONS = ("default_run", "machine", "data", "distill", "extraction", "eval", "teacher", "layer_skip")
+SECTIONS = ("default_run", "machine", "data", "profile", "distill", "extraction", "eval", "teacher", "layer_skip")
+PROFILE_STEPS = 8
 
 
 def model_dir() -> str:
@@ -46,12 +48,13 @@ def model_dir() -> str:
     return str(out)
 
 
-def distill_tokens(model: str) -> str:
-    """Rows long and many enough for every distillation shape, packed from real FineWeb-Edu documents."""
+def distill_tokens(model: str, length: int | None = None, rows: int | None = None) -> str:
+    """Rows long and many enough for every distillation shape (or ``rows`` of ``length``), packed from real
+    FineWeb-Edu documents."""
     from hsconv.corpus import pack_tokens, sample_corpus
 
-    length = max(seq for _, seq in DISTILL_SHAPES + NAIVE_SHAPES)
-    rows = max(batch for batch, _ in DISTILL_SHAPES + NAIVE_SHAPES)
+    length = length or max(seq for _, seq in DISTILL_SHAPES + NAIVE_SHAPES)
+    rows = rows or max(batch for batch, _ in DISTILL_SHAPES + NAIVE_SHAPES)
     out = INPUTS / f"{MODEL}-tokens-{rows}x{length}.parquet"
     if not out.exists():
         with tempfile.TemporaryDirectory() as tmp:
@@ -69,7 +72,20 @@ def distill_measure(model: str) -> dict:
     return distill_step.measure(model, distill_tokens(model), runs)
 
 
+def profile_measure(model: str) -> dict:
+    """The default's step (config.yaml's distill section, its sequence length) before and now, in its own precision
+    and, where that is bf16, in float32 too: what a CPU without native bf16 runs."""
+    from hsconv.precision import resolve_precision
+
+    section = distill_profile.default_section()
+    config = yaml.safe_load((ROOT / "config.yaml").read_text())
+    tokens = distill_tokens(model, config["packing"]["sequence_length"], section["batch_size"] * (PROFILE_STEPS + 1))
+    precisions = (None, "float32") if resolve_precision(section.get("precision", "auto")) == "bfloat16" else (None,)
+    return distill_profile.measure(model, tokens, section, PROFILE_STEPS, precisions)
+
+
 MEASURE = {
+    "profile": profile_measure,
     "machine": lambda model: {"matmul": [matmul_limit() for _ in range(3)]},
     "data": lambda model: data_stage.measure(model, megabytes=100, budget=10_000_000, repeats=3),
     "distill": distill_measure,
@@ -157,6 +173,17 @@ def checks(stored: dict) -> dict[str, list[str]]:
             lines.append("- Top-k teacher cache, ζ1 relative error (KL(q_l‖p)): " + ", ".join(
                 f"k = {k}: {measured['k'][k]['relative_error']:+.1e}" for k in ("64", "256") if k in measured["k"])
                 + ".")
+    if "profile" in stored:
+        runs = stored["profile"]
+        lines = goals.setdefault("profile", [])
+        limits = distill_profile.best_limits(runs)
+        for key in runs:
+            name, when = key.split("/")
+            if when == "now" and f"{name}/before" in runs:
+                lines.append(f"- The default's distillation step, precision {name} ({runs[key]['precision']}, "
+                             f"ZeRO stage {runs[key]['zero_stage']}), before and now: "
+                             + distill_profile.comparison(runs[f"{name}/before"], runs[key],
+                                                          limits[runs[key]["precision"]]))
     if "layer_skip" in stored:
         run = stored["layer_skip"]
         replayed, whole = min(run["seconds"]["replayed"]), min(run["seconds"]["whole"])
@@ -168,7 +195,7 @@ def checks(stored: dict) -> dict[str, list[str]]:
 
 
 # How each section's goal lines begin, to carry them over from an earlier BENCHMARKS.md (see previous_report).
-GOAL_PREFIXES = {"default_run": ("- The default run",),
+GOAL_PREFIXES = {"default_run": ("- The default run",), "profile": ("- The default's distillation step",),
                  "distill": ("- Distillation at", "- Fused at", "- Step memory"), "eval": ("- All-exit",),
                  "extraction": ("- Hidden-state stage",), "teacher": ("- Top-k teacher cache",),
                  "layer_skip": ("- Layer relevance",)}
@@ -192,6 +219,7 @@ INTRO = {
     "machine": "The matrix-multiply limit every percentage below is measured against: a float32 2048 × 2048 "
                "`torch.matmul`, 7 timed repeats after a warm-up, best kept; here run three times in a row.",
     "data": data_stage.__doc__.split("\n\n")[0],
+    "profile": distill_profile.__doc__.split("\n\n", 2)[2].strip(),
     "distill": distill_step.__doc__.split("\n\n", 2)[2].strip(),
     "extraction": extraction.__doc__.split("\n\n", 2)[2].strip(),
     "eval": per_layer_eval.__doc__.split("\n\n", 2)[2].strip(),
@@ -200,6 +228,7 @@ INTRO = {
 }
 TITLES = {"default_run": "The default run: `snakemake --cores all`, whole and per job",
           "machine": "The limit: matrix-multiply rate", "data": "Data stage: sampling and packing",
+          "profile": "Self-distillation step: where the default's time goes, before and now",
           "distill": "Self-distillation step: fused per-layer loss vs the naive one",
           "extraction": "Hidden-state extraction vs a bare forward pass",
           "eval": "Per-layer evaluation: all exits through the logit lens vs stock lm-eval",
@@ -207,7 +236,7 @@ TITLES = {"default_run": "The default run: `snakemake --cores all`, whole and pe
           "layer_skip": "Layer relevance: removals with the intact prefix replayed vs run whole"}
 RENDER = {"default_run": default_run.markdown,
           "machine": lambda r: "best GFLOP/s per run: " + spread([m["best_gflops"] for m in r["matmul"]]),
-          "data": data_stage.markdown, "distill": distill_step.markdown, "extraction": extraction.markdown,
+          "data": data_stage.markdown, "profile": distill_profile.report, "distill": distill_step.markdown, "extraction": extraction.markdown,
           "eval": per_layer_eval.markdown, "teacher": teacher_cache.markdown, "layer_skip": layer_skip.markdown}
 
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from hsconv.corpus import CorpusError, pack_tokens, sample_corpus
 from hsconv.distill.loss import layer_weights
-from hsconv.distill.train import DistillSettings, LossSettings, TrainingError, distill, lr_factor, micro_batches
+from hsconv.distill.train import (DistillSettings, LossSettings, TrainingError, distill, lr_factor, micro_batches,
+                                  resolve_zero_stage)
 from hsconv.errors import InputError
 from hsconv.models import load_model, prepare_model
 
@@ -106,7 +107,8 @@ def test_untied_qwen2_head_trains_under_zero1_with_one_sampled_exit(tmp_path, co
 @pytest.mark.heavy  # three DeepSpeed runs per recipe (about a minute): CI runs it in its heavy tier
 @pytest.mark.parametrize("recipe", [{"exit_sampling": "uniform"}, {"exit_sampling": "stratified_keep_last"},
                                     {"exit_sampling": "stratified_keep_last", "zeta2_penalty": "rise", "alpha": 2.0,
-                                     "precision": "bfloat16"}], ids=["uniform", "stratified", "stratified-rise-bf16"])
+                                     "precision": "bfloat16", "zero_stage": "auto", "batch_size": 4}],
+                         ids=["uniform", "stratified", "stratified-rise-bf16-zero-auto"])
 def test_output_anchor_with_sampled_exits_resumes_bit_for_bit_and_logs_its_weight(tmp_path, corpus, recipe):
     """The sampled-anchor recipes (docs/findings.md §11–13) on a tiny model: killed after step 3 and resumed, each
     equals the uninterrupted run bit for bit; the output exit is computed in every step, logged with weight w_L + β."""
@@ -170,21 +172,45 @@ def test_another_seed_gives_another_run(tmp_path, corpus):
 @pytest.mark.heavy
 def test_bfloat16_training_runs_on_cpu_close_to_float32(tmp_path, corpus):
     """The GPU default (DeepSpeed bf16: bf16 weights and activations, fp32 master weights) run here on the CPU, so the
-    path is not dead code: the same steps in bf16 give finite losses near float32's, and float32 weights out."""
+    path is not dead code: the same steps in bf16 give finite losses near float32's, and float32 weights out. The
+    bf16 default without accumulation (ZeRO auto = stage 1: DeepSpeed's bf16 optimizer, float32 gradient sums) trains
+    what ZeRO-2 trains."""
     model_dir, tokens = make_model(tmp_path, corpus)
     settings = {**SETTINGS, "max_steps": 3, "checkpoint_every": 10}
     runs = {}
-    for precision in ("float32", "bfloat16"):
-        result, outputs = run_distill(tmp_path, model_dir, tokens, precision, {**settings, "precision": precision})
+    for tag, extra in {"float32": {"precision": "float32"}, "bfloat16": {"precision": "bfloat16"},
+                       "bfloat16-zero2-no-accumulation": {"precision": "bfloat16", "batch_size": 4},
+                       "bfloat16-auto-no-accumulation": {"precision": "bfloat16", "batch_size": 4,
+                                                         "zero_stage": "auto"}}.items():
+        result, outputs = run_distill(tmp_path, model_dir, tokens, tag, {**settings, **extra})
         assert result.returncode == 0, result.stderr[-3000:]
-        runs[precision] = (pd.read_parquet(outputs["log_out"]), load_file(outputs["out"] / "model.safetensors"))
-    assert "bf16" in result.stderr
+        runs[tag] = (pd.read_parquet(outputs["log_out"]), load_file(outputs["out"] / "model.safetensors"))
+    assert "bf16, ZeRO stage 1" in result.stderr
+    assert load_model(outputs["out"]).manifest["training"]["zero_stage"] == 1
     steps32, steps16 = runs["float32"][0], runs["bfloat16"][0]
     for term in ("zeta", "zeta1", "zeta2"):
         assert np.isfinite(steps16[term]).all(), term
         # bf16 keeps 8 bits of mantissa: a few per cent on losses of this size, not orders of magnitude
         assert steps16[term].to_numpy() == pytest.approx(steps32[term].to_numpy(), rel=0.1, abs=1e-3), term
-    assert all(tensor.dtype == torch.float32 for tensor in runs["bfloat16"][1].values())
+    for tag in ("bfloat16", "bfloat16-auto-no-accumulation"):
+        assert all(tensor.dtype == torch.float32 for tensor in runs[tag][1].values())
+    # ZeRO-1's bf16 optimizer and ZeRO-2 sum the same bf16 gradients into float32 masters: the same steps
+    zero2, auto = runs["bfloat16-zero2-no-accumulation"], runs["bfloat16-auto-no-accumulation"]
+    pd.testing.assert_frame_equal(zero2[0].drop(columns=["seconds", "tokens_per_second"]),
+                                  auto[0].drop(columns=["seconds", "tokens_per_second"]), rtol=1e-5)
+    base = load_file(model_dir / "model.safetensors")
+    updates = {tag: torch.cat([(weights[name].double() - base[name].double()).flatten() for name in base])
+               for tag, (_, weights) in (("zero2", zero2), ("auto", auto))}
+    relative = ((updates["auto"] - updates["zero2"]).norm() / updates["zero2"].norm()).item()
+    assert relative < 1e-3, f"ZeRO auto vs ZeRO-2: the updates differ by {relative:.2e} of their size"
+
+
+@pytest.mark.parametrize("setting, world, bf16, accumulation, offload, stage", [
+    ("auto", 1, False, 1, False, 0), ("auto", 2, False, 1, False, 2), ("auto", 1, True, 1, False, 1),
+    ("auto", 4, True, 1, False, 1), ("auto", 1, True, 2, False, 2), ("auto", 1, False, 1, True, 2),
+    ("auto", 1, True, 1, True, 2), (3, 1, True, 1, False, 3), (0, 4, False, 2, False, 0)])
+def test_zero_stage_auto_partitions_only_where_it_pays(setting, world, bf16, accumulation, offload, stage):
+    assert resolve_zero_stage(setting, world, bf16, accumulation, offload) == stage
 
 
 def test_non_finite_loss_names_the_step_and_term(tmp_path, corpus):

@@ -54,7 +54,7 @@ def test_a_bad_setting_is_refused_naming_its_key(values, culprit, words):
 def test_ranges_of_list_elements_and_number_choices_are_checked():
     with pytest.raises(SettingsError, match=r"1.5 is out of range: give less than 1 \(metrics.quantiles\)"):
         from_section(MetricsSettings, {"quantiles": [0.5, 1.5]}, "metrics")
-    with pytest.raises(TrainingError, match=r"5 is not one of 0, 1, 2, 3 \(distill.zero_stage\)"):
+    with pytest.raises(TrainingError, match=r"5 is not one of auto, 0, 1, 2, 3 \(distill.zero_stage\)"):
         DistillSettings.from_dict({"zero_stage": 5})
     with pytest.raises(TrainingError, match=r"\(distill.alpha\)"):
         DistillSettings.from_dict({"alpha": -0.5})

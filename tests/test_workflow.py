@@ -107,7 +107,14 @@ def test_full_run_writes_figures_and_tables(finished_run):
         assert (results / f"models/{model}/distilled/model.safetensors").is_file()
         assert len(pd.read_parquet(results / f"training/{model}/steps.parquet")) == 3
         assert (results / f"figures/training/{model}.png").stat().st_size > 0
-        assert "ZeRO stage 2" in (results / f"logs/distill/{model}.log").read_text()
+        training = json.loads((results / f"models/{model}/distilled/hsconv_model.json").read_text())["training"]
+        from hsconv.distill.train import resolve_zero_stage
+
+        distill = training["distill"]  # zero_stage auto on one process: the stage its rule gives, recorded and logged
+        stage = resolve_zero_stage("auto", 1, training["precision"] == "bfloat16",
+                                   distill["batch_size"] // distill["micro_batch_size"])
+        assert training["zero_stage"] == stage
+        assert f"ZeRO stage {stage}" in (results / f"logs/distill/{model}.log").read_text()
     evaluation = pd.read_parquet(results / "tables/per_layer_evaluation.parquet")
     assert set(evaluation["variant"]) == {"base", "distilled"}  # the tuned lens is a study of its own
     assert set(evaluation["task"]) == {"lambada", "wikitext"}

@@ -335,7 +335,9 @@ class TrainSettings:
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's betas", minimum=0, exclusiveMaximum=1)
     grad_clip: float = setting(1.0, "clip the global gradient norm to this", exclusiveMinimum=0)
     seed: int = setting(0, "seed of the data order and of exit sampling", minimum=0)
-    zero_stage: int = setting(2, "DeepSpeed ZeRO stage", choices=(0, 1, 2, 3))
+    zero_stage: int | Literal["auto"] = setting(
+        "auto", "DeepSpeed ZeRO stage; auto: 0 on one rank (partitions over one rank save nothing and cost copies), "
+                "2 on several ranks or with offload_optimizer", choices=("auto", 0, 1, 2, 3))
     offload_optimizer: bool = setting(False, "ZeRO-Offload of the optimizer state to CPU memory")
     precision: TrainingPrecision = setting("auto", "auto: bfloat16 where the device multiplies it natively (a CUDA GPU "
                                                    "with bf16, a CPU with AMX or avx512_bf16), float32 elsewhere")
@@ -349,8 +351,10 @@ class TrainSettings:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise TrainingError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise TrainingError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage not in ("auto", 0, 1, 2, 3):
+            raise TrainingError(f"zero_stage must be auto, 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise TrainingError("offload_optimizer needs zero_stage 1, 2, 3 or auto (ZeRO-Offload is part of ZeRO)")
         for name in ("batch_size", "micro_batch_size", "epochs", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}")

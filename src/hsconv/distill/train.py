@@ -73,8 +73,32 @@ def _init_distributed(device_type: str) -> tuple[int, int, int]:
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def _deepspeed_config(settings: TrainSettings, accumulation: int, bf16: bool) -> dict:
-    zero = {"stage": settings.zero_stage}
+def resolve_zero_stage(setting: int | str, world_size: int, bf16: bool, accumulation: int,
+                       offload_optimizer: bool = False) -> int:
+    """The ZeRO stage for a setting of ``auto``, the fastest per step on the default (bench.distill_profile).
+
+    In bf16 without gradient accumulation, stage 1 with float32 gradients: DeepSpeed's bf16 optimizer, one flat
+    float32 master. With accumulation, 2: DeepSpeed 0.19's bf16 optimizer counted the first micro-batch's gradient
+    twice there (a 1.6× gradient norm on a tiny model; the same run without accumulation matched ZeRO-2 exactly), and
+    ZeRO-0 in bf16 sums gradients in bf16. In float32, no ZeRO on one rank (partitions of one save no memory and
+    their copies cost time), 2 on several. ZeRO-Offload is part of ZeRO: 2.
+    """
+    if setting != "auto":
+        return int(setting)
+    if offload_optimizer:
+        return 2
+    if bf16:
+        return 1 if accumulation == 1 else 2
+    return 2 if world_size > 1 else 0
+
+
+def _bf16_optimizer(bf16: bool, zero_stage: int, accumulation: int) -> bool:
+    """Whether to ask for DeepSpeed's bf16 optimizer (float32 gradient sums under ZeRO-1); see resolve_zero_stage."""
+    return bf16 and zero_stage == 1 and accumulation == 1
+
+
+def _deepspeed_config(settings: TrainSettings, accumulation: int, bf16: bool, zero_stage: int) -> dict:
+    zero = {"stage": zero_stage}
     if settings.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config = {
@@ -83,6 +107,7 @@ def _deepspeed_config(settings: TrainSettings, accumulation: int, bf16: bool) ->
         "gradient_clipping": settings.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if _bf16_optimizer(bf16, zero_stage, accumulation) else {}),
         "steps_per_print": 10**9,  # hsconv logs progress itself
         "wall_clock_breakdown": False,
     }
@@ -240,8 +265,9 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
     try:
         engine, scheduler, bf16, frozen = _engine(plan, model_dir, settings, device_type, local_rank)
         settings_record = {"distill": settings.to_dict(), "precision": "bfloat16" if bf16 else "float32",
-                           "world_size": world, "tokens": str(tokens_path),
-                           "sequences": int(len(plan.ids)), "sequence_length": int(plan.ids.shape[1])}
+                           "zero_stage": engine.zero_optimization_stage(), "world_size": world,
+                           "tokens": str(tokens_path), "sequences": int(len(plan.ids)),
+                           "sequence_length": int(plan.ids.shape[1])}
         if plan.cache is not None:
             settings_record["teacher_cache"] = {key: plan.cache.manifest[key]
                                                 for key in ("top_k", "tokens_sha256", "dtype")}
@@ -249,7 +275,7 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
         log.info("distilling %s: %d sequences × %d tokens, %d steps of %d sequences (%d per forward × %d accumulation "
                  "× %d ranks), %s, ZeRO stage %d", plan.name, len(plan.ids), plan.ids.shape[1], plan.last_step,
                  settings.train.batch_size, settings.train.micro_batch_size, plan.accumulation, world,
-                 "bf16" if bf16 else "float32", settings.train.zero_stage)
+                 "bf16" if bf16 else "float32", settings_record["zero_stage"])
         step_rows, layer_rows = _train(engine, scheduler, plan, settings, checkpoints, settings_record, rank, world)
         state = _master_weights(engine, frozen)  # every rank: assembling ZeRO's partitions is a collective
         if rank == 0:
@@ -331,8 +357,10 @@ def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str,
     module = SelfDistillation(student, target, settings.loss)
     optimizer = None
     if not train.offload_optimizer:
+        # fused: one kernel over all parameters instead of a dozen passes over memory (bench.distill_profile:
+        # the optimizer's share of the default's step fell from a third to under a tenth on CPU); the same update
         optimizer = torch.optim.AdamW(trainable, lr=train.learning_rate, betas=train.adam_betas,
-                                      weight_decay=train.weight_decay)
+                                      weight_decay=train.weight_decay, fused=True)
 
     # Given as a callable, DeepSpeed builds the schedule on its own optimizer, steps it at each accumulation
     # boundary and keeps its state in the checkpoints.
@@ -340,11 +368,14 @@ def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str,
         return torch.optim.lr_scheduler.LambdaLR(
             wrapped_optimizer, lambda index: lr_factor(index, train.warmup_steps, plan.total_steps, train.min_lr_ratio))
 
+    zero_stage = resolve_zero_stage(train.zero_stage, torch.distributed.get_world_size(), bf16, plan.accumulation,
+                                    train.offload_optimizer)
     engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
-                                                   config=_deepspeed_config(train, plan.accumulation, bf16),
+                                                   config=_deepspeed_config(train, plan.accumulation, bf16,
+                                                                            zero_stage),
                                                    lr_scheduler=schedule,
                                                    model_parameters=None if optimizer else trainable)
-    if train.zero_stage == 3:
+    if zero_stage == 3:
         module.register_for_zero3()  # needs the partitioned parameters that initialize() made
     return engine, scheduler, bf16, frozen
 
