@@ -149,6 +149,15 @@ def _set(path: str, value):
 
 CASES = [
     # --- the config, checked when the Snakefile loads, before any job starts ---
+    Case("config-validation-overlaps-test", "config",
+         config_edit(lambda c: c["datasets"].update(lambada_early={
+             "kind": "lambada", "path": "../shared/data/lambada_test.jsonl", "split": "validation",
+             "subset": {"skip": 990, "size": 20}})), "datasets",
+         "validation passages 991-1,010 that the test set (passages 1,001 on) reads too"),
+    Case("config-ablations-choose-on-test", "config", config_edit(_set("ablations.dataset", "lambada")),
+         "ablations.dataset", "the ablations (which choose settings) pointed at test text"),
+    Case("texts-skip-past-the-end", "prepare-texts", texts_args("lambada_jsonl", subset_skip=99999), "skip",
+         "a subset that skips more documents than the file has"),
     Case("config-duplicate-model", "config", lambda inputs: "DUPLICATE_MODEL", "config.yaml:",
          "two models with the same name (YAML keeps the last one silently)"),
     Case("config-duplicate-dataset", "config", lambda inputs: "DUPLICATE_DATASET", "config.yaml:",

@@ -1,4 +1,4 @@
-"""bench.final_norm_account on a tiny model: its decomposition of the norm floor against independent computations."""
+"""studies.final_norm_account on a tiny model: its decomposition of the norm floor against independent computations."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.final_norm_account import account, cosine_terms
+from studies.final_norm_account import account, cosine_terms
 from hsconv.hidden_states import token_movement
 from hsconv.models import load_model, prepare_model
 

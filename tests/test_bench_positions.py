@@ -1,11 +1,11 @@
-"""bench.position_convergence: S_model and the last-layer ratio by band of token position, against a hand count."""
+"""studies.position_convergence: S_model and the last-layer ratio by band of token position, against a hand count."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from bench.position_convergence import position_convergence
+from studies.position_convergence import position_convergence
 
 
 def dump(movements_by_position: dict[int, list[float]]) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""bench.recipe_summary reads a finished run's tables; each column is the number the workflow wrote."""
+"""studies.recipe_summary reads a finished run's tables; each column is the number the workflow wrote."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.recipe_summary import COLUMNS, recipe_rows
+from studies.recipe_summary import COLUMNS, recipe_rows
 
 
 def write_run(run: Path) -> None:
@@ -58,7 +58,7 @@ def test_one_row_per_dataset_and_convention_from_the_runs_tables(tmp_path):
 
 
 def test_the_summary_writes_its_tables_and_the_frontier_figure(tmp_path):
-    from bench.recipe_summary import write_summary
+    from studies.recipe_summary import write_summary
 
     write_run(tmp_path / "run")
     table = write_summary({"k05": tmp_path / "run"}, tmp_path / "out" / "summary")
@@ -77,12 +77,12 @@ def test_a_run_without_the_wikitext_output_is_refused(tmp_path):
         recipe_rows("k05", tmp_path)
 
 
-def test_a_recipe_is_its_base_with_its_keys_changed_and_the_output_on_the_measured_sets():
+def test_a_recipe_is_its_base_with_its_keys_changed_and_measured_on_the_validation_sets():
     """`default` is config.yaml itself; every other recipe is config.yaml with the keys it had until §13 (BEFORE_13)
     and its own changed, so that a recipe stays what it was measured as when config.yaml moves on."""
     import yaml
 
-    from bench.recipe_search import BEFORE_13, REPO, recipe_config, recipe_overrides
+    from studies.recipe_search import BEFORE_13, REPO, recipe_config, recipe_overrides
 
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     default = recipe_config(recipe_overrides("default"))
@@ -93,14 +93,15 @@ def test_a_recipe_is_its_base_with_its_keys_changed_and_the_output_on_the_measur
     assert frozen16["packing"] == {**config["packing"], "token_budget": 8192}
     assert paper["distill"] == {**frozen16["distill"], "frozen": []}
     assert frozen40["distill"] == frozen16["distill"] and frozen40["packing"]["token_budget"] == 20480
-    assert frozen40["evaluation"]["output_datasets"] == frozen40["evaluation"]["datasets"] == ["lambada", "wikitext"]
+    assert frozen40["evaluation"]["output_datasets"] == frozen40["evaluation"]["datasets"] == [
+        "lambada_validation", "wikitext_validation"]
     assert all(Path(data["path"]).is_absolute() for data in frozen40["datasets"].values())
 
 
 def test_keeping_earlier_rows_adds_the_new_recipes_and_refuses_a_different_base(tmp_path):
     """Rows of recipes measured in an earlier run folder stay (the folder is gone, its rows are not), a recipe
     measured again replaces its old rows, and a summary whose pretrained-model numbers differ is not merged."""
-    from bench.recipe_summary import write_summary
+    from studies.recipe_summary import write_summary
 
     write_run(tmp_path / "run")
     out = tmp_path / "out" / "summary"
@@ -119,3 +120,26 @@ def test_keeping_earlier_rows_adds_the_new_recipes_and_refuses_a_different_base(
     earlier.to_csv(out.with_suffix(".csv"), index=False)
     with pytest.raises(ValueError, match="base-model numbers differ"):
         write_summary({"newer": tmp_path / "run"}, out, keep_earlier=True)
+
+
+def test_the_recipe_study_reads_validation_text_only(tmp_path):
+    """Recipes are chosen: every set they are measured on is validation text, none is test text, and a config or a
+    recipe that would read test text is refused."""
+    import yaml
+
+    from studies.recipe_search import REPO, TestTextError, recipe_config
+
+    config = recipe_config({})
+    read = {*config["hidden_states"]["datasets"], *config["evaluation"]["datasets"],
+            *config["evaluation"]["output_datasets"],
+            *(figure["dataset"] for figure in config["figures"].values() if "dataset" in figure)}
+    assert read and all(config["datasets"][name]["split"] == "validation" for name in read), read
+    assert {config["datasets"][name]["kind"] for name in read} == {"lambada", "wikitext"}
+    with pytest.raises(TestTextError, match="lambada"):
+        recipe_config({"evaluation": {"output_datasets": ["lambada"]}})
+    plain = yaml.safe_load((REPO / "config.yaml").read_text())
+    for data in plain["datasets"].values():
+        data.pop("split", None)  # every set test text, as before the held-out protocol
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(plain))
+    with pytest.raises(TestTextError, match="no validation data set"):
+        recipe_config({}, base=tmp_path / "config.yaml")

@@ -15,7 +15,7 @@ from conftest import REPO, shared_file
 
 
 def test_time_to_target_picks_the_first_snapshot_at_or_above_the_full_losss_last():
-    from bench.time_to_target import time_to_target
+    from studies.time_to_target import time_to_target
 
     table = pd.DataFrame({
         "setting": ["all-exits"] * 3 + ["m4"] * 4,
@@ -37,7 +37,7 @@ def test_time_to_target_picks_the_first_snapshot_at_or_above_the_full_losss_last
 def test_benchmark_on_the_tiny_model(tiny_model_dir, tmp_path):
     shared_file("lambada_test.jsonl")
     out = tmp_path / "bench"
-    command = [sys.executable, "-m", "bench.time_to_target", "--model-dir", str(tiny_model_dir), "--out", str(out),
+    command = [sys.executable, "-m", "studies.time_to_target", "--model-dir", str(tiny_model_dir), "--out", str(out),
                "--setting", "all-exits=all:uniform:2", "--setting", "m2=2:uniform:4:16", "--eval-every", "2",
                "--accuracy-passages", "12", "--movement-passages", "6", "--bootstrap", "50"]
     result = subprocess.run([*command, "--phase", "train"], capture_output=True, text=True, cwd=REPO)

@@ -358,11 +358,11 @@ def test_exit_strata_cover_every_exit_once_in_contiguous_bands_of_about_equal_we
 
 @pytest.mark.parametrize("scheme", ["uniform", "weighted", "uniform_keep_last", "stratified_keep_last"])
 def test_every_scheme_draws_what_its_definition_says_and_averages_to_the_full_loss_exactly(scheme):
-    """bench.exit_estimators enumerates each scheme's draws from its definition: the probabilities sum to 1, the
+    """studies.exit_estimators enumerates each scheme's draws from its definition: the probabilities sum to 1, the
     mean estimate is Σ w_l KL_l exactly, and the sampler's draws come with those frequencies and coefficients."""
     from collections import Counter
 
-    from bench.exit_estimators import draw_distribution, estimate_moments
+    from studies.exit_estimators import draw_distribution, estimate_moments
     from hsconv.distill.loss import sample_exits
 
     weights = layer_weights(6, k=0.5)
@@ -386,7 +386,7 @@ def test_every_scheme_draws_what_its_definition_says_and_averages_to_the_full_lo
 def test_stratified_sampling_spreads_less_than_uniform_on_a_falling_kl_profile():
     """On a KL profile like SmolLM2's (large at the shallow exits, falling towards the output) the stratified draw's
     exact spread is a fraction of the uniform keep-last one's: the heavy late exits are no longer left to chance."""
-    from bench.exit_estimators import estimate_moments
+    from studies.exit_estimators import estimate_moments
     from hsconv.distill.loss import sample_exits
 
     weights = layer_weights(30, k=0.25)

@@ -70,6 +70,11 @@ def test_summary_is_the_token_weighted_mean():
     # pre_norm: D = 0.4, 0.2, 0.4: rises 0.2 of total 0.4
     assert score.loc["pre_norm", "s_model"] == pytest.approx(0.5)
     assert score.loc["pre_norm", "last_layer_ratio"] == pytest.approx(2.0)
+    # the largest rise of D between adjacent layers, and where: none in hf (−0.2, 0: the larger is 0 at layer 3),
+    # 0.2 at layer 3 in pre_norm
+    assert (score.loc["hf", "largest_rise"], score.loc["hf", "largest_rise_layer"]) == (pytest.approx(0.0), 3)
+    assert (score.loc["pre_norm", "largest_rise"], score.loc["pre_norm", "largest_rise_layer"]) == \
+        (pytest.approx(0.2), 3)
     # The norm floor beside D_L: the token mean of layer L's floor ((0.3 + 0.1 + 0.2) / 4 / 3), in both tables.
     assert score["norm_floor"].tolist() == pytest.approx([0.05, 0.05])
     assert hf.loc[3, "norm_floor"] == pytest.approx(0.05) and hf.loc[[1, 2], "norm_floor"].isna().all()

@@ -38,6 +38,22 @@ def test_subsets_first_and_seeded_sample(tmp_path):
     assert (tmp_path / "b.parquet").read_bytes() == (tmp_path / "c.parquet").read_bytes()
 
 
+def test_a_skipped_range_is_never_read(tmp_path):
+    """Test text after the validation passages: passages 1,001 on are documents 1000 on, and a sample never draws
+    from the skipped ones."""
+    path = str(shared_file("lambada_test.jsonl"))
+    after = prepare_texts("l", "lambada", tmp_path / "a.parquet", path=path, subset_size=3, subset_skip=1000)
+    assert after["document"].tolist() == [1000, 1001, 1002]
+    rest = prepare_texts("l", "lambada", tmp_path / "b.parquet", path=path, subset_skip=1000, split="test")
+    assert len(rest) == 5153 - 1000 and rest["document"].min() == 1000
+    drawn = prepare_texts("l", "lambada", tmp_path / "c.parquet", path=path, subset_size=50, subset_mode="sample",
+                          subset_skip=5100)
+    assert drawn["document"].min() >= 5100 and len(drawn) == 50
+    with pytest.raises(TextSourceError, match="skips 6000 documents, but there are only 5153"):
+        prepare_texts("l", "lambada", tmp_path / "d.parquet", path=path, subset_skip=6000)
+    assert not (tmp_path / "d.parquet").exists()
+
+
 def test_split_lambada():
     assert split_lambada("he said hello") == ("he said", " hello")
 

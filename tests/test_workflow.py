@@ -231,7 +231,7 @@ def test_ablations_train_each_setting_and_report_it(finished_run):
         assert ((steps["zeta"] - steps["zeta1"] - alpha * steps["zeta2"]).abs() < 1e-5 * steps["zeta"].abs()).all()
     # every number is the one its stage wrote: S_model and D_L from the convergence scores, accuracy from lm-eval
     for row in table.itertuples():
-        scores = pd.read_parquet(results / f"metrics/tiny-llama/{row.variant}/lambada/convergence.parquet")
+        scores = pd.read_parquet(results / f"metrics/tiny-llama/{row.variant}/lambada_validation/convergence.parquet")
         score = scores[scores["final_norm"] == row.final_norm].iloc[0]
         assert (row.s_model, row.last_layer_movement) == (score["s_model"], score["last_layer_movement"])
         lm_eval = json.loads((results / f"ablations/tiny-llama/{row.variant}/stock_lm_eval.json").read_text())
@@ -303,7 +303,7 @@ RERUN_MATRIX = {
     "plotting code": ("figures/movement.py", "\nLEGEND_FONT_SIZE = 8\n",
                       {"plot_movement_figure": 2, "all": 1}),
     "metric code": ("metrics.py", "\nDEFAULT_CONFIDENCE = 0.95\n",
-                    {"compute_convergence": 10, "gather_table": 3,  # layer movement, convergence, paired
+                    {"compute_convergence": 11, "gather_table": 3,  # layer movement, convergence, paired
                      "compare_convergence": 4,
                      "plot_movement_figure": 2, "tabulate_ablations": 1, "plot_ablations": 1, "all": 1,
                      "findings": 1}),

@@ -24,6 +24,7 @@ from hsconv.names import (
     Convention,
     EvaluationKind,
     ModelDtype,
+    Split,
     SubsetMode,
     TextKind,
     TrainingPrecision,
@@ -183,6 +184,8 @@ def _prepare_texts_arguments(stage: argparse.ArgumentParser) -> None:
     stage.add_argument("--subset-size", type=integer(1, optional=True), default=None, help="documents to keep (none: all)")
     stage.add_argument("--subset-mode", default="first", choices=choices(SubsetMode))
     stage.add_argument("--subset-seed", type=integer(0), default=0)
+    stage.add_argument("--subset-skip", type=integer(0), default=0, help="documents passed over before the subset")
+    stage.add_argument("--split", default="test", choices=choices(Split), help="validation or test text")
     stage.add_argument("--out", required=True)
 
 
@@ -190,7 +193,8 @@ def _prepare_texts(args: argparse.Namespace) -> None:
     from hsconv.texts import prepare_texts
 
     prepare_texts(args.name, args.kind, args.out, path=args.path, hub_id=args.hub_id,
-                  subset_size=args.subset_size, subset_mode=args.subset_mode, subset_seed=args.subset_seed)
+                  subset_size=args.subset_size, subset_mode=args.subset_mode, subset_seed=args.subset_seed,
+                  subset_skip=args.subset_skip, split=args.split)
 
 
 def _sample_corpus_arguments(stage: argparse.ArgumentParser) -> None:

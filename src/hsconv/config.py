@@ -6,6 +6,8 @@ this module runs after it, so every mistake is reported before any job starts.
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from hsconv import cluster
 from hsconv.errors import InputError
 from hsconv.models import ModelSourceError, check_source
@@ -115,12 +117,47 @@ def check_config(config: dict) -> None:
         raise ConfigError(f"tuned_lens.holdout_sequences={tuned_lens['holdout_sequences']} leaves none of the "
                           f"{sequences} packed sequences to train on")
     _check_layer_relevance(config)
-    if config.get("ablations", {}).get("models"):
-        _check_ablations(config)
+    _check_splits(config)
+    _check_ablations(config)
     sentence = config["sentence"]
     if sentence["target"] not in sentence["text"]:
         raise ConfigError(f"sentence.target {sentence['target']!r} does not occur in sentence.text "
                           f"{sentence['text']!r}")
+
+
+def document_range(dataset: dict) -> tuple[int, float]:
+    """The documents of its source a data set may read, as [first, end): a sample may draw from all after ``skip``."""
+    subset = dataset.get("subset") or {}
+    skip, size = subset.get("skip", 0), subset.get("size")
+    return skip, (skip + size if size is not None and subset.get("mode", "first") == "first" else math.inf)
+
+
+def _source(dataset: dict) -> tuple:
+    """What a data set's documents are read from: its file, or (where it names none) its hub source and split."""
+    if dataset.get("path"):
+        return ("file", str(Path(dataset["path"]).resolve()))
+    hub_split = "validation" if dataset["kind"] == "wikitext" and dataset.get("split") == "validation" else "test"
+    return ("hub", dataset.get("hub_id"), hub_split)
+
+
+def _check_splits(config: dict) -> None:
+    """Validation and test text never share a document (what chooses settings reading validation text only is
+    checked where each choosing study is: _check_ablations)."""
+    datasets = config["datasets"]
+    for name, dataset in datasets.items():
+        if dataset.get("split", "test") != "validation":
+            continue
+        for other, candidate in datasets.items():
+            if candidate.get("split", "test") != "test" or _source(candidate) != _source(dataset):
+                continue
+            (first, end), (other_first, other_end) = document_range(dataset), document_range(candidate)
+            if first < other_end and other_first < end:
+                def shown(start, stop):
+                    return f"documents {start + 1}–{stop}" if stop != math.inf else f"documents {start + 1} on"
+                raise ConfigError(f"validation data set {name!r} ({shown(first, end)}) and test data set {other!r} "
+                                  f"({shown(other_first, other_end)}) share documents of {_source(dataset)[1]}",
+                                  "datasets", "give them disjoint ranges (subset.skip and subset.size): choices read "
+                                  "validation text, claims read test text")
 
 
 def _check_layer_relevance(config: dict) -> None:
@@ -170,13 +207,18 @@ def _check_ablations(config: dict) -> None:
     from hsconv.ablations import FACTORS, ablation_settings
     from hsconv.settings import DistillSettings, TrainingError
 
-    ablations = config["ablations"]
+    ablations = config.get("ablations", {})
+    if not ablations.get("models"):
+        return
     _require_known("model", ablations["models"], config["models"], "ablations.models")
     _require_known("data set", [ablations["dataset"]], config["datasets"], "ablations.dataset")
     kind = config["datasets"][ablations["dataset"]]["kind"]
     if kind != "lambada":
         raise ConfigError(f"ablations.dataset: {ablations['dataset']!r} is of kind {kind!r}; the ablations report "
                           f"LAMBADA accuracy, so it must be of kind lambada")
+    if config["datasets"][ablations["dataset"]].get("split", "test") != "validation":
+        raise ConfigError(f"{ablations['dataset']!r} is test text; the ablations choose settings, so they read "
+                          f"validation text only", "ablations.dataset", "name a data set with split: validation")
     varied = sorted(set(ablations["distill"]) & set(FACTORS))
     if varied:
         raise ConfigError(f"ablations.distill: {', '.join(varied)} is an ablation factor; set the reference's value "

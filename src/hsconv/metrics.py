@@ -80,6 +80,10 @@ def summarise_movement(tokens: pd.DataFrame, quantiles=(0.1, 0.5, 0.9), bootstra
                        n_documents=len(documents))
             layer_rows.append(row)
         score_low, score_high = np.quantile(convergence_score(replicates), [tail, 1.0 - tail])
+        # the largest increase of D from one layer to the next: a ratio D_L / D_{L-1} that improves because D_{L-1}
+        # grew, or a jump moved elsewhere, shows here
+        rises = np.diff(means)
+        rise_at = int(np.argmax(rises)) if len(rises) else None
         score_rows.append({
             "final_norm": convention,
             "s_model": float(convergence_score(means)),
@@ -87,6 +91,8 @@ def summarise_movement(tokens: pd.DataFrame, quantiles=(0.1, 0.5, 0.9), bootstra
             "last_layer_movement": float(means[-1]),
             "previous_layer_movement": float(means[-2]) if len(means) > 1 else float("nan"),
             "last_layer_ratio": float(means[-1] / means[-2]) if len(means) > 1 else float("nan"),
+            "largest_rise": float(rises[rise_at]) if rise_at is not None else float("nan"),
+            "largest_rise_layer": int(layers[rise_at + 1]) if rise_at is not None else -1,
             "norm_floor": norm_floor,
             "num_layers": len(layers), "n_tokens": int(counts.sum()), "n_documents": len(documents),
         })

@@ -18,6 +18,9 @@ EvaluationKind = Literal["lambada", "wikitext"]
 # Kinds of text files prepare-texts reads: the evaluated kinds, and jsonl for any other text.
 TextKind = Literal["lambada", "wikitext", "jsonl"]
 SubsetMode = Literal["first", "sample"]
+# What a data set is for: validation text is what every choice (recipe, learning rate, steps, α, β) reads; test
+# text is what every claim reads, once per chosen setting. A check refuses the two overlapping (hsconv.config).
+Split = Literal["validation", "test"]
 # The frozen model is the `target` of ζ1 (eq. 4): KL(student || target) as the paper writes it, or the reverse.
 KLDirection = Literal["student_target", "target_student"]
 # ζ2's per-layer step: the paper's ‖h_l − h_{l−1}‖² / ‖h_{l−1}‖² (eq. 5), or the scale-free 1 − cos(h_{l−1}, h_l)

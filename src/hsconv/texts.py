@@ -48,8 +48,10 @@ def split_lambada(text: str) -> tuple[str, str]:
     return context, " " + last_word
 
 
-def read_texts(name: str, kind: str, path: str | None, hub_id: str | None = None) -> tuple[list[str], str]:
-    """All documents of a data set and a description of where they came from (the local file first)."""
+def read_texts(name: str, kind: str, path: str | None, hub_id: str | None = None,
+               split: str = "test") -> tuple[list[str], str]:
+    """All documents of a data set and a description of where they came from (the local file first; else the hub,
+    whose validation split a WikiText validation set reads)."""
     if kind not in TEXT_KINDS:
         raise TextSourceError(f"data set {name!r}: unknown kind {kind!r}", f"datasets.{name}.kind",
                               f"give one of {', '.join(TEXT_KINDS)}")
@@ -71,7 +73,7 @@ def read_texts(name: str, kind: str, path: str | None, hub_id: str | None = None
     if kind == "jsonl" or not hub_id:
         raise TextSourceError(f"data set {name!r}: file not found", str(path),
                               "fix datasets.<name>.path, or give a hub_id to fall back on")
-    return _read_hub(name, kind, hub_id, missing=path), f"hub:{hub_id}"
+    return _read_hub(name, kind, hub_id, missing=path, split=split), f"hub:{hub_id}"
 
 
 def _check_lambada_passage(text: str, where: str) -> None:
@@ -84,8 +86,10 @@ def _check_lambada_passage(text: str, where: str) -> None:
                               "remove the line")
 
 
-def _read_hub(name: str, kind: str, hub_id: str, missing: str | None = None) -> list[str]:
-    default_id, config, split, field = HUB_SOURCES[kind]
+def _read_hub(name: str, kind: str, hub_id: str, missing: str | None = None, split: str = "test") -> list[str]:
+    default_id, config, hub_split, field = HUB_SOURCES[kind]
+    # LAMBADA has only its test set (its validation text is a range of it); WikiText-2 has a validation split
+    split = "validation" if kind == "wikitext" and split == "validation" else hub_split
     try:
         import datasets
 
@@ -104,29 +108,36 @@ def _read_hub(name: str, kind: str, hub_id: str, missing: str | None = None) -> 
     return list(rows[field])
 
 
-def select_subset(count: int, size: int | None, mode: str, seed: int) -> np.ndarray:
-    """Indices of the documents to keep: the first ``size``, or ``size`` drawn without replacement (sorted)."""
-    if size is None or size >= count:
-        return np.arange(count)
+def select_subset(count: int, size: int | None, mode: str, seed: int, skip: int = 0) -> np.ndarray:
+    """Indices of the documents to keep, after the first ``skip``: the first ``size`` of the rest, or ``size`` drawn
+    from the rest without replacement (sorted)."""
+    if skip >= count:
+        raise InputError(f"the subset skips {skip} documents, but there are only {count}")
+    rest = count - skip
+    if size is None or size >= rest:
+        return skip + np.arange(rest)
     if mode == "first":
-        return np.arange(size)
+        return skip + np.arange(size)
     if mode == "sample":
-        return np.sort(np.random.default_rng(seed).choice(count, size=size, replace=False))
+        return skip + np.sort(np.random.default_rng(seed).choice(rest, size=size, replace=False))
     raise InputError(f"subset mode {mode!r} is not 'first' or 'sample'")
 
 
 def prepare_texts(name: str, kind: str, out: str | os.PathLike, path: str | None = None,
                   hub_id: str | None = None, subset_size: int | None = None, subset_mode: str = "first",
-                  subset_seed: int = 0) -> pd.DataFrame:
+                  subset_seed: int = 0, subset_skip: int = 0, split: str = "test") -> pd.DataFrame:
     """Read, subset and write one data set as Parquet (``document``, ``text``; LAMBADA adds ``context``, ``target``)."""
-    texts, origin = read_texts(name, kind, path, hub_id)
+    texts, origin = read_texts(name, kind, path, hub_id, split)
     kept = [(index, text) for index, text in enumerate(texts) if text.strip()]
     dropped = len(texts) - len(kept)
     if dropped:
         log.warning("data set %s: dropped %d empty or whitespace-only documents", name, dropped)
     if not kept:
         raise TextSourceError(f"data set {name!r}: no non-empty documents in {origin}")
-    chosen = select_subset(len(kept), subset_size, subset_mode, subset_seed)
+    try:
+        chosen = select_subset(len(kept), subset_size, subset_mode, subset_seed, subset_skip)
+    except InputError as error:
+        raise TextSourceError(f"data set {name!r}: {error}", f"datasets.{name}.subset.skip") from None
     frame = pd.DataFrame({"document": [kept[i][0] for i in chosen], "text": [kept[i][1] for i in chosen]})
     if kind == "lambada":
         pairs = [split_lambada(text) for text in frame["text"]]
@@ -136,7 +147,8 @@ def prepare_texts(name: str, kind: str, out: str | os.PathLike, path: str | None
         frame["context"] = [context for context, _ in pairs]
         frame["target"] = [target for _, target in pairs]
     settings = dict(name=name, kind=kind, origin=origin, documents_available=len(kept), documents_dropped=dropped,
-                    subset_size=subset_size, subset_mode=subset_mode, subset_seed=subset_seed)
+                    subset_size=subset_size, subset_mode=subset_mode, subset_seed=subset_seed, subset_skip=subset_skip,
+                    split=split)
     write_parquet(frame, out, {"texts": settings})
     log.info("data set %s: %d of %d documents from %s -> %s", name, len(frame), len(kept), origin, out)
     return frame

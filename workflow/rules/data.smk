@@ -9,6 +9,8 @@ rule prepare_texts:
         size=subset_setting("size"),
         mode=subset_setting("mode"),
         seed=subset_setting("seed"),
+        skip=subset_setting("skip"),
+        split=dataset_setting("split"),
         code=code_fingerprint("hsconv.texts"),
     log: "results/logs/prepare_texts/{dataset}.log"
     benchmark: "results/benchmarks/prepare_texts/{dataset}.tsv"
@@ -17,7 +19,7 @@ rule prepare_texts:
     shell:
         "hsconv prepare-texts --name {wildcards.dataset} --kind {params.kind} --path {params.path:q}"
         " --hub-id {params.hub_id:q} --subset-size {params.size} --subset-mode {params.mode}"
-        " --subset-seed {params.seed} --out {output} > {log} 2>&1"
+        " --subset-seed {params.seed} --subset-skip {params.skip} --split {params.split} --out {output} > {log} 2>&1"
 
 
 rule sample_corpus:

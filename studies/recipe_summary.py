@@ -1,6 +1,6 @@
 """One row per (recipe, data set, convention): what a distillation recipe does to convergence and to the output.
 
-    python -m bench.recipe_summary --recipe default=/runs/default --recipe k05-a2=/runs/k05-a2 \
+    python -m studies.recipe_summary --recipe default=/runs/default --recipe k05-a2=/runs/k05-a2 \
         --out docs/findings/recipe/summary
 
 Each recipe is a finished run of the workflow (its own run folder, `snakemake --directory RUN ...`) with targets

@@ -1,8 +1,8 @@
 """Time to target: does ζ1 on a few sampled exits reach the full loss's convergence gain in less wall-clock?
 
-    python -m bench.time_to_target                       # train every setting, evaluate its snapshots, report
-    python -m bench.time_to_target --phase evaluate      # (again) evaluate what training left; skips what is done
-    python -m bench.time_to_target --phase report        # only the table, the figure and the Markdown
+    python -m studies.time_to_target                       # train every setting, evaluate its snapshots, report
+    python -m studies.time_to_target --phase evaluate      # (again) evaluate what training left; skips what is done
+    python -m studies.time_to_target --phase report        # only the table, the figure and the Markdown
 
 Each setting trains the embedded default with the workflow's own trainer (``hsconv distill``: DeepSpeed ZeRO-2, one
 process, on config.yaml's distill settings) on the same packed FineWeb-Edu rows in the same order with the same

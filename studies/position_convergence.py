@@ -1,7 +1,7 @@
 """Does the convergence that distillation buys hold past the training sequences' length? S_model and the last-layer
 ratio of hidden-state dumps, by bands of token position.
 
-    python -m bench.position_convergence --dump base=results/hidden/smollm2-135m/base/wikitext.parquet \\
+    python -m studies.position_convergence --dump base=results/hidden/smollm2-135m/base/wikitext.parquet \\
         --dump distilled=results/hidden/smollm2-135m/distilled/wikitext.parquet --bands 0 64 128 256 512 \\
         --out docs/findings/recipe/positions
 

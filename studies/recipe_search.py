@@ -1,16 +1,17 @@
 """Issue 18's recipe search: each distillation recipe measured by the workflow itself, one after another.
 
-    python -m bench.recipe_search --work /tmp/recipes                  # every recipe below, then the summary
-    python -m bench.recipe_search --work /tmp/recipes --only frozen16  # one (the others' snapshots are kept)
-    python -m bench.recipe_search --work /tmp/recipes --summary-only --out docs/findings/recipe/summary
-    python -m bench.recipe_search --work /tmp/new --only k1-16 --keep-earlier  # add to the summary's other rows
+    python -m studies.recipe_search --work /tmp/recipes                  # every recipe below, then the summary
+    python -m studies.recipe_search --work /tmp/recipes --only frozen16  # one (the others' snapshots are kept)
+    python -m studies.recipe_search --work /tmp/recipes --summary-only --out docs/findings/recipe/summary
+    python -m studies.recipe_search --work /tmp/new --only k1-16 --keep-earlier  # add to the summary's other rows
 
-A recipe is `config.yaml` with some `distill` / `packing` keys changed and the output study set to the measured
-LAMBADA and WikiText sets (`evaluation.output_datasets: [lambada, wikitext]`: the 400 passages and 8 articles S_model
-is measured on). Every recipe runs in one shared run folder (``WORK/run``), so the pretrained model's dumps and
+A recipe is `config.yaml` with some `distill` / `packing` keys changed, measured (movement, per-layer evaluation and
+the output study) on the config's validation sets only (`split: validation`: LAMBADA passages 1-1,000 and WikiText-2
+validation in the default); a recipe that would read test text is refused (``TestTextError``). Before 2026-12-06 the
+recipes were measured on the texts the README reported (docs/findings.md says which). Every recipe runs in one shared run folder (``WORK/run``), so the pretrained model's dumps and
 output evaluation are made once and reused (their settings do not change); after each run its tables, training logs
 and benchmarks are copied to ``WORK/snapshots/NAME`` and the distilled model to ``WORK/snapshots/NAME/model``. The
-summary is :mod:`bench.recipe_summary` over the snapshots; the recipe that ``config.yaml`` uses is named
+summary is :mod:`studies.recipe_summary` over the snapshots; the recipe that ``config.yaml`` uses is named
 ``default`` there. Each run trains alone on the machine, so ``job_seconds`` is the recipe's real wall-clock.
 """
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.recipe_summary import write_summary
+from studies.recipe_summary import write_summary
 
 REPO = Path(__file__).resolve().parents[1]
 FROZEN = ["embeddings", "final_norm"]
@@ -112,18 +113,49 @@ TARGETS = ["results/tables/convergence.parquet", "results/tables/convergence_pai
            "results/tables/output_paired.parquet"]
 
 
+class TestTextError(ValueError):
+    """A recipe would be measured, and so chosen, on test text."""
+
+
+def validation_sets(config: dict) -> dict[str, str]:
+    """Kind (lambada, wikitext) → the config's validation data set of that kind: what a recipe is measured on."""
+    chosen = {}
+    for name, data in config["datasets"].items():
+        if data.get("split", "test") == "validation" and data["kind"] in ("lambada", "wikitext"):
+            chosen.setdefault(data["kind"], name)
+    missing = sorted({"lambada", "wikitext"} - set(chosen))
+    if missing:
+        raise TestTextError(f"the config has no validation data set of kind {', '.join(missing)}: recipes are chosen "
+                            f"on validation text only (datasets.<name>.split: validation)")
+    return chosen
+
+
 def recipe_config(overrides: dict, base: Path = REPO / "config.yaml") -> dict:
-    """config.yaml with the recipe's keys changed, its data paths made absolute (the run folder is elsewhere) and the
-    output study on the measured sets."""
+    """config.yaml with the recipe's keys changed, its data paths made absolute (the run folder is elsewhere), and
+    every measurement (movement, per-layer evaluation, the output study, the figures) on the validation sets: a recipe
+    is chosen there, and test text is never read."""
     config = yaml.safe_load(base.read_text())
     for data in config["datasets"].values():
         data["path"] = str((base.parent / data["path"]).resolve())
     source = config["corpus"]["source"]
     if "path" in source:
         source["path"] = str((base.parent / source["path"]).resolve())
-    config["evaluation"]["output_datasets"] = list(config["evaluation"]["datasets"])
+    by_kind = validation_sets(config)
+    measured = [by_kind["lambada"], by_kind["wikitext"]]
+    kind_of = {name: data["kind"] for name, data in config["datasets"].items()}
+    config["hidden_states"]["datasets"] = list(measured)
+    evaluation = config["evaluation"]
+    evaluation["limits"] = {by_kind[kind_of[name]]: limit for name, limit in evaluation.get("limits", {}).items()}
+    evaluation["datasets"] = evaluation["output_datasets"] = list(measured)
+    for figure in config["figures"].values():
+        if "dataset" in figure:
+            figure["dataset"] = by_kind[kind_of[figure["dataset"]]]
     for section, values in overrides.items():
         config[section].update(values)
+    read = {*config["hidden_states"]["datasets"], *evaluation["datasets"], *evaluation["output_datasets"]}
+    tested = sorted(name for name in read if config["datasets"][name].get("split", "test") != "validation")
+    if tested:
+        raise TestTextError(f"recipe measured on test text ({', '.join(tested)}); recipes read validation text only")
     return config
 
 

@@ -1,6 +1,6 @@
 """How much each exit-sampling scheme's ζ1 estimate spreads, computed exactly over every possible draw.
 
-    python -m bench.exit_estimators --layers RUN/results/training/smollm2-135m/layers.parquet \
+    python -m studies.exit_estimators --layers RUN/results/training/smollm2-135m/layers.parquet \
         --out docs/findings/recipe/estimators
 
 For a per-exit KL profile (the mean over a training log's steps of each exit's logged KL, the output exit's included)

@@ -1,7 +1,7 @@
 """Why the hf convention's last step is large on SmolLM2: which dimensions of h_{L−1}, of the final norm's gain and
 of the head carry D(h_{L−1}, FinalNorm(h_{L−1})), the norm floor under D_L(hf).
 
-    python -m bench.final_norm_account --model base=results/models/smollm2-135m/base \\
+    python -m studies.final_norm_account --model base=results/models/smollm2-135m/base \\
         --model distilled=results/models/smollm2-135m/distilled --passages 200 --out docs/findings/final_norm
 
 On the first N LAMBADA passages, every token but each passage's first (the attention sink), for each model:

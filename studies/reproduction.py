@@ -1,0 +1,117 @@
+"""The reproduction's summary: one row per (variant, seed, split, data set, convention) of a finished run.
+
+    python -m studies.reproduction --run . --out docs/findings/reproduction/summary
+
+A run is a workflow folder after ``snakemake --cores all all paired`` (its ``results/``). Every number is read from
+the tables and logs the workflow wrote; nothing is recomputed here:
+
+- ``s_base``, ``s_variant``, ``s_low``, ``s_high``: S_model and the variant's bootstrap interval (convergence table);
+- ``d_last_*``, ``d_prev_*``: D_L and D_{L-1} of base and variant; ``largest_rise_layer``, ``largest_rise``: where the
+  variant's D rises most from one layer to the next, and by how much (a ratio that improves because D_{L-1} grew, or
+  a jump that moved, shows here);
+- ``accuracy_diff``, ``accuracy_low``, ``accuracy_high``: LAMBADA accuracy at the output exit, variant − base in points
+  with its 95% paired interval, on the LAMBADA set of the row's split; ``perplexity_ratio``: WikiText word perplexity
+  at the output exit, variant / base, on the WikiText set of the row's split (the per-layer evaluation's tables);
+- ``tokens``, ``job_seconds``: tokens trained on (the training log) and the distill job's wall-clock (Snakemake's
+  benchmark file: start-up, checkpoints and saving included);
+- ``variant``: ``default`` for the config's distilled model, ``default-seed-<s>`` for its other seeds; ``loss``:
+  ``paper`` where ζ2 is eq. 5 (every step, the relative squared step), else the departure's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+COLUMNS = ["variant", "loss", "seed", "split", "dataset", "convention", "tokens", "job_seconds", "s_base", "s_variant",
+           "s_low", "s_high", "d_last_base", "d_last_variant", "d_prev_base", "d_prev_variant", "largest_rise_layer",
+           "largest_rise", "accuracy_diff", "accuracy_low", "accuracy_high", "perplexity_ratio"]
+
+
+def loss_name(distill: dict) -> str:
+    """``paper`` for eqs. 3–6 (any weighting, exits or procedure), else what departs: the ζ2 penalty or measure."""
+    departures = [f"zeta2 {key.removeprefix('zeta2_')} {distill[key]}" for key, paper in
+                  (("zeta2_penalty", "step"), ("zeta2_measure", "relative_step")) if distill.get(key, paper) != paper]
+    return "paper" if not departures else "; ".join(departures)
+
+
+def output_row(paired: pd.DataFrame, model: str, variant: str, dataset: str, metric: str) -> pd.Series | None:
+    """The paired difference at the output exit (the deepest evaluated layer) of one data set, or None."""
+    rows = paired[(paired["model"] == model) & (paired["variant"] == variant) & (paired["task"] == dataset)
+                  & (paired["metric"] == metric)]
+    return None if rows.empty else rows[rows["layer"] == rows["layer"].max()].iloc[0]
+
+
+def reproduction_rows(run: Path) -> pd.DataFrame:
+    results = run / "results"
+    splits: dict[str, str] = {}
+
+    def split_of(dataset: str) -> str:
+        return splits.setdefault(dataset, _split_of(results / "data" / "eval" / f"{dataset}.parquet"))
+
+    convergence = pd.read_parquet(results / "tables" / "convergence.parquet")
+    paired = pd.read_parquet(results / "tables" / "paired_differences.parquet")
+
+    def at_output(model, variant, kind, split, metric):
+        tasks = [task for task in paired.loc[paired["kind"] == kind, "task"].unique() if split_of(task) == split]
+        return next((row for row in (output_row(paired, model, variant, task, metric) for task in tasks)
+                     if row is not None), None)
+
+    rows = []
+    for (model, variant), scores in convergence[convergence["variant"] != "base"].groupby(["model", "variant"]):
+        distill = json.loads((results / "models" / model / variant / "hsconv_model.json").read_text())[
+            "training"]["distill"]
+        main_run = variant == "distilled"
+        steps = pd.read_parquet(results / "training" / model / ("" if main_run else variant) / "steps.parquet")
+        job = results / "benchmarks" / "distill" / f"{model}.tsv"
+        job_seconds = float(pd.read_csv(job, sep="\t")["s"].iloc[0]) if main_run and job.is_file() else float("nan")
+        for (dataset, convention), score in scores.groupby(["dataset", "final_norm"]):
+            split = split_of(dataset)
+            base = convergence[(convergence["model"] == model) & (convergence["variant"] == "base")
+                               & (convergence["dataset"] == dataset) & (convergence["final_norm"] == convention)]
+            base, score = base.iloc[0], score.iloc[0]
+            accuracy = at_output(model, variant, "lambada", split, "acc")
+            perplexity = at_output(model, variant, "wikitext", split, "word_perplexity")
+            nan = float("nan")
+            rows.append({
+                "variant": variant.replace("distilled", "default"), "loss": loss_name(distill),
+                "seed": int(distill.get("seed", 0)), "split": split, "dataset": dataset, "convention": convention,
+                "tokens": int(steps["tokens"].max()), "job_seconds": job_seconds,
+                "s_base": base["s_model"], "s_variant": score["s_model"], "s_low": score["s_model_ci_low"],
+                "s_high": score["s_model_ci_high"], "d_last_base": base["last_layer_movement"],
+                "d_last_variant": score["last_layer_movement"], "d_prev_base": base["previous_layer_movement"],
+                "d_prev_variant": score["previous_layer_movement"],
+                "largest_rise_layer": int(score["largest_rise_layer"]), "largest_rise": score["largest_rise"],
+                "accuracy_diff": 100 * accuracy["difference"] if accuracy is not None else nan,
+                "accuracy_low": 100 * accuracy["lower"] if accuracy is not None else nan,
+                "accuracy_high": 100 * accuracy["upper"] if accuracy is not None else nan,
+                "perplexity_ratio": (perplexity["variant_value"] / perplexity["baseline_value"]
+                                     if perplexity is not None else nan)})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _split_of(texts_path: Path) -> str:
+    """The split a prepared data set was written as (its provenance), ``test`` for one written before splits."""
+    from hsconv.io import read_provenance
+
+    return (read_provenance(texts_path).get("texts") or {}).get("split", "test")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", default=".", help="the workflow folder whose results/ to read")
+    parser.add_argument("--out", required=True, help="output stem: STEM.csv and STEM.md")
+    args = parser.parse_args()
+    table = reproduction_rows(Path(args.run))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out.with_suffix(".csv"), index=False)
+    out.with_suffix(".md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    print(table.to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
