@@ -327,6 +327,9 @@ def main() -> None:
     model = args.model_dir or model_dir()
     defaults = __import__("yaml").safe_load((ROOT / "config.yaml").read_text())["distill"]
     base_settings = trainer_settings(defaults)  # less what only the workflow reads (resources, seeds)
+    # snapshots are read from the checkpoints by DeepSpeed's zero_to_fp32, which reads ZeRO-1/2 checkpoints, not those
+    # of the bf16 optimizer that `zero_stage: auto` takes in bf16
+    base_settings["zero_stage"] = 2
     batch, seq = base_settings["batch_size"], 128
     inputs = prepare_inputs(model, out, max(setting[2] for setting in settings.values()), batch, seq,
                             args.accuracy_passages, args.movement_passages)
