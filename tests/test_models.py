@@ -97,6 +97,7 @@ def test_a_file_that_is_not_gguf(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.heavy  # 50 s: the main suite's 15-minute budget; CI's heavy tier runs it
 @pytest.mark.slow
 def test_smollm2_gguf_from_the_installed_package(tmp_path):
     try:
