@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+
 from hsconv import cluster
 from hsconv.errors import InputError
 from hsconv.models import ModelSourceError, check_source
@@ -136,8 +137,9 @@ def _source(dataset: dict) -> tuple:
     """What a data set's documents are read from: its file, or (where it names none) its hub source and split."""
     if dataset.get("path"):
         return ("file", str(Path(dataset["path"]).resolve()))
-    hub_split = "validation" if dataset["kind"] == "wikitext" and dataset.get("split") == "validation" else "test"
-    return ("hub", dataset.get("hub_id"), hub_split)
+    from hsconv.texts import hub_split
+
+    return ("hub", dataset.get("hub_id"), hub_split(dataset["kind"], dataset.get("split", "test")))
 
 
 def _check_splits(config: dict) -> None:

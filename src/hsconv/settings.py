@@ -336,8 +336,9 @@ class TrainSettings:
     grad_clip: float = setting(1.0, "clip the global gradient norm to this", exclusiveMinimum=0)
     seed: int = setting(0, "seed of the data order and of exit sampling", minimum=0)
     zero_stage: int | Literal["auto"] = setting(
-        "auto", "DeepSpeed ZeRO stage; auto: 0 on one rank (partitions over one rank save nothing and cost copies), "
-                "2 on several ranks or with offload_optimizer", choices=("auto", 0, 1, 2, 3))
+        "auto", "DeepSpeed ZeRO stage; auto: the fastest per step (hsconv.distill.train.resolve_zero_stage): bf16 "
+                "1 (its bf16 optimizer) without accumulation, else 2; float32 0 on one rank, 2 on several; 2 with "
+                "offload_optimizer", choices=("auto", 0, 1, 2, 3))
     offload_optimizer: bool = setting(False, "ZeRO-Offload of the optimizer state to CPU memory")
     precision: TrainingPrecision = setting("auto", "auto: bfloat16 where the device multiplies it natively (a CUDA GPU "
                                                    "with bf16, a CPU with AMX or avx512_bf16), float32 elsewhere")

@@ -48,6 +48,14 @@ def split_lambada(text: str) -> tuple[str, str]:
     return context, " " + last_word
 
 
+def hub_split(kind: str, split: str) -> str:
+    """The hub split a data set of ``kind`` and ``split`` reads: LAMBADA has only its test set (its validation text
+    is a range of it); WikiText-2 has a validation split."""
+    if kind == "wikitext" and split == "validation":
+        return "validation"
+    return HUB_SOURCES[kind][2] if kind in HUB_SOURCES else "test"
+
+
 def read_texts(name: str, kind: str, path: str | None, hub_id: str | None = None,
                split: str = "test") -> tuple[list[str], str]:
     """All documents of a data set and a description of where they came from (the local file first; else the hub,
@@ -87,9 +95,8 @@ def _check_lambada_passage(text: str, where: str) -> None:
 
 
 def _read_hub(name: str, kind: str, hub_id: str, missing: str | None = None, split: str = "test") -> list[str]:
-    default_id, config, hub_split, field = HUB_SOURCES[kind]
-    # LAMBADA has only its test set (its validation text is a range of it); WikiText-2 has a validation split
-    split = "validation" if kind == "wikitext" and split == "validation" else hub_split
+    default_id, config, _, field = HUB_SOURCES[kind]
+    split = hub_split(kind, split)
     try:
         import datasets
 
