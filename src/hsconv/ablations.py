@@ -24,7 +24,7 @@ from hsconv.settings import MetricsSettings
 REFERENCE = "reference"
 ABLATION_PREFIX = "ablation-"
 # The loss settings an ablation may vary; everything else (budget, optimiser) is held fixed across settings.
-FACTORS = ("alpha", "k", "kl_direction", "movement_convention", "zeta2_measure", "zeta2_penalty")
+FACTORS = ("alpha", "output_kl_weight", "k", "kl_direction", "movement_convention", "zeta2_measure", "zeta2_penalty")
 
 
 def value_text(value) -> str:
