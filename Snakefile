@@ -29,7 +29,7 @@ include: "workflow/rules/tables.smk"
 include: "workflow/rules/evaluation.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/early_exit.smk"
-include: "workflow/rules/ablations.smk"
+include: "workflow/rules/variants.smk"
 include: "workflow/rules/tuned_lens.smk"
 include: "workflow/rules/output.smk"
 include: "workflow/rules/layer_relevance.smk"
@@ -43,7 +43,7 @@ rule all:
 
 
 rule findings:
-    """Every study beyond the paper: ablations, the tuned-lens baseline, early exit, paired differences, seeds, the
+    """Every study beyond the paper: ablations, recipes, the tuned-lens baseline, early exit, paired differences, seeds, the
     output on larger sets and layer relevance."""
     input:
         [study_targets(study) for study in STUDIES],
@@ -53,6 +53,13 @@ rule ablations:
     """One distillation per loss setting around the configured one (config `ablations`), with its table and figure."""
     input:
         study_targets("ablations"),
+
+
+rule recipes:
+    """Each recipe of config `recipes` (a named set of distill overrides) trained and measured on validation text:
+    its table and the frontier of S_model against the output's accuracy."""
+    input:
+        study_targets("recipes"),
 
 
 rule tuned_lens:

@@ -320,7 +320,7 @@ def main() -> None:
     parser.add_argument("--report-dir", default=None, help="also copy the table, figure and Markdown here")
     args = parser.parse_args()
     from bench.report import model_dir
-    from hsconv.config import trainer_settings
+    from hsconv.variants import trainer_settings
 
     settings = dict(args.setting) if args.setting else SETTINGS
     out = Path(args.out)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from hsconv.ablations import ablation_settings, setting_name, tabulate_ablations
+from hsconv.ablations import ablation_settings, setting_name, tabulate_variants
 from hsconv.figures.ablations import plot_ablations
 
 DISTILL = {"alpha": 1.0, "k": 0.25, "kl_direction": "student_target", "movement_convention": "pre_norm",
@@ -62,7 +62,7 @@ def test_ablation_table_against_a_hand_computed_paired_bootstrap(tmp_path):
     paths = _write_inputs(tmp_path, outcomes)
     settings = ablation_settings(DISTILL, {"alpha": [0.0]}, {"max_steps": 4})
     variants = {"reference": "ablation-reference", "alpha-0": "ablation-alpha-0"}
-    table = tabulate_ablations(paths["convergence"], paths["stock"], paths["documents"], settings, variants,
+    table = tabulate_variants(paths["convergence"], paths["stock"], paths["documents"], settings, variants,
                                tmp_path / "ablations", "hash", samples=200, confidence=0.9, seed=7)
     assert (tmp_path / "ablations.csv").is_file() and (tmp_path / "ablations.md").is_file()
     assert list(table["setting"].unique()) == ["base", "reference", "alpha-0"]
@@ -87,7 +87,7 @@ def test_ablation_figure_plots_its_table(tmp_path):
     outcomes = {"base": [0, 0, 1, 0, 1], "ablation-reference": [1, 0, 1, 1, 0], "ablation-alpha-0": [1, 1, 1, 1, 0]}
     paths = _write_inputs(tmp_path, outcomes)
     settings = ablation_settings(DISTILL, {"alpha": [0.0]}, {"max_steps": 4})
-    tabulate_ablations(paths["convergence"], paths["stock"], paths["documents"], settings,
+    tabulate_variants(paths["convergence"], paths["stock"], paths["documents"], settings,
                        {"reference": "ablation-reference", "alpha-0": "ablation-alpha-0"}, tmp_path / "t", "hash",
                        samples=100)
     table = pd.read_parquet(tmp_path / "t.parquet")

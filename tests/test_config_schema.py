@@ -182,3 +182,39 @@ def test_a_stage_given_a_source_fills_the_schemas_defaults_and_takes_its_keys():
     for kind, branch in branches.items():
         assert set(SOURCE_KEYS[kind]) == set(branch["properties"]) - {"kind"}, kind
         assert set(REQUIRED_SOURCE_KEYS[kind]) == set(branch.get("required", [])), kind
+
+
+# JSON Schema's own words; anything else in a schema node is a typo, or a YAML flow mapping cut at an unquoted comma
+# (`{description: Branch, tag or commit.}` reads as the description "Branch" and a key "tag or commit.").
+SCHEMA_KEYWORDS = {"$schema", "$defs", "$ref", "title", "description", "type", "default", "enum", "const", "minimum",
+                   "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "pattern", "items", "minItems",
+                   "uniqueItems", "properties", "additionalProperties", "required", "propertyNames", "minProperties",
+                   "maxItems", "allOf", "oneOf", "if", "then", "not"}
+
+
+def test_every_schema_node_uses_schema_keywords_only():
+    def stray(node, path):
+        if isinstance(node, list):
+            for index, item in enumerate(node):
+                yield from stray(item, f"{path}[{index}]")
+        elif isinstance(node, dict):
+            names_are_keys = path.endswith(("properties", "$defs"))
+            for key, value in node.items():
+                if not names_are_keys and key not in SCHEMA_KEYWORDS:
+                    yield f"{path}.{key}"
+                yield from stray(value, f"{path}.{key}")
+
+    assert list(stray(SCHEMA, "")) == []
+
+
+def test_the_config_reference_is_generated_from_the_schema():
+    """docs/config.md is what `python -m hsconv.config_reference` writes now, and lists every key of the defaults."""
+    from hsconv.config_reference import config_reference
+
+    assert (REPO / "docs" / "config.md").read_text() == config_reference(SCHEMA_PATH), \
+        "docs/config.md is stale: python -m hsconv.config_reference > docs/config.md"
+    reference = config_reference(SCHEMA_PATH)
+    default = yaml.safe_load((REPO / "config.yaml").read_text())
+    for section in ("distill", "packing", "hidden_states", "evaluation", "metrics", "recipes", "ablations"):
+        for key in default[section]:
+            assert f"`{section}.{key}`" in reference, f"{section}.{key}"

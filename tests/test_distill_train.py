@@ -142,7 +142,7 @@ def test_frozen_parts_keep_their_pretrained_values_and_the_rest_trains(tmp_path,
     model_dir, tokens = make_model(tmp_path, corpus)
     result, outputs = run_distill(tmp_path, model_dir, tokens, "frozen",
                                   settings={**SETTINGS, "max_steps": 2, "frozen": ["embeddings", "final_norm"],
-                                            "precision": precision})
+                                            "precision": precision, "zero_stage": "auto"})
     assert result.returncode == 0, result.stderr[-3000:]
     before, after = load_file(model_dir / "model.safetensors"), load_file(outputs["out"] / "model.safetensors")
     frozen = {"model.embed_tokens.weight", "model.norm.weight"}
@@ -153,6 +153,9 @@ def test_frozen_parts_keep_their_pretrained_values_and_the_rest_trains(tmp_path,
     assert layers and all(not torch.equal(before[name], after[name]) for name in layers if name.endswith("proj.weight"))
     training = load_model(outputs["out"]).manifest["training"]
     assert training["distill"]["frozen"] == ["embeddings", "final_norm"] and training["precision"] == precision
+    # every step logs its gradient's norm, also where DeepSpeed keeps none (no ZeRO in float32)
+    norms = pd.read_parquet(outputs["log_out"])["grad_norm"]
+    assert np.isfinite(norms).all() and (norms > 0).all(), (training["zero_stage"], norms.tolist())
 
 
 def test_another_seed_gives_another_run(tmp_path, corpus):

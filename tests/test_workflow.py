@@ -234,11 +234,38 @@ def test_ablations_train_each_setting_and_report_it(finished_run):
         scores = pd.read_parquet(results / f"metrics/tiny-llama/{row.variant}/lambada_validation/convergence.parquet")
         score = scores[scores["final_norm"] == row.final_norm].iloc[0]
         assert (row.s_model, row.last_layer_movement) == (score["s_model"], score["last_layer_movement"])
-        lm_eval = json.loads((results / f"ablations/tiny-llama/{row.variant}/stock_lm_eval.json").read_text())
+        lm_eval = json.loads((results / f"stock/tiny-llama/{row.variant}/lambada_validation/stock_lm_eval.json")
+                             .read_text())
         assert row.lambada_acc == lm_eval["per_exit"]["4"]["results"]["lambada_openai"]["acc,none"]
     wide = table.pivot_table(index="final_norm", columns="setting", values="last_layer_movement")
     assert (wide["reference"] != wide["alpha-0"]).all()  # two really different models
     assert (results / "figures/ablations.pdf").read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.slow
+def test_recipes_are_trained_beside_the_main_run_and_drawn_as_a_frontier(finished_run):
+    """A recipe is the distill section with its overrides, trained by the same rule as every variant; its row holds
+    the numbers its stages wrote and its accuracy difference from the pretrained model, paired by passage."""
+    results = finished_run / "results"
+    table = pd.read_parquet(results / "tables/recipes.parquet")
+    assert list(table["setting"].unique()) == ["base", "reference", "beta1"]
+    assert set(table["variant"]) == {"base", "distilled", "recipe-beta1"}
+    steps = pd.read_parquet(results / "training/tiny-llama/recipe-beta1/steps.parquet")
+    assert len(steps) == 2  # the recipe's max_steps, not the main run's 3
+    trained = json.loads((results / "models/tiny-llama/recipe-beta1/hsconv_model.json").read_text())
+    assert trained["training"]["distill"]["output_kl_weight"] == 1.0
+    outcomes = {variant: pd.read_parquet(results / f"stock/tiny-llama/{variant}/lambada_validation/per_document.parquet")
+                for variant in ("base", "recipe-beta1")}
+    for row in table.itertuples():
+        scores = pd.read_parquet(results / f"metrics/tiny-llama/{row.variant}/lambada_validation/convergence.parquet")
+        assert row.s_model == scores[scores["final_norm"] == row.final_norm].iloc[0]["s_model"]
+    recipe = table[table["setting"] == "beta1"].iloc[0]
+    by_hand = (outcomes["recipe-beta1"].sort_values("doc_id")["acc"].to_numpy()
+               - outcomes["base"].sort_values("doc_id")["acc"].to_numpy()).mean()
+    assert recipe["acc_difference"] == pytest.approx(by_hand, abs=1e-12)
+    assert (table[table["setting"] == "base"]["acc_difference"] == 0).all()
+    assert set(table["accuracy_baseline"]) == {"base"}
+    assert (results / "figures/recipes.pdf").read_bytes().startswith(b"%PDF")
 
 
 @pytest.mark.slow
@@ -250,8 +277,8 @@ def test_the_main_distilled_model_is_the_reference_when_the_ablations_change_not
     finally:
         shutil.copy(tmp_path / "saved.yaml", finished_run / "config.yaml")
     # alpha 0 is retrained with the main budget; the reference is the existing distilled model, only evaluated
-    assert planned["distill_ablation"] == 1 and "distill" not in planned
-    assert planned["evaluate_ablation"] == 2 and planned["tabulate_ablations"] == 1
+    assert planned["distill_variant"] == 1 and "distill" not in planned
+    assert planned["evaluate_stock"] == 2 and planned["tabulate_ablations"] == 1
 
 
 @pytest.mark.heavy
@@ -260,7 +287,8 @@ def test_a_teacher_cache_is_written_once_per_model_and_read_by_every_distillatio
     write_config(tmp_path, lambda c: c["distill"].update(teacher_top_k=16))
     planned = planned_counts(snakemake(tmp_path, "-n", *EVERY_TARGET))
     # one cache per model (the Llama's main and ablation runs share its cache), none recomputes the teacher
-    assert planned["cache_teacher"] == 2 and planned["distill"] == 2 and planned["distill_ablation"] == 2
+    # (the recipe too)
+    assert planned["cache_teacher"] == 2 and planned["distill"] == 2 and planned["distill_variant"] == 3
     result = snakemake(tmp_path, "results/models/tiny-llama/distilled")
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "results/teacher/tiny-llama/top16/manifest.json").read_text())
@@ -305,8 +333,8 @@ RERUN_MATRIX = {
     "metric code": ("metrics.py", "\nDEFAULT_CONFIDENCE = 0.95\n",
                     {"compute_convergence": 11, "gather_table": 3,  # layer movement, convergence, paired
                      "compare_convergence": 4,
-                     "plot_movement_figure": 2, "tabulate_ablations": 1, "plot_ablations": 1, "all": 1,
-                     "findings": 1}),
+                     "plot_movement_figure": 2, "tabulate_ablations": 1, "plot_ablations": 1,
+                     "tabulate_recipes": 1, "plot_recipes": 1, "all": 1, "findings": 1}),
     # the loss: both distillations and everything that reads a distilled model, and no base-model job
     "loss code": ("distill/loss.py", "\nDEFAULT_CHUNK = 256\n",
                   {"distill": 2, "plot_training": 2, "dump_hidden_states": 6, "compute_convergence": 6,
@@ -314,9 +342,10 @@ RERUN_MATRIX = {
                    "gather_table": 7,  # every gathered table holds a distilled model's rows
                    "plot_movement_figure": 2, "plot_per_layer_figure": 4, "plot_fig4": 1, "plot_fig7": 1,
                    "prune_model": 2, "evaluate_pruned": 2, "tabulate_early_exit": 1, "plot_early_exit": 1,
-                   "paired_differences": 1, "distill_ablation": 2, "evaluate_ablation": 2,
+                   "paired_differences": 1, "distill_variant": 3, "evaluate_stock": 4,
                    "evaluate_output": 2, "output_paired_differences": 1,
-                   "tabulate_ablations": 1, "plot_ablations": 1, "plot_tuned_lens_figure": 2,
+                   "tabulate_ablations": 1, "plot_ablations": 1, "tabulate_recipes": 1, "plot_recipes": 1,
+                   "plot_tuned_lens_figure": 2,
                    "measure_layer_relevance": 1, "tabulate_layer_relevance": 1, "plot_layer_relevance": 1, "all": 1,
                    "findings": 1}),
     "PCA figure code": ("figures/trajectory.py", "\nVIEW_ELEVATION = 22\n", {"plot_fig4": 1, "all": 1}),
@@ -376,7 +405,8 @@ def test_changing_the_text_subset_reruns_measurement_not_models(finished_run, tm
     assert "trace_sentence" not in planned
 
 
-STUDY_RULES = {"ablations": {"distill_ablation", "evaluate_ablation", "tabulate_ablations", "plot_ablations"},
+STUDY_RULES = {"ablations": {"distill_variant", "evaluate_stock", "tabulate_ablations", "plot_ablations"},
+               "recipes": {"distill_variant", "evaluate_stock", "tabulate_recipes", "plot_recipes"},
                "tuned_lens": {"train_tuned_lens", "plot_tuned_lens_figure",
                               "paired_tuned_lens_differences"},
                "early_exit": {"prune_model", "evaluate_pruned", "tabulate_early_exit", "plot_early_exit"},
@@ -407,9 +437,9 @@ def test_distill_seeds_trains_the_main_run_again_from_each_further_seed(tmp_path
     write_config(tmp_path, edit=lambda config: config["distill"].update(seeds=3))
     planned = planned_counts(snakemake(tmp_path, "-n", "seeds"))
     measured = len(yaml.safe_load((tmp_path / "config.yaml").read_text())["hidden_states"]["datasets"])
-    assert planned["distill_seed"] == 2 * 2 and planned["distill"] == 2 and planned["tabulate_seeds"] == 1
+    assert planned["distill_variant"] == 2 * 2 and planned["distill"] == 2 and planned["tabulate_seeds"] == 1
     assert planned["compute_convergence"] == 2 * 3 * measured  # models × seeds × measured data sets
-    assert "distill_seed" not in planned_counts(snakemake(tmp_path, "-n"))
+    assert "distill_variant" not in planned_counts(snakemake(tmp_path, "-n"))
     # the output study: base and each seed's output, paired against base, and the spread of that over seeds
     output = planned_counts(snakemake(tmp_path, "-n", "output"))
     assert output["evaluate_output"] == 2 * (1 + 3) and output["output_paired_differences"] == 1

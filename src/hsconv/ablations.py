@@ -57,25 +57,35 @@ def ablation_settings(distill: dict, factors: dict[str, list], overrides: dict |
     return settings
 
 
-def describe_settings(settings: dict[str, dict], reference: dict) -> pd.DataFrame:
-    """One row per setting: the factor it varies (none for the reference) and that factor's value as text."""
+# Besides the factors, what a recipe may change that a reader of its row needs to see.
+RECIPE_COLUMNS = (*FACTORS, "learning_rate", "max_steps", "exit_samples")
+
+
+def describe_settings(settings: dict[str, dict], reference: dict, study: str = "ablations") -> pd.DataFrame:
+    """One row per setting: the factor it varies (none for the reference) and that factor's value as text; a recipe
+    (``study="recipes"``) is its own name, with the settings it may change beside it."""
     rows = []
     for name, values in settings.items():
+        columns = {column: values.get(column) for column in (RECIPE_COLUMNS if study == "recipes" else FACTORS)}
+        if study == "recipes":
+            rows.append({"setting": name, "factor": REFERENCE if name == REFERENCE else "recipe",
+                         "value": "" if name == REFERENCE else name, **columns})
+            continue
         changed = [factor for factor in FACTORS if values.get(factor) != reference.get(factor)]
         factor = changed[0] if changed else REFERENCE
-        rows.append({"setting": name, "factor": factor,
-                     "value": value_text(values[factor]) if changed else "",
-                     **{factor_name: values.get(factor_name) for factor_name in FACTORS}})
+        rows.append({"setting": name, "factor": factor, "value": value_text(values[factor]) if changed else "",
+                     **columns})
     return pd.DataFrame(rows)
 
 
-def tabulate_ablations(convergence_paths: list[str], stock_paths: list[str], document_paths: list[str],
+def tabulate_variants(convergence_paths: list[str], stock_paths: list[str], document_paths: list[str],
                        settings: dict[str, dict], variants: dict[str, str], out_stem: str | os.PathLike,
                        config_hash: str, samples: int = MetricsSettings.bootstrap_samples,
-                       confidence: float = MetricsSettings.confidence, seed: int = MetricsSettings.seed
-                       ) -> pd.DataFrame:
+                       confidence: float = MetricsSettings.confidence, seed: int = MetricsSettings.seed,
+                       study: str = "ablations") -> pd.DataFrame:
     """One row per model, setting and final-norm convention: S_model (with its interval) and D_L on the measured
-    data set, the model's stock LAMBADA accuracy, and its difference from the reference with a paired interval.
+    data set, the model's stock LAMBADA accuracy, and its difference from a baseline with a paired interval: the
+    reference for the ablations (what a factor changes), the pretrained model for the recipes (what a recipe costs).
 
     ``variants`` maps each setting to the model variant that holds it (the reference may be the main ``distilled``
     run when it has the same settings); the pretrained model (variant ``base``) is shown beside them."""
@@ -88,12 +98,12 @@ def tabulate_ablations(convergence_paths: list[str], stock_paths: list[str], doc
     # One LAMBADA data set was evaluated; lm-eval names its rows by the data set (any name), so select by metric.
     documents = documents[documents["acc"].notna()].assign(task="lambada", kind="lambada")
     setting_of = {"base": "base", **{variant: setting for setting, variant in variants.items()}}
-    reference_variant = variants[REFERENCE]
+    baseline = "base" if study == "recipes" else variants[REFERENCE]
     # A stock evaluation has one exit, the model's output, so each variant is compared at its only layer.
-    differences = paired_differences(documents, baseline=reference_variant, samples=samples, confidence=confidence,
+    differences = paired_differences(documents, baseline=baseline, samples=samples, confidence=confidence,
                                      seed=seed)
     accuracy = stock[stock["metric"] == "acc"]
-    description = describe_settings({name: settings[name] for name in variants}, settings[REFERENCE])
+    description = describe_settings({name: settings[name] for name in variants}, settings[REFERENCE], study)
     description = pd.concat([description, pd.DataFrame([{"setting": "base", "factor": "pretrained", "value": ""}])],
                             ignore_index=True)
     rows = []
@@ -106,16 +116,17 @@ def tabulate_ablations(convergence_paths: list[str], stock_paths: list[str], doc
                "final_norm": final_norm, "s_model": score["s_model"], "s_model_ci_low": score["s_model_ci_low"],
                "s_model_ci_high": score["s_model_ci_high"],
                "last_layer_movement": score["last_layer_movement"], "num_layers": int(score["num_layers"])}
-        rows.append({**row, **_accuracy_columns(model, variant, accuracy, differences, reference_variant)})
+        rows.append({**row, **_accuracy_columns(model, variant, accuracy, differences, baseline)})
     table = pd.DataFrame(rows).merge(description, on="setting", how="left")
     leading = ["model", "setting", "factor", "value"]
     table = table[leading + [column for column in table.columns if column not in leading]]
     order = {name: position for position, name in enumerate(["base", *variants])}
     table = table.sort_values(["model", "final_norm", "setting"], key=lambda column: column.map(order)
                               if column.name == "setting" else column, kind="stable").reset_index(drop=True)
+    table["accuracy_baseline"] = baseline
     table["confidence"] = confidence
     table["n_documents"] = int(documents.groupby(["model", "variant"])["doc_id"].nunique().min())
-    write_table(table, out_stem, {"ablations": {"settings": settings, "variants": variants,
+    write_table(table, out_stem, {study: {"settings": settings, "variants": variants,
                                                 "paired_bootstrap": {"samples": samples, "confidence": confidence,
                                                                      "seed": seed},
                                                 "config_hash": config_hash}})
@@ -123,13 +134,13 @@ def tabulate_ablations(convergence_paths: list[str], stock_paths: list[str], doc
 
 
 def _accuracy_columns(model: str, variant: str, accuracy: pd.DataFrame, differences: pd.DataFrame,
-                      reference_variant: str) -> dict:
-    """A variant's stock LAMBADA accuracy and its paired difference from the reference (0 for the reference)."""
+                      baseline: str) -> dict:
+    """A variant's stock LAMBADA accuracy and its paired difference from the baseline (0 for the baseline)."""
     acc = accuracy[(accuracy["model"] == model) & (accuracy["variant"] == variant)]
     if len(acc) != 1:
         raise InputError(f"{model} {variant}: expected one stock LAMBADA accuracy, found {len(acc)}")
     columns = {"lambada_acc": float(acc["value"].iloc[0])}
-    if variant == reference_variant:
+    if variant == baseline:
         return {**columns, "acc_difference": 0.0, "acc_difference_low": 0.0, "acc_difference_high": 0.0}
     diff = differences[(differences["model"] == model) & (differences["variant"] == variant)]
     if len(diff) != 1:

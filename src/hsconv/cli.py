@@ -411,25 +411,27 @@ def _paired_differences(args: argparse.Namespace) -> None:
                                 metrics.bootstrap_samples, metrics.confidence, metrics.seed)
 
 
-def _tabulate_ablations_arguments(stage: argparse.ArgumentParser) -> None:
+def _tabulate_variants_arguments(stage: argparse.ArgumentParser) -> None:
     stage.add_argument("--convergence", nargs="+", required=True, help="compute-convergence scores per variant")
     stage.add_argument("--stock", nargs="+", required=True, help="stock lm-eval tables per variant")
     stage.add_argument("--documents", nargs="+", required=True, help="their per-document outcomes")
-    stage.add_argument("--ablation-settings", type=json_object, required=True,
+    stage.add_argument("--variant-settings", type=json_object, required=True,
                        help="{setting: distillation settings}, as JSON")
     stage.add_argument("--variants", type=json_object, required=True, help="{setting: model variant}, as JSON")
+    stage.add_argument("--study", default="ablations", choices=("ablations", "recipes"),
+                       help="ablations: differences from the reference; recipes: from the pretrained model")
     stage.add_argument("--out", required=True, help="Parquet; .csv and .md are written beside it")
     stage.add_argument("--config-hash", required=True)
     add_settings(stage, MetricsSettings, "metrics")
 
 
-def _tabulate_ablations(args: argparse.Namespace) -> None:
-    from hsconv.ablations import tabulate_ablations
+def _tabulate_variants(args: argparse.Namespace) -> None:
+    from hsconv.ablations import tabulate_variants
 
     metrics = stage_settings(args)
-    tabulate_ablations(args.convergence, args.stock, args.documents, args.ablation_settings, args.variants,
+    tabulate_variants(args.convergence, args.stock, args.documents, args.variant_settings, args.variants,
                        Path(args.out).with_suffix(""), args.config_hash, metrics.bootstrap_samples,
-                       metrics.confidence, metrics.seed)
+                       metrics.confidence, metrics.seed, study=args.study)
 
 
 def _plot_ablations_arguments(stage: argparse.ArgumentParser) -> None:
@@ -444,6 +446,12 @@ def _plot_ablations(args: argparse.Namespace) -> None:
     from hsconv.figures.ablations import plot_ablations
 
     plot_ablations(args.table, args.pdf, args.png, dict(args.models), args.final_norm)
+
+
+def _plot_frontier(args: argparse.Namespace) -> None:
+    from hsconv.figures.frontier import plot_frontier
+
+    plot_frontier(args.table, args.pdf, args.png, dict(args.models), args.final_norm)
 
 
 def _compute_convergence_arguments(stage: argparse.ArgumentParser) -> None:
@@ -634,8 +642,10 @@ STAGES = {
     "tabulate-early-exit": Stage("the shallowest exit within each tolerance, and pruned models vs the logit lens", _tabulate_early_exit_arguments, _tabulate_early_exit),
     "plot-early-exit": Stage("quality against the fraction of layers kept, per model", _plot_early_exit_arguments, _plot_early_exit),
     "paired-differences": Stage("distilled − base per exit with a paired bootstrap interval over documents", _paired_differences_arguments, _paired_differences),
-    "tabulate-ablations": Stage("S_model, D_L and stock LAMBADA accuracy per distillation setting", _tabulate_ablations_arguments, _tabulate_ablations),
+    "tabulate-variants": Stage("S_model, D_L and stock LAMBADA accuracy per distillation setting (ablations, recipes)",
+                               _tabulate_variants_arguments, _tabulate_variants),
     "plot-ablations": Stage("S_model, D_L and accuracy per setting, one row per model", _plot_ablations_arguments, _plot_ablations),
+    "plot-frontier": Stage("the recipes' S_model against their accuracy cost", _plot_ablations_arguments, _plot_frontier),
     "compute-convergence": Stage("D_l per layer and S_model from the per-token table", _compute_convergence_arguments, _compute_convergence),
     "compare-convergence": Stage("variant − base S_model and last-layer ratio, paired by "
                               "document", _compare_convergence_arguments, _compare_convergence),

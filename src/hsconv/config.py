@@ -13,6 +13,7 @@ from hsconv import cluster
 from hsconv.errors import InputError
 from hsconv.models import ModelSourceError, check_source
 from hsconv.names import EvaluationKind, choices
+from hsconv.variants import recipe_settings, trainer_settings
 
 # Every paper figure the workflow can build, and what it shows.
 FIGURE_TARGETS = {
@@ -117,9 +118,8 @@ def check_config(config: dict) -> None:
     if tuned_lens.get("models") and sequences <= tuned_lens["holdout_sequences"]:
         raise ConfigError(f"tuned_lens.holdout_sequences={tuned_lens['holdout_sequences']} leaves none of the "
                           f"{sequences} packed sequences to train on")
-    _check_layer_relevance(config)
-    _check_splits(config)
-    _check_ablations(config)
+    for check in (_check_layer_relevance, _check_splits, _check_ablations, _check_recipes):
+        check(config)
     sentence = config["sentence"]
     if sentence["target"] not in sentence["text"]:
         raise ConfigError(f"sentence.target {sentence['target']!r} does not occur in sentence.text "
@@ -144,7 +144,7 @@ def _source(dataset: dict) -> tuple:
 
 def _check_splits(config: dict) -> None:
     """Validation and test text never share a document (what chooses settings reading validation text only is
-    checked where each choosing study is: _check_ablations)."""
+    checked where each choosing study is: _check_choosing_study)."""
     datasets = config["datasets"]
     for name, dataset in datasets.items():
         if dataset.get("split", "test") != "validation":
@@ -199,28 +199,38 @@ def _check_distill(config: dict) -> None:
                           f"fewer than one batch (distill.batch_size={distill['batch_size']})")
 
 
-def trainer_settings(distill: dict) -> dict:
-    """The trainer's settings: the distill section less what only the workflow uses (launcher, resources, and how
-    many seeds it trains)."""
-    return {key: value for key, value in distill.items() if key not in ("launcher", "resources", "seeds")}
+def _check_choosing_study(config: dict, section: str) -> None:
+    """A study that chooses settings (ablations, recipes): known models, and a LAMBADA data set of validation text."""
+    study = config[section]
+    _require_known("model", study["models"], config["models"], f"{section}.models")
+    _require_known("data set", [study["dataset"]], config["datasets"], f"{section}.dataset")
+    kind = config["datasets"][study["dataset"]]["kind"]
+    if kind != "lambada":
+        raise ConfigError(f"{section}.dataset: {study['dataset']!r} is of kind {kind!r}; the {section} report "
+                          f"LAMBADA accuracy, so it must be of kind lambada")
+    if config["datasets"][study["dataset"]].get("split", "test") != "validation":
+        raise ConfigError(f"{study['dataset']!r} is test text; the {section} choose settings, so they read "
+                          f"validation text only", f"{section}.dataset", "name a data set with split: validation")
+
+
+def _check_trainable(settings: dict[str, dict], where) -> None:
+    """Each variant's settings make a distillation the trainer accepts; ``where(name)`` names the config key."""
+    from hsconv.settings import DistillSettings, TrainingError
+
+    for name, values in settings.items():
+        try:
+            DistillSettings.from_dict(values)
+        except (TrainingError, ValueError, TypeError) as error:
+            raise ConfigError(f"{where(name)}: {error}") from None
 
 
 def _check_ablations(config: dict) -> None:
     from hsconv.ablations import FACTORS, ablation_settings
-    from hsconv.settings import DistillSettings, TrainingError
 
     ablations = config.get("ablations", {})
     if not ablations.get("models"):
         return
-    _require_known("model", ablations["models"], config["models"], "ablations.models")
-    _require_known("data set", [ablations["dataset"]], config["datasets"], "ablations.dataset")
-    kind = config["datasets"][ablations["dataset"]]["kind"]
-    if kind != "lambada":
-        raise ConfigError(f"ablations.dataset: {ablations['dataset']!r} is of kind {kind!r}; the ablations report "
-                          f"LAMBADA accuracy, so it must be of kind lambada")
-    if config["datasets"][ablations["dataset"]].get("split", "test") != "validation":
-        raise ConfigError(f"{ablations['dataset']!r} is test text; the ablations choose settings, so they read "
-                          f"validation text only", "ablations.dataset", "name a data set with split: validation")
+    _check_choosing_study(config, "ablations")
     varied = sorted(set(ablations["distill"]) & set(FACTORS))
     if varied:
         raise ConfigError(f"ablations.distill: {', '.join(varied)} is an ablation factor; set the reference's value "
@@ -232,9 +242,18 @@ def _check_ablations(config: dict) -> None:
     except ConfigError as error:
         raise ConfigError(f"ablations.distill: {error}") from None
     settings = ablation_settings(trainer_settings(config["distill"]), ablations["factors"], ablations["distill"])
-    for name, values in settings.items():
-        try:
-            DistillSettings.from_dict(values)
-        except (TrainingError, ValueError, TypeError) as error:
-            where = "ablations.distill" if name == "reference" else f"ablations.factors ({name})"
-            raise ConfigError(f"{where}: {error}") from None
+    _check_trainable(settings, lambda name: "ablations.distill" if name == "reference"
+                     else f"ablations.factors ({name})")
+
+
+def _check_recipes(config: dict) -> None:
+    recipes = config.get("recipes", {})
+    if not recipes.get("models"):
+        return
+    _check_choosing_study(config, "recipes")
+    if not recipes["variants"]:
+        raise ConfigError("recipes.variants: no recipes; name some (e.g. alpha4: {alpha: 4.0})")
+    if "distilled" not in config["variants"]:
+        raise ConfigError("recipes are measured beside the main distilled model; add distilled to variants")
+    _check_trainable(recipe_settings(trainer_settings(config["distill"]), recipes["variants"]),
+                     lambda name: f"recipes.variants.{name}")

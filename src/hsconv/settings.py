@@ -165,7 +165,7 @@ class HiddenStatesSettings:
 @dataclass(frozen=True)
 class MetricsSettings:
     """Statistics of the measured movement and of paired differences (config section ``metrics``; stages
-    ``compute-convergence``, ``compare-convergence``, ``paired-differences``, ``tabulate-ablations``)."""
+    ``compute-convergence``, ``compare-convergence``, ``paired-differences``, ``tabulate-variants``)."""
 
     quantiles: tuple[float, ...] = setting((0.1, 0.5, 0.9), "per-token quantiles of D reported for each layer",
                                            exclusiveMinimum=0, exclusiveMaximum=1)

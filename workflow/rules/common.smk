@@ -8,14 +8,12 @@ import shlex
 from snakemake.exceptions import WorkflowError
 
 from hsconv import cluster
-from hsconv.ablations import ABLATION_PREFIX, REFERENCE, ablation_settings
-from hsconv.config import (FIGURE_TARGETS, PER_LAYER_FIGURES, ConfigError, check_config, check_duplicate_keys,
-                           trainer_settings)
+from hsconv.config import FIGURE_TARGETS, PER_LAYER_FIGURES, ConfigError, check_config, check_duplicate_keys
 from hsconv.fingerprint import code_fingerprint
 from hsconv.io import stable_hash
 from hsconv.lifetime import WORKFLOW_PID_ENV, workflow_identity
-from hsconv.seeds import seed_variants
 from hsconv import settings
+from hsconv.variants import trainer_settings, training_variants
 
 try:
     for _path in workflow.configfiles:
@@ -38,32 +36,26 @@ TOKENIZERS = {}
 for _name, _model in config["models"].items():
     TOKENIZERS.setdefault(_model.get("tokenizer", _name), _name)
 
-# Ablations: {setting: its trainer settings} and {setting: the variant holding its model}. A reference with the main
-# run's settings is the main distilled model, so it is not trained twice.
+# Every trained model beside the main `distilled` one is a variant: a named set of overrides of the distill section
+# (hsconv.variants), declared by the seeds, ablations and recipes studies and built by the one rule distill_variant.
+TRAINING = training_variants(config)
 ABLATIONS = config.get("ablations", {})
 ABLATION_MODELS = ABLATIONS.get("models", [])
-ABLATION_SETTINGS = (ablation_settings(trainer_settings(config["distill"]), ABLATIONS["factors"], ABLATIONS["distill"])
-                     if ABLATION_MODELS else {})
-ABLATION_VARIANTS = {
-    name: "distilled" if (name == REFERENCE and "distilled" in VARIANTS
-                          and settings == trainer_settings(config["distill"])) else ABLATION_PREFIX + name
-    for name, settings in ABLATION_SETTINGS.items()}
-def ablation_variants():
-    """The pretrained model, then every setting's variant in the order the settings were declared."""
-    return ["base", *ABLATION_VARIANTS.values()]
+RECIPES = config.get("recipes", {})
+RECIPE_MODELS = RECIPES.get("models", [])
+# The main distillation repeated from further seeds (distill.seeds > 1): {variant: seed}, `distilled` first.
+SEED_VARIANTS = TRAINING.seeds
 
 
-def ablation_pieces(pattern):
-    """The pattern for every ablated model and every variant of ablation_variants(), on the ablations' data set."""
-    return expand(pattern, model=ABLATION_MODELS, variant=ablation_variants(), dataset=ABLATIONS.get("dataset"))
+def study_pieces(pattern, study):
+    """The pattern for every model of a choosing study (ablations, recipes), the pretrained model and every setting's
+    variant in the order declared, on the study's data set."""
+    section, holders = (ABLATIONS, TRAINING.ablations) if study == "ablations" else (RECIPES, TRAINING.recipes)
+    return expand(pattern, model=section["models"], variant=["base", *holders.values()], dataset=section["dataset"])
 
 
 # Models whose base is also read through a tuned lens (the baseline beside self-distillation in Figs. 5 and 6).
 TUNED_LENS_MODELS = config.get("tuned_lens", {}).get("models", [])
-TRAINED_ABLATIONS = [name for name, variant in ABLATION_VARIANTS.items() if variant.startswith(ABLATION_PREFIX)]
-# The main distillation repeated from further seeds (distill.seeds > 1): {variant: seed}, `distilled` first.
-SEED_VARIANTS = (seed_variants(config["distill"]["seed"], config["distill"]["seeds"])
-                 if "distilled" in VARIANTS and config["distill"]["seeds"] > 1 else {})
 
 
 def regex_alternatives(names):
@@ -73,11 +65,8 @@ def regex_alternatives(names):
 wildcard_constraints:
     model="|".join(MODELS),
     # tuned_lens: the base model read through its tuned lens (evaluate_layers only)
-    variant=regex_alternatives([*VARIANTS, *(ABLATION_PREFIX + name for name in TRAINED_ABLATIONS),
-                                *SEED_VARIANTS, "tuned_lens"]),
-    seed=r"\d+",
-    k=r"\d+",
-    setting=regex_alternatives(TRAINED_ABLATIONS),
+    variant=regex_alternatives([*VARIANTS, *TRAINING.settings, "tuned_lens"]),
+    top_k=r"\d+",
     dataset="|".join(config["datasets"]),
     tokenizer="|".join(TOKENIZERS),
 
@@ -214,25 +203,21 @@ def distill_settings_json(wildcards):
     return json.dumps(trainer_settings(config["distill"]), sort_keys=True)
 
 
-def seed_settings_json(wildcards):
-    """The main run's settings from another seed."""
-    return json.dumps({**trainer_settings(config["distill"]), "seed": int(wildcards.seed)}, sort_keys=True)
-
-
-def ablation_settings_json(wildcards):
-    return json.dumps(ABLATION_SETTINGS[wildcards.setting], sort_keys=True)
+def variant_settings_json(wildcards):
+    """A trained variant's settings: the distill section with the variant's overrides."""
+    return json.dumps(TRAINING.settings[wildcards.variant], sort_keys=True)
 
 
 def teacher_cache_input(settings: dict):
     """The teacher cache a distillation with these settings reads (none when it recomputes the teacher)."""
     def teacher(wildcards):
-        k = settings.get("teacher_top_k")
-        return [] if k is None else [f"results/teacher/{wildcards.model}/top{k}"]
+        top_k = settings.get("teacher_top_k")
+        return [] if top_k is None else [f"results/teacher/{wildcards.model}/top{top_k}"]
     return teacher
 
 
-def ablation_teacher_cache(wildcards):
-    return teacher_cache_input(ABLATION_SETTINGS[wildcards.setting])(wildcards)
+def variant_teacher_cache(wildcards):
+    return teacher_cache_input(TRAINING.settings[wildcards.variant])(wildcards)
 
 
 def distill_args(checkpoints):
@@ -380,12 +365,15 @@ def paper_targets():
 
 def study_targets(study):
     """The outputs of one study beyond the paper, built only when asked for by name (`snakemake findings` builds
-    them all): `ablations`, `tuned_lens`, `early_exit` (with the pruned models), `paired` (distilled − base),
+    them all): `ablations`, `recipes`, `tuned_lens`, `early_exit` (with the pruned models), `paired` (distilled − base),
     `seeds` (the spread over distill.seeds), `output` (the output alone on evaluation.output_datasets) or
     `layer_relevance` (each block removed, beside its movement)."""
     if study == "ablations":
         return (["results/tables/ablations.csv", "results/figures/ablations.pdf", "results/figures/ablations.png"]
                 if ABLATION_MODELS else [])
+    if study == "recipes":
+        return (["results/tables/recipes.csv", "results/tables/recipes.md", "results/figures/recipes.pdf",
+                 "results/figures/recipes.png"] if RECIPE_MODELS else [])
     if study == "paired":  # distilled − base: S_model and the last-layer ratio; each evaluated exit's metric
         return ([*expand("results/tables/convergence_paired.{ext}", ext=("csv", "md")),
                  *(["results/tables/paired_differences.csv"] if EVALUATED_DATASETS else [])]
@@ -416,7 +404,7 @@ def study_targets(study):
     raise ValueError(f"unknown study {study!r}")
 
 
-STUDIES = ("ablations", "tuned_lens", "early_exit", "paired", "seeds", "output", "layer_relevance")
+STUDIES = ("ablations", "recipes", "tuned_lens", "early_exit", "paired", "seeds", "output", "layer_relevance")
 # The configured per-layer figures (5, 6, 9, 10) whose models all have a tuned lens, drawn again with it as a third
 # curve.
 TUNED_LENS_FIGURES = [name for name in PER_LAYER_FIGURES if name in config["figures"]

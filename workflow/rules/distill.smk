@@ -8,20 +8,20 @@ rule cache_teacher:
         model="results/models/{model}/base",
         tokens=model_tokens,
     output:
-        directory("results/teacher/{model}/top{k}"),
+        directory("results/teacher/{model}/top{top_k}"),
     params:
         device=model_setting("device"),
         dtype=teacher_dtype,
         code=code_fingerprint("hsconv.distill.teacher"),
-    log: "results/logs/cache_teacher/{model}/top{k}.log",
-    benchmark: "results/benchmarks/cache_teacher/{model}/top{k}.tsv"
+    log: "results/logs/cache_teacher/{model}/top{top_k}.log",
+    benchmark: "results/benchmarks/cache_teacher/{model}/top{top_k}.tsv"
     threads: DISTILL["resources"]["threads"]
     resources:
         **teacher_resources(),
     conda: "../../envs/torch.yaml"
     shell:
         "OMP_NUM_THREADS={threads} hsconv cache-teacher --model-dir {input.model} --tokens {input.tokens}"
-        " --out {output} --top-k {wildcards.k} --device {params.device} --dtype {params.dtype} > {log} 2>&1"
+        " --out {output} --top-k {wildcards.top_k} --device {params.device} --dtype {params.dtype} > {log} 2>&1"
 
 
 # Checkpoints go to results/checkpoints/{model}/<settings hash>/ (not an output, so a failed or killed job keeps them):
@@ -53,36 +53,23 @@ rule distill:
         " --layers-out {output.layers} > {log} 2>&1"
 
 
-use rule distill as distill_ablation with:
+# A seed, an ablation setting or a recipe (hsconv.variants): the main run's job with the variant's settings.
+use rule distill as distill_variant with:
     input:
         model="results/models/{model}/base",
         tokens=model_tokens,
-        teacher=ablation_teacher_cache,
+        teacher=variant_teacher_cache,
     output:
-        model=directory("results/models/{model}/ablation-{setting}"),
-        steps="results/training/{model}/ablation-{setting}/steps.parquet",
-        layers="results/training/{model}/ablation-{setting}/layers.parquet",
+        model=directory("results/models/{model}/{variant}"),
+        steps="results/training/{model}/{variant}/steps.parquet",
+        layers="results/training/{model}/{variant}/layers.parquet",
     params:
-        settings=ablation_settings_json,  # the main run's job with one factor changed, on the ablations' budget
-        run=distill_args("results/checkpoints/{model}/ablation-{setting}"),
-    log: "results/logs/distill_ablation/{model}/{setting}.log",
-    benchmark: "results/benchmarks/distill_ablation/{model}/{setting}.tsv"
-
-
-use rule distill as distill_seed with:
-    input:
-        model="results/models/{model}/base",
-        tokens=model_tokens,
-        teacher=teacher_cache_input(DISTILL),
-    output:
-        model=directory("results/models/{model}/distilled-seed-{seed}"),
-        steps="results/training/{model}/distilled-seed-{seed}/steps.parquet",
-        layers="results/training/{model}/distilled-seed-{seed}/layers.parquet",
-    params:
-        settings=seed_settings_json,  # the main run's settings, another order of the packed sequences
-        run=distill_args("results/checkpoints/{model}/distilled-seed-{seed}"),
-    log: "results/logs/distill_seed/{model}/{seed}.log",
-    benchmark: "results/benchmarks/distill_seed/{model}/{seed}.tsv"
+        settings=variant_settings_json,
+        run=distill_args("results/checkpoints/{model}/{variant}"),
+    wildcard_constraints:
+        variant=regex_alternatives(TRAINING.settings),
+    log: "results/logs/distill_variant/{model}/{variant}.log",
+    benchmark: "results/benchmarks/distill_variant/{model}/{variant}.tsv"
 
 
 rule tabulate_seeds:

@@ -203,6 +203,7 @@ class StepStats:
     kl_counts: torch.Tensor  # per exit: how many did (all of them without exit sampling)
     hidden_steps: torch.Tensor  # per layer 1..L: the hidden-state step
     tokens: torch.Tensor  # one value
+    plain_grad_norm: float | None = None  # where DeepSpeed reports none (_plain_grad_norm); not summed over ranks
 
     @classmethod
     def zeros(cls, num_layers: int) -> StepStats:
@@ -218,10 +219,10 @@ class StepStats:
 
     def all_reduce(self, device: torch.device) -> StepStats:
         """The sums over every rank, in one collective."""
-        parts = [getattr(self, field.name) for field in fields(self)]
+        parts = [getattr(self, field.name) for field in fields(self) if field.name != "plain_grad_norm"]
         packed = torch.cat(parts).to(device)
         torch.distributed.all_reduce(packed)
-        return StepStats(*packed.cpu().split([part.numel() for part in parts]))
+        return StepStats(*packed.cpu().split([part.numel() for part in parts]), self.plain_grad_norm)
 
     def rows(self, step: int, micro_batches: int, weights: list[float]) -> tuple[dict, list[dict]]:
         """The step log's loss columns (means over micro-batches) and the layer log's rows."""
@@ -420,6 +421,8 @@ def _train(engine, scheduler, plan: _Plan, settings: DistillSettings, checkpoint
         tokens_seen += tokens
         losses, layers = stats.rows(step, plan.accumulation * world, weights)
         grad_norm = engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = stats.plain_grad_norm
         step_rows.append({"step": step, "epoch": (step - 1) // plan.steps_per_epoch, "tokens": tokens_seen,
                           "lr": lr, **losses, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                           "seconds": elapsed, "tokens_per_second": tokens / elapsed})
@@ -478,9 +481,20 @@ def _step(engine, plan: _Plan, train: TrainSettings, step: int, rank: int, world
             raise FloatingPointError(f"model {plan.name!r}, step {step + 1}, micro-batch {micro + 1}: non-finite "
                                      f"loss term {problem} (lower the learning rate, or use float32)")
         engine.backward(terms.total)
+        if engine.is_gradient_accumulation_boundary():
+            stats.plain_grad_norm = _plain_grad_norm(engine)
         engine.step()
         stats.add(terms)
     return stats
+
+
+def _plain_grad_norm(engine) -> float | None:
+    """The gradient's norm where DeepSpeed does not report one: without ZeRO in float32 the engine clips with torch's
+    own clip_grad_norm_ and keeps no norm. None where DeepSpeed's optimizer wrapper reports it."""
+    if engine.zero_optimization_stage() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    gradients = [parameter.grad for parameter in engine.module.parameters() if parameter.grad is not None]
+    return float(torch.nn.utils.get_total_norm(gradients)) if gradients else None
 
 
 def _master_weights(engine, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

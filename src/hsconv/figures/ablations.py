@@ -11,7 +11,7 @@ from hsconv.ablations import REFERENCE
 from hsconv.figures.style import apply_style, model_colour, save_figure
 from hsconv.io import read_input_table
 
-FACTOR_LABELS = {"alpha": "α = {}", "k": "k = {}", "kl_direction": "KL {}", "movement_convention": "$h_L$ {}",
+FACTOR_LABELS = {"alpha": "α = {}", "output_kl_weight": "β = {}", "k": "k = {}", "kl_direction": "KL {}", "movement_convention": "$h_L$ {}",
                  "zeta2_measure": "ζ2 step {}", "zeta2_penalty": "ζ2 on each {}"}
 VALUE_LABELS = {"student_target": "(q_l ‖ q_target)", "target_student": "(q_target ‖ q_l)",
                 "pre_norm": "before final norm", "hf": "after final norm",
@@ -23,12 +23,15 @@ def setting_label(row) -> str:
         return "pretrained (no distillation)"
     if row.setting == REFERENCE or row.factor == REFERENCE:
         return "reference setting"
+    if row.factor == "recipe":
+        return row.value
     return FACTOR_LABELS[row.factor].format(VALUE_LABELS.get(row.value, row.value))
 
 
 def reference_description(row) -> str:
     direction = VALUE_LABELS.get(row.kl_direction, row.kl_direction)
-    return (f"α = {row.alpha:g}, k = {row.k:g}, KL {direction}, "
+    beta = "" if row.output_kl_weight is None else f"β = {row.output_kl_weight:g}, "
+    return (f"α = {row.alpha:g}, {beta}k = {row.k:g}, KL {direction}, "
             f"$h_L$ {VALUE_LABELS.get(row.movement_convention, row.movement_convention)}")
 
 
@@ -36,7 +39,7 @@ def plot_ablations(table_path: str | os.PathLike, pdf_out: str | os.PathLike, pn
                    models: dict[str, str], final_norm: str = "pre_norm") -> plt.Figure:
     """Three panels per model: S_model (its bootstrap interval), D_L, and the LAMBADA accuracy difference from the
     reference (paired bootstrap interval); the reference's value is the dashed line in each."""
-    table = read_input_table(table_path, "ablation table", made_by="tabulate-ablations")
+    table = read_input_table(table_path, "ablation table", made_by="tabulate-variants")
     table = table[table["final_norm"] == final_norm]
     missing = [name for name in models if name not in set(table["model"])]
     if missing:
