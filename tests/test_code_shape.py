@@ -117,3 +117,25 @@ def test_the_cycle_finder_finds_a_cycle(tmp_path):
     (tmp_path / "hsconv" / "sub" / "__init__.py").write_text("")
     (tmp_path / "hsconv" / "sub" / "b.py").write_text("def f():\n    from hsconv.a import g\n")
     assert import_cycle(import_graph(tmp_path / "hsconv")) == ["hsconv.a", "hsconv.sub.b", "hsconv.a"]
+
+
+def test_the_plotting_stages_run_without_torch():
+    """The rules whose environment is envs/plot.yaml (hsconv without the `models` extra) call stages that import no
+    torch, transformers or deepspeed: each such stage's function is imported with those blocked."""
+    rules = "\n".join(path.read_text() for path in (REPO / "workflow" / "rules").glob("*.smk"))
+    stages = sorted(set(re.findall(r'conda: "\.\./\.\./envs/plot\.yaml"\s+shell:\s+"hsconv ([a-z-]+)', rules)))
+    assert len(stages) >= 8, stages
+    script = f"""
+import argparse, sys
+for blocked in ("torch", "transformers", "deepspeed", "lm_eval"):
+    sys.modules[blocked] = None  # `import torch` now raises ImportError
+from hsconv.cli import STAGES
+for stage in {stages!r}:
+    try:
+        STAGES[stage].run(argparse.Namespace())  # imports the stage's function, then fails on the empty arguments
+    except AttributeError:
+        pass
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
