@@ -16,6 +16,11 @@ the tables and logs the workflow wrote; nothing is recomputed here:
   benchmark file: start-up, checkpoints and saving included);
 - ``variant``: ``default`` for the config's distilled model, ``default-seed-<s>`` for its other seeds; ``loss``:
   ``paper`` where ζ2 is eq. 5 (every step, the relative squared step), else the departure's name.
+
+With ``--studies``, the choosing studies' models too (``snakemake ablations`` / ``recipes``): one row per ablation
+setting or recipe on the study's validation set (``ablation-<factor>-<value>``, ``recipe-<name>``), its accuracy
+paired against the pretrained model on the same passages by the workflow's own ``hsconv.paired`` (the ablation table
+pairs against its reference instead); no perplexity (the studies evaluate LAMBADA only).
 """
 
 from __future__ import annotations
@@ -93,6 +98,48 @@ def reproduction_rows(run: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+def study_rows(run: Path, study: str) -> pd.DataFrame:
+    """One row per trained model of a choosing study (``ablations`` or ``recipes``) and convention, on its data set."""
+    from hsconv.paired import paired_differences
+
+    results = run / "results"
+    table = pd.read_parquet(results / "tables" / f"{study}.parquet")
+    rows = []
+    for model, frame in table.groupby("model", sort=False):
+        dataset = frame["dataset"].iloc[0]
+        split = _split_of(results / "data" / "eval" / f"{dataset}.parquet")
+        variants = [variant for variant in dict.fromkeys(frame["variant"]) if variant != "base"]
+        documents = pd.concat([pd.read_parquet(results / "stock" / model / variant / dataset / "per_document.parquet")
+                               for variant in ["base", *variants]], ignore_index=True)
+        accuracy = paired_differences(documents[documents["acc"].notna()], baseline="base")
+        scores = {variant: pd.read_parquet(results / "metrics" / model / variant / dataset / "convergence.parquet")
+                  for variant in ["base", *variants]}
+        for variant in variants:
+            distill = json.loads((results / "models" / model / variant / "hsconv_model.json").read_text())[
+                "training"]["distill"]
+            main_run = variant == "distilled"
+            steps = pd.read_parquet(results / "training" / model / ("" if main_run else variant) / "steps.parquet")
+            job = (results / "benchmarks" / "distill" / f"{model}.tsv" if main_run
+                   else results / "benchmarks" / "distill_variant" / model / f"{variant}.tsv")
+            difference = accuracy[(accuracy["model"] == model) & (accuracy["variant"] == variant)].iloc[0]
+            for convention in ("hf", "pre_norm"):
+                base, score = (scores[name][scores[name]["final_norm"] == convention].iloc[0]
+                               for name in ("base", variant))
+                rows.append({
+                    "variant": variant.replace("distilled", "default"), "loss": loss_name(distill),
+                    "seed": int(distill.get("seed", 0)), "split": split, "dataset": dataset,
+                    "convention": convention, "tokens": int(steps["tokens"].max()),
+                    "job_seconds": float(pd.read_csv(job, sep="\t")["s"].iloc[0]) if job.is_file() else float("nan"),
+                    "s_base": base["s_model"], "s_variant": score["s_model"], "s_low": score["s_model_ci_low"],
+                    "s_high": score["s_model_ci_high"], "d_last_base": base["last_layer_movement"],
+                    "d_last_variant": score["last_layer_movement"], "d_prev_base": base["previous_layer_movement"],
+                    "d_prev_variant": score["previous_layer_movement"],
+                    "largest_rise_layer": int(score["largest_rise_layer"]), "largest_rise": score["largest_rise"],
+                    "accuracy_diff": 100 * difference["difference"], "accuracy_low": 100 * difference["lower"],
+                    "accuracy_high": 100 * difference["upper"], "perplexity_ratio": float("nan")})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
 def _split_of(texts_path: Path) -> str:
     """The split a prepared data set was written as (its provenance), ``test`` for one written before splits."""
     from hsconv.io import read_provenance
@@ -104,8 +151,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=".", help="the workflow folder whose results/ to read")
     parser.add_argument("--out", required=True, help="output stem: STEM.csv and STEM.md")
+    parser.add_argument("--studies", nargs="*", default=[], choices=("ablations", "recipes"),
+                        help="add the rows of these choosing studies (validation text)")
     args = parser.parse_args()
-    table = reproduction_rows(Path(args.run))
+    table = pd.concat([reproduction_rows(Path(args.run)), *(study_rows(Path(args.run), study)
+                                                            for study in args.studies)], ignore_index=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out.with_suffix(".csv"), index=False)

@@ -269,6 +269,29 @@ def test_recipes_are_trained_beside_the_main_run_and_drawn_as_a_frontier(finishe
 
 
 @pytest.mark.slow
+def test_the_reproduction_summary_lists_the_choosing_studies_on_validation_text(finished_run):
+    """studies.reproduction --studies: a row per ablation setting and recipe, on the study's validation set, with the
+    numbers the workflow wrote (S_model, D_L) and the accuracy paired against the pretrained model."""
+    sys.path.insert(0, str(REPO))
+    from studies.reproduction import study_rows
+
+    results = finished_run / "results"
+    for study in ("ablations", "recipes"):
+        rows = study_rows(finished_run, study)
+        table = pd.read_parquet(results / f"tables/{study}.parquet")
+        assert set(rows["split"]) == {"validation"} and set(rows["dataset"]) == {"lambada_validation"}
+        assert len(rows) == 2 * (table["variant"].nunique() - 1)  # both conventions of every trained model
+        for row in rows.itertuples():
+            variant = "distilled" if row.variant == "default" else row.variant
+            kept = table[(table["variant"] == variant) & (table["final_norm"] == row.convention)].iloc[0]
+            assert (row.s_variant, row.d_last_variant) == (kept["s_model"], kept["last_layer_movement"])
+            outcomes = [pd.read_parquet(results / f"stock/tiny-llama/{name}/lambada_validation/per_document.parquet")
+                        .sort_values("doc_id")["acc"].to_numpy() for name in (variant, "base")]
+            assert row.accuracy_diff == pytest.approx(100 * (outcomes[0] - outcomes[1]).mean(), abs=1e-9)
+        assert rows["job_seconds"].notna().all()
+
+
+@pytest.mark.slow
 def test_the_main_distilled_model_is_the_reference_when_the_ablations_change_nothing_else(finished_run, tmp_path):
     shutil.copy(finished_run / "config.yaml", tmp_path / "saved.yaml")
     write_config(finished_run, lambda c: c["ablations"].update(distill={}))
