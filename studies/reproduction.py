@@ -1,6 +1,7 @@
 """The reproduction's summary: one row per (variant, seed, split, data set, convention) of a finished run.
 
     python -m studies.reproduction --run . --out docs/findings/reproduction/summary
+    python -m studies.reproduction --run . --no-main --studies ablations --out docs/findings/reproduction/validation
 
 A run is a workflow folder after ``snakemake --cores all all paired`` (its ``results/``). Every number is read from
 the tables and logs the workflow wrote; nothing is recomputed here:
@@ -153,9 +154,11 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="output stem: STEM.csv and STEM.md")
     parser.add_argument("--studies", nargs="*", default=[], choices=("ablations", "recipes"),
                         help="add the rows of these choosing studies (validation text)")
+    parser.add_argument("--no-main", dest="main", action="store_false",
+                        help="leave out the main run's rows (a folder where only --studies ran)")
     args = parser.parse_args()
-    table = pd.concat([reproduction_rows(Path(args.run)), *(study_rows(Path(args.run), study)
-                                                            for study in args.studies)], ignore_index=True)
+    table = pd.concat([*([reproduction_rows(Path(args.run))] if args.main else []),
+                       *(study_rows(Path(args.run), study) for study in args.studies)], ignore_index=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out.with_suffix(".csv"), index=False)
