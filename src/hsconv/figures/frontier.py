@@ -35,16 +35,17 @@ def plot_frontier(table_path: str | os.PathLike, pdf_out: str | os.PathLike, png
                       yerr=[y - rows["s_model_ci_low"].to_numpy(dtype=float),
                             rows["s_model_ci_high"].to_numpy(dtype=float) - y],
                       fmt="o", color=model_colour(index), ecolor="grey", capsize=2, markersize=5)
-        for row, x_value, y_value in zip(rows.itertuples(), x, y):
-            axis.annotate(setting_label(row), (x_value, y_value), textcoords="offset points", xytext=(4, 4),
-                          fontsize=7)
+        for position, (row, x_value, y_value) in enumerate(zip(rows.itertuples(), x, y)):
+            # alternate above and below, so that two settings with the same S_model keep legible labels
+            axis.annotate(setting_label(row), (x_value, y_value), textcoords="offset points",
+                          xytext=(4, 4 if position % 2 == 0 else -11), fontsize=7)
         baseline = rows["accuracy_baseline"].iloc[0]
         axis.axvline(0, color="black", linestyle="--", linewidth=0.9)
         axis.set_xlabel(f"LAMBADA accuracy − {'pretrained' if baseline == 'base' else baseline} (points)")
         axis.set_ylabel(f"$S_{{model}}$, $h_L$ {VALUE_LABELS[final_norm]} (higher: smoother convergence)")
         axis.set_title(f"{label}: {len(rows)} models, {int(rows['n_documents'].iloc[0])} passages of "
                        f"{rows['dataset'].iloc[0]}", fontsize=9, loc="left")
-    figure.suptitle(f"Distillation recipes on validation text: convergence against the output's accuracy "
+    figure.suptitle(f"Distillation settings on validation text: convergence against the output's accuracy "
                     f"({table['confidence'].iloc[0]:.0%} intervals)", fontsize=10)
     figure.tight_layout()
     save_figure(figure, pdf_out, png_out)
