@@ -51,6 +51,36 @@ def output_row(paired: pd.DataFrame, model: str, variant: str, dataset: str, met
     return None if rows.empty else rows[rows["layer"] == rows["layer"].max()].iloc[0]
 
 
+def _training_record(results: Path, model: str, variant: str) -> dict:
+    """A trained variant's loss, seed, tokens and distill job wall-clock, from its manifest, step log and benchmark."""
+    distill = json.loads((results / "models" / model / variant / "hsconv_model.json").read_text())["training"][
+        "distill"]
+    main_run = variant == "distilled"
+    steps = pd.read_parquet(results / "training" / model / ("" if main_run else variant) / "steps.parquet")
+    job = (results / "benchmarks" / "distill" / f"{model}.tsv" if main_run
+           else results / "benchmarks" / "distill_variant" / model / f"{variant}.tsv")
+    return {"variant": variant.replace("distilled", "default"), "loss": loss_name(distill),
+            "seed": int(distill.get("seed", 0)), "tokens": int(steps["tokens"].max()),
+            "job_seconds": float(pd.read_csv(job, sep="\t")["s"].iloc[0]) if job.is_file() else float("nan")}
+
+
+def _scores(base: pd.Series, score: pd.Series) -> dict:
+    """S_model with the variant's interval, D_L, D_{L-1} of both, and the variant's largest rise."""
+    return {"s_base": base["s_model"], "s_variant": score["s_model"], "s_low": score["s_model_ci_low"],
+            "s_high": score["s_model_ci_high"], "d_last_base": base["last_layer_movement"],
+            "d_last_variant": score["last_layer_movement"], "d_prev_base": base["previous_layer_movement"],
+            "d_prev_variant": score["previous_layer_movement"],
+            "largest_rise_layer": int(score["largest_rise_layer"]), "largest_rise": score["largest_rise"]}
+
+
+def _accuracy(difference) -> dict:
+    """A paired accuracy difference in points (NaN where there is none)."""
+    nan = float("nan")
+    return {"accuracy_diff": nan, "accuracy_low": nan, "accuracy_high": nan} if difference is None else {
+        "accuracy_diff": 100 * difference["difference"], "accuracy_low": 100 * difference["lower"],
+        "accuracy_high": 100 * difference["upper"]}
+
+
 def reproduction_rows(run: Path) -> pd.DataFrame:
     results = run / "results"
     splits: dict[str, str] = {}
@@ -68,34 +98,17 @@ def reproduction_rows(run: Path) -> pd.DataFrame:
 
     rows = []
     for (model, variant), scores in convergence[convergence["variant"] != "base"].groupby(["model", "variant"]):
-        distill = json.loads((results / "models" / model / variant / "hsconv_model.json").read_text())[
-            "training"]["distill"]
-        main_run = variant == "distilled"
-        steps = pd.read_parquet(results / "training" / model / ("" if main_run else variant) / "steps.parquet")
-        job = results / "benchmarks" / "distill" / f"{model}.tsv"
-        job_seconds = float(pd.read_csv(job, sep="\t")["s"].iloc[0]) if main_run and job.is_file() else float("nan")
+        training = _training_record(results, model, variant)
         for (dataset, convention), score in scores.groupby(["dataset", "final_norm"]):
             split = split_of(dataset)
             base = convergence[(convergence["model"] == model) & (convergence["variant"] == "base")
                                & (convergence["dataset"] == dataset) & (convergence["final_norm"] == convention)]
-            base, score = base.iloc[0], score.iloc[0]
-            accuracy = at_output(model, variant, "lambada", split, "acc")
             perplexity = at_output(model, variant, "wikitext", split, "word_perplexity")
-            nan = float("nan")
-            rows.append({
-                "variant": variant.replace("distilled", "default"), "loss": loss_name(distill),
-                "seed": int(distill.get("seed", 0)), "split": split, "dataset": dataset, "convention": convention,
-                "tokens": int(steps["tokens"].max()), "job_seconds": job_seconds,
-                "s_base": base["s_model"], "s_variant": score["s_model"], "s_low": score["s_model_ci_low"],
-                "s_high": score["s_model_ci_high"], "d_last_base": base["last_layer_movement"],
-                "d_last_variant": score["last_layer_movement"], "d_prev_base": base["previous_layer_movement"],
-                "d_prev_variant": score["previous_layer_movement"],
-                "largest_rise_layer": int(score["largest_rise_layer"]), "largest_rise": score["largest_rise"],
-                "accuracy_diff": 100 * accuracy["difference"] if accuracy is not None else nan,
-                "accuracy_low": 100 * accuracy["lower"] if accuracy is not None else nan,
-                "accuracy_high": 100 * accuracy["upper"] if accuracy is not None else nan,
-                "perplexity_ratio": (perplexity["variant_value"] / perplexity["baseline_value"]
-                                     if perplexity is not None else nan)})
+            rows.append({**training, "split": split, "dataset": dataset, "convention": convention,
+                         **_scores(base.iloc[0], score.iloc[0]),
+                         **_accuracy(at_output(model, variant, "lambada", split, "acc")),
+                         "perplexity_ratio": (perplexity["variant_value"] / perplexity["baseline_value"]
+                                              if perplexity is not None else float("nan"))})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -116,28 +129,13 @@ def study_rows(run: Path, study: str) -> pd.DataFrame:
         scores = {variant: pd.read_parquet(results / "metrics" / model / variant / dataset / "convergence.parquet")
                   for variant in ["base", *variants]}
         for variant in variants:
-            distill = json.loads((results / "models" / model / variant / "hsconv_model.json").read_text())[
-                "training"]["distill"]
-            main_run = variant == "distilled"
-            steps = pd.read_parquet(results / "training" / model / ("" if main_run else variant) / "steps.parquet")
-            job = (results / "benchmarks" / "distill" / f"{model}.tsv" if main_run
-                   else results / "benchmarks" / "distill_variant" / model / f"{variant}.tsv")
+            training = _training_record(results, model, variant)
             difference = accuracy[(accuracy["model"] == model) & (accuracy["variant"] == variant)].iloc[0]
             for convention in ("hf", "pre_norm"):
                 base, score = (scores[name][scores[name]["final_norm"] == convention].iloc[0]
                                for name in ("base", variant))
-                rows.append({
-                    "variant": variant.replace("distilled", "default"), "loss": loss_name(distill),
-                    "seed": int(distill.get("seed", 0)), "split": split, "dataset": dataset,
-                    "convention": convention, "tokens": int(steps["tokens"].max()),
-                    "job_seconds": float(pd.read_csv(job, sep="\t")["s"].iloc[0]) if job.is_file() else float("nan"),
-                    "s_base": base["s_model"], "s_variant": score["s_model"], "s_low": score["s_model_ci_low"],
-                    "s_high": score["s_model_ci_high"], "d_last_base": base["last_layer_movement"],
-                    "d_last_variant": score["last_layer_movement"], "d_prev_base": base["previous_layer_movement"],
-                    "d_prev_variant": score["previous_layer_movement"],
-                    "largest_rise_layer": int(score["largest_rise_layer"]), "largest_rise": score["largest_rise"],
-                    "accuracy_diff": 100 * difference["difference"], "accuracy_low": 100 * difference["lower"],
-                    "accuracy_high": 100 * difference["upper"], "perplexity_ratio": float("nan")})
+                rows.append({**training, "split": split, "dataset": dataset, "convention": convention,
+                             **_scores(base, score), **_accuracy(difference), "perplexity_ratio": float("nan")})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
