@@ -63,7 +63,7 @@ def test_ablation_table_against_a_hand_computed_paired_bootstrap(tmp_path):
     settings = ablation_settings(DISTILL, {"alpha": [0.0]}, {"max_steps": 4})
     variants = {"reference": "ablation-reference", "alpha-0": "ablation-alpha-0"}
     table = tabulate_variants(paths["convergence"], paths["stock"], paths["documents"], settings, variants,
-                               tmp_path / "ablations", "hash", samples=200, confidence=0.9, seed=7)
+                               tmp_path / "ablations", "hash", bootstrap_samples=200, confidence=0.9, seed=7)
     assert (tmp_path / "ablations.csv").is_file() and (tmp_path / "ablations.md").is_file()
     assert list(table["setting"].unique()) == ["base", "reference", "alpha-0"]
     row = table[(table["setting"] == "alpha-0") & (table["final_norm"] == "pre_norm")].iloc[0]
@@ -89,7 +89,7 @@ def test_ablation_figure_plots_its_table(tmp_path):
     settings = ablation_settings(DISTILL, {"alpha": [0.0]}, {"max_steps": 4})
     tabulate_variants(paths["convergence"], paths["stock"], paths["documents"], settings,
                        {"reference": "ablation-reference", "alpha-0": "ablation-alpha-0"}, tmp_path / "t", "hash",
-                       samples=100)
+                       bootstrap_samples=100)
     table = pd.read_parquet(tmp_path / "t.parquet")
     table = table[table["final_norm"] == "hf"]
     figure = plot_ablations(tmp_path / "t.parquet", tmp_path / "f.pdf", tmp_path / "f.png", {"m": "model m"}, "hf")

@@ -336,3 +336,30 @@ def test_the_output_alone_through_the_lens_is_stock_lm_eval(model_dir, task_dict
     lens.scored_exits = range(lens.num_layers + 1)
     fresh = LogitLensLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=4, exit_layer=1)
     assert_same_responses(run(lens, task_dict), run(fresh, task_dict))
+
+
+def test_every_filter_of_a_task_is_aggregated_as_lm_eval_reports_it():
+    """A task with two filters (as lm-eval's gsm8k has "strict-match" and "flexible-extract"): each filter's metric
+    under its own key, aggregated over the documents by hand; the per-document outcomes refuse to pick one."""
+    from types import SimpleNamespace
+
+    from hsconv.errors import InputError
+    from hsconv.evaluation.per_layer import _task_metrics, document_outcomes
+
+    answers = {"strict": [1, 0, 0], "loose": [1, 1, 0]}  # per document: 1 where the filter's answer is right
+    instances = [SimpleNamespace(doc_id=doc_id, idx=0, filtered_resps={key: values[doc_id]
+                                                                       for key, values in answers.items()})
+                 for doc_id in range(3)]
+    task = SimpleNamespace(
+        instances=instances, apply_filters=lambda: None, VERSION=1, eval_docs=[{}, {}, {}],
+        doc_iterator=lambda rank, world_size: enumerate([{}, {}, {}]),
+        process_results=lambda doc, responses: {"exact_match": float(responses[0])},
+        aggregation=lambda: {"exact_match": lambda items: sum(items) / len(items)},
+        dump_config=lambda: {"task_alias": "probe"})
+    results = _task_metrics({"probe": task}, bootstrap_iters=0, log_samples=True)
+    assert results["results"]["probe"]["exact_match,strict"] == pytest.approx(1 / 3)
+    assert results["results"]["probe"]["exact_match,loose"] == pytest.approx(2 / 3)
+    assert results["n-samples"]["probe"]["effective"] == 3
+    assert {sample["filter"] for sample in results["samples"]["probe"]} == {"strict", "loose"}
+    with pytest.raises(InputError, match="several filters"):
+        document_outcomes(results, 0, {"probe": "probe"}, {"probe": "lambada"})

@@ -245,7 +245,7 @@ def test_the_figure_draws_a_data_set_without_held_out_documents(model_dir, texts
     measure_layer_relevance(str(model_dir), texts, tmp_path / "d.parquet", tmp_path / "l.parquet", "tiny", "base",
                             prune_max_layers=2, batch_tokens=1024, limits={"lambada": 4})
     tabulate_layer_relevance([str(tmp_path / "d.parquet")], [str(tmp_path / "l.parquet")], tmp_path / "r",
-                             tmp_path / "a", tmp_path / "p", "test", samples=20)
+                             tmp_path / "a", tmp_path / "p", "test", bootstrap_samples=20)
     assert set(pd.read_parquet(tmp_path / "p.parquet")["task"]) == {"lambada"}
     plot_layer_relevance(tmp_path / "r.parquet", tmp_path / "p.parquet", tmp_path / "f.pdf", tmp_path / "f.png",
                          {"tiny": "tiny Llama"})

@@ -8,11 +8,13 @@ from dataclasses import fields
 
 import pytest
 
-from hsconv.cli import STAGES, build_parser, stage_settings
+from hsconv.cli import STAGES, build_parser
+from hsconv.flags import JSON, Datasets, Labels, Limits, add_flags, call, flag, flags, stage_settings
 from hsconv.settings import (
     DistillSettings,
     EvaluationSettings,
     HiddenStatesSettings,
+    SECTIONS,
     MetricsSettings,
     SettingsError,
     TrainingError,
@@ -28,7 +30,7 @@ REQUIRED = {"dump-hidden-states": ["--model-dir", "m", "--texts", "t.parquet", "
 
 
 def parse(stage: str, *extra: str):
-    return build_parser().parse_args([stage, *REQUIRED[stage], *extra])
+    return build_parser([stage]).parse_args([stage, *REQUIRED[stage], *extra])
 
 
 def test_a_section_becomes_its_dataclass_with_lists_as_tuples():
@@ -80,9 +82,8 @@ def test_the_section_passed_whole_and_a_flag_on_top_of_it():
 def test_every_stage_with_settings_has_a_flag_per_field_with_its_range():
     """The flags are built from the dataclass, so a field added there is a flag without another line."""
     checked = 0
-    parser = build_parser()
-    subparsers = next(action for action in parser._actions if action.dest == "stage").choices
     for name in STAGES:
+        subparsers = next(action for action in build_parser([name])._actions if action.dest == "stage").choices
         defaults_ = subparsers[name]._defaults
         if "settings_class" not in defaults_:
             continue
@@ -127,3 +128,75 @@ def test_the_default_config_leaves_the_precision_to_the_machine():
 
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     assert config["distill"]["precision"] == "auto" and config["layer_relevance"]["precision"] == "auto"
+
+
+def stage_options(name: str) -> dict[str, object]:
+    """{option string: argparse action} of one stage's generated parser."""
+    parser = next(action for action in build_parser([name])._actions if action.dest == "stage").choices[name]
+    return {option: action for action in parser._actions for option in action.option_strings}
+
+
+def test_every_parameter_of_a_stage_function_is_a_flag():
+    """The flags are generated from the function's signature: a parameter added there is a flag without another
+    line, required exactly where it has no default (or ``@flags`` says otherwise)."""
+    import inspect
+
+    from hsconv.cli import stage_function
+
+    for name in STAGES:
+        function = stage_function(name)
+        destinations = {action.dest: action for action in stage_options(name).values()}
+        section = function.stage_flags[0]
+        from_section = {field.name for field in fields(SECTIONS[section])} if section else set()
+        for parameter in inspect.signature(function).parameters.values():
+            assert parameter.name in destinations, (name, parameter.name)
+            if parameter.name in from_section:  # a setting: optional, its default the dataclass's
+                continue
+            override = function.stage_flags[1].get(parameter.name, {}).get("required")
+            expected = parameter.default is parameter.empty if override is None else override
+            assert destinations[parameter.name].required == expected, (name, parameter.name)
+
+
+def test_every_flag_a_rule_passes_is_a_flag_of_its_stage():
+    """Each rule's `hsconv <stage> --flag ...` against the stage's generated parser: a renamed parameter that a rule
+    still passes by its old name fails here, not in the middle of a workflow."""
+    import re
+    from pathlib import Path
+
+    rules = "\n".join(path.read_text() for path in (Path(__file__).parents[1] / "workflow/rules").glob("*.smk"))
+    checked = 0
+    for block in re.findall(r"shell:\n((?:        .*\n)+)", rules):
+        command = re.search(r"hsconv ([a-z-]+)(.*)", block, re.S)
+        if not command:
+            continue
+        options = stage_options(command.group(1))
+        for option in re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", command.group(2)):
+            assert option in options, (command.group(1), option)
+            checked += 1
+    assert checked > 100
+
+
+def test_the_flags_reach_the_function_as_its_parameters():
+    """What a shell passes as text arrives as the annotation says: pairs as dicts (also under ``| None``), JSON as a
+    dict, a list, a flag, and the section's fields that the function names, from --settings with a flag on top."""
+    from hsconv.cli import StageParser
+
+    @flags("metrics", models=flag("in order", name="--model"), datasets=flag(name="--dataset"),
+           limits=flag(name="--limit"), count=flag(minimum=2))
+    def probe(tables: list[str], models: Labels, datasets: Datasets, limits: Limits | None = None,
+              source: JSON | None = None, paired: bool = False, count: int = 2, seed: int = 0,
+              confidence: float = 0.95):
+        return locals()
+
+    parser = StageParser(prog="probe")
+    add_flags(parser, probe)
+    received = call(probe, parser.parse_args([
+        "--tables", "a.parquet", "b.parquet", "--model", "m=The M", "n", "--dataset", "lam=lambada=l.parquet",
+        "--limit", "lam=3", "--source", '{"kind": "tiny"}', "--paired", "--count", "3",
+        "--settings", '{"seed": 4, "confidence": 0.5}', "--confidence", "0.9"]))
+    assert received == {"tables": ["a.parquet", "b.parquet"], "models": {"m": "The M", "n": "n"},
+                        "datasets": {"lam": ("lambada", "l.parquet")}, "limits": {"lam": 3},
+                        "source": {"kind": "tiny"}, "paired": True, "count": 3, "seed": 4, "confidence": 0.9}
+    assert list(received["models"]) == ["m", "n"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--tables", "a", "--model", "m", "--dataset", "x=lambada=y", "--count", "1"])

@@ -13,10 +13,12 @@ over the same passages.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 import pandas as pd
 
 from hsconv.errors import InputError
+from hsconv.flags import JSON, flag, flags, table_stem
 from hsconv.io import read_input_table, write_table
 from hsconv.paired import paired_differences
 from hsconv.settings import MetricsSettings
@@ -78,11 +80,17 @@ def describe_settings(settings: dict[str, dict], reference: dict, study: str = "
     return pd.DataFrame(rows)
 
 
+@flags("metrics", convergence_paths=flag("compute-convergence scores per variant", name="--convergence"),
+       stock_paths=flag("stock lm-eval tables per variant", name="--stock"),
+       document_paths=flag("their per-document outcomes", name="--documents"),
+       variant_settings="{setting: distillation settings}, as JSON", variants="{setting: model variant}, as JSON",
+       out_stem=flag("Parquet; .csv and .md are written beside it", name="--out", type=table_stem),
+       study="ablations: differences from the reference; recipes: from the pretrained model")
 def tabulate_variants(convergence_paths: list[str], stock_paths: list[str], document_paths: list[str],
-                       settings: dict[str, dict], variants: dict[str, str], out_stem: str | os.PathLike,
-                       config_hash: str, samples: int = MetricsSettings.bootstrap_samples,
+                       variant_settings: JSON, variants: JSON, out_stem: str | os.PathLike,
+                       config_hash: str, bootstrap_samples: int = MetricsSettings.bootstrap_samples,
                        confidence: float = MetricsSettings.confidence, seed: int = MetricsSettings.seed,
-                       study: str = "ablations") -> pd.DataFrame:
+                       study: Literal["ablations", "recipes"] = "ablations") -> pd.DataFrame:
     """One row per model, setting and final-norm convention: S_model (with its interval) and D_L on the measured
     data set, the model's stock LAMBADA accuracy, and its difference from a baseline with a paired interval: the
     reference for the ablations (what a factor changes), the pretrained model for the recipes (what a recipe costs).
@@ -100,10 +108,11 @@ def tabulate_variants(convergence_paths: list[str], stock_paths: list[str], docu
     setting_of = {"base": "base", **{variant: setting for setting, variant in variants.items()}}
     baseline = "base" if study == "recipes" else variants[REFERENCE]
     # A stock evaluation has one exit, the model's output, so each variant is compared at its only layer.
-    differences = paired_differences(documents, baseline=baseline, samples=samples, confidence=confidence,
+    differences = paired_differences(documents, baseline=baseline, samples=bootstrap_samples, confidence=confidence,
                                      seed=seed)
     accuracy = stock[stock["metric"] == "acc"]
-    description = describe_settings({name: settings[name] for name in variants}, settings[REFERENCE], study)
+    description = describe_settings({name: variant_settings[name] for name in variants},
+                                    variant_settings[REFERENCE], study)
     description = pd.concat([description, pd.DataFrame([{"setting": "base", "factor": "pretrained", "value": ""}])],
                             ignore_index=True)
     rows = []
@@ -126,10 +135,10 @@ def tabulate_variants(convergence_paths: list[str], stock_paths: list[str], docu
     table["accuracy_baseline"] = baseline
     table["confidence"] = confidence
     table["n_documents"] = int(documents.groupby(["model", "variant"])["doc_id"].nunique().min())
-    write_table(table, out_stem, {study: {"settings": settings, "variants": variants,
-                                                "paired_bootstrap": {"samples": samples, "confidence": confidence,
-                                                                     "seed": seed},
-                                                "config_hash": config_hash}})
+    write_table(table, out_stem, {study: {"settings": variant_settings, "variants": variants,
+                                          "paired_bootstrap": {"samples": bootstrap_samples, "confidence": confidence,
+                                                               "seed": seed},
+                                          "config_hash": config_hash}})
     return table
 
 

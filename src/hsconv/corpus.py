@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hsconv.errors import InputError
+from hsconv.flags import flag, flags
 from hsconv.io import (
     atomic_path,
     check_input_file,
@@ -142,6 +143,7 @@ def shuffled(documents: Iterable, buffer_size: int, seed: int) -> Iterator:
 
 
 
+@flags("corpus", source="the corpus source, as JSON", out_dir=flag("directory to write", name="--out"))
 def sample_corpus(source: dict, out_dir: str | os.PathLike, documents: int | None = CorpusSettings.documents,
                   seed: int = CorpusSettings.seed, min_int_score: int | None = CorpusSettings.min_int_score,
                   shuffle_buffer: int = CorpusSettings.shuffle_buffer,
@@ -204,6 +206,9 @@ def read_sequences(tokens_path: str | os.PathLike, max_length: int, model_name: 
     return ids, table["n_tokens"].to_numpy().astype(np.int64)
 
 
+@flags("packing", corpus_dir=flag("directory written by sample-corpus", name="--corpus"),
+       model_dir="a model directory whose tokenizer is used",
+       batch_documents=flag("documents tokenised at once", minimum=1))
 def pack_tokens(corpus_dir: str | os.PathLike, model_dir: str | os.PathLike, out: str | os.PathLike,
                 sequence_length: int = PackingSettings.sequence_length, token_budget: int = PackingSettings.token_budget,
                 boundary: Boundary = PackingSettings.boundary, batch_documents: int = 256) -> dict:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from hsconv.architectures import family_of_config
 from hsconv.errors import InputError
+from hsconv.flags import flag, flags, table_stem
 from hsconv.io import atomic_path, read_input_table, write_table
 from hsconv.models import MODEL_MANIFEST, load_model, save_hf
 from hsconv.settings import EarlyExitSettings
@@ -24,10 +25,15 @@ from hsconv.tables import with_kind
 log = logging.getLogger(__name__)
 
 
+@flags(keep_layers=flag("decoder layers to keep, from the first", minimum=1, required=False),
+       keep_fraction=flag("the fraction of the decoder layers to keep (rounded)", exclusiveMinimum=0, maximum=1),
+       out_dir=flag("model directory to write", name="--out"))
 def prune_model(model_dir: str | os.PathLike, keep_layers: int | None, out_dir: str | os.PathLike,
                 keep_fraction: float | None = None) -> Path:
     """Write ``out_dir``: the model of ``model_dir`` with only its first ``keep_layers`` decoder layers (or
     :func:`kept_layers` of ``keep_fraction``)."""
+    if (keep_layers is None) == (keep_fraction is None):
+        raise InputError("give one of them", "--keep-layers, --keep-fraction")
     loaded = load_model(model_dir)
     model, total = loaded.model, loaded.num_layers
     if keep_layers is None:
@@ -104,6 +110,10 @@ def pruned_against_lens(evaluation: pd.DataFrame, pruned: pd.DataFrame) -> pd.Da
     return merged
 
 
+@flags("early_exit", evaluation_path=flag("the gathered per-layer evaluation table (Parquet)", name="--evaluation"),
+       pruned_paths=flag("stock lm-eval tables of the pruned models", name="--pruned"),
+       exits_stem=flag("Parquet; .csv and .md are written beside it", name="--exits-out", type=table_stem),
+       pruned_stem=flag("Parquet; .csv and .md are written beside it", name="--pruned-out", type=table_stem))
 def tabulate_early_exit(evaluation_path: str | os.PathLike, pruned_paths: list[str], exits_stem: str | os.PathLike,
                         pruned_stem: str | os.PathLike, config_hash: str,
                         tolerances=EarlyExitSettings.tolerances) -> None:

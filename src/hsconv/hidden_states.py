@@ -21,9 +21,10 @@ import pandas as pd
 import torch
 
 from hsconv.errors import InputError
+from hsconv.flags import Device, flag, flags
 from hsconv.io import read_input_table, write_parquet
 from hsconv.models import LoadedModel
-from hsconv.names import Convention, Overflow, choices
+from hsconv.names import Convention, ModelDtype, Overflow, choices
 from hsconv.readout import final_norm_module, layer_states
 from hsconv.settings import HiddenStatesSettings
 
@@ -164,8 +165,9 @@ def _check_finite(states: list[torch.Tensor], mask: torch.Tensor, batch: int, na
                                      f"({str(state.dtype).removeprefix('torch.')}); {advice}")
 
 
+@flags("hidden_states", texts_path=flag("Parquet written by prepare-texts", name="--texts"))
 def dump_hidden_states(model_dir: str, texts_path: str, out: str | os.PathLike, variant: str = "base",
-                       dataset: str | None = None, dtype: str = "float32", device: str = "cpu",
+                       dataset: str | None = None, dtype: ModelDtype = "float32", device: Device = "cpu",
                        max_tokens: int | None = HiddenStatesSettings.max_tokens,
                        overflow: Overflow = HiddenStatesSettings.overflow,
                        batch_size: int = HiddenStatesSettings.batch_size,

@@ -25,6 +25,7 @@ import pandas as pd
 from scipy.stats import rankdata
 
 from hsconv.errors import InputError
+from hsconv.flags import flag, flags, table_stem
 from hsconv.io import read_input_table, read_provenance, write_table
 from hsconv.paired import paired_differences
 from hsconv.settings import MetricsSettings
@@ -176,9 +177,14 @@ def _pruning_rows(frame: pd.DataFrame, states: pd.DataFrame, model: str, variant
     return rows
 
 
+@flags("metrics", documents_paths=flag("layer-relevance outcomes per model and variant", name="--documents"),
+       layers_paths=flag("their per-layer sums", name="--layers"),
+       out_stem=flag("Parquet; .csv and .md are written beside it", name="--out", type=table_stem),
+       agreement_stem=flag("Parquet; .csv and .md are written beside it", name="--agreement-out", type=table_stem),
+       pruning_stem=flag("Parquet; .csv and .md are written beside it", name="--pruning-out", type=table_stem))
 def tabulate_layer_relevance(documents_paths: list[str], layers_paths: list[str], out_stem: str | os.PathLike,
                              agreement_stem: str | os.PathLike, pruning_stem: str | os.PathLike, config_hash: str,
-                             samples: int = MetricsSettings.bootstrap_samples,
+                             bootstrap_samples: int = MetricsSettings.bootstrap_samples,
                              confidence: float = MetricsSettings.confidence,
                              seed: int = MetricsSettings.seed) -> pd.DataFrame:
     """Read every model's and variant's outcomes and per-layer sums; write the three tables (Parquet, CSV, Markdown)."""
@@ -187,10 +193,10 @@ def tabulate_layer_relevance(documents_paths: list[str], layers_paths: list[str]
                                            made_by=made_by) for path in documents_paths], ignore_index=True)
     layers = pd.concat([read_input_table(path, "layer-relevance movement sums", ["model", "variant", "layer"],
                                          made_by=made_by) for path in layers_paths], ignore_index=True)
-    per_layer, agreement, pruning = relevance_tables(outcomes, layers, samples, confidence, seed)
+    per_layer, agreement, pruning = relevance_tables(outcomes, layers, bootstrap_samples, confidence, seed)
     measured = {f"{record['model']}/{record['variant']}": {key: record[key] for key in ("dtype", "device", "orders")}
                 for record in (read_provenance(path)["layer_relevance"] for path in documents_paths)}
-    metadata = {"layer_relevance": {"samples": samples, "confidence": confidence, "seed": seed,
+    metadata = {"layer_relevance": {"samples": bootstrap_samples, "confidence": confidence, "seed": seed,
                                     "config_hash": config_hash, "measured": measured}}
     write_table(per_layer, out_stem, metadata)
     write_table(agreement, agreement_stem, metadata)

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from hsconv.errors import InputError
+from hsconv.flags import flag, flags
 from hsconv.io import read_input_table, read_provenance, write_parquet
 from hsconv.settings import MetricsSettings
 
@@ -112,6 +113,7 @@ def read_hidden_state_dump(path: str | os.PathLike, model: str) -> pd.DataFrame:
     return tokens
 
 
+@flags("metrics", hidden_path=flag("the per-token table of dump-hidden-states", name="--hidden"))
 def compute_convergence(hidden_path: str, layers_out: str | os.PathLike, scores_out: str | os.PathLike,
                         model: str, variant: str, dataset: str, quantiles=MetricsSettings.quantiles,
                         bootstrap_samples: int = MetricsSettings.bootstrap_samples,
@@ -179,6 +181,8 @@ def _last_layer_ratio(movement_by_layer) -> np.ndarray:
     return movement[..., -1] / movement[..., -2]
 
 
+@flags("metrics", base_path=flag("the base model's per-token table", name="--base"),
+       variant_path=flag("the variant's per-token table", name="--hidden"))
 def compare_convergence(base_path: str, variant_path: str, out: str | os.PathLike, model: str, variant: str,
                         dataset: str, bootstrap_samples: int = MetricsSettings.bootstrap_samples,
                         confidence: float = MetricsSettings.confidence, seed: int = MetricsSettings.seed) -> None:

@@ -32,6 +32,7 @@ from hsconv.architectures import (
     model_type_of_gguf,
 )
 from hsconv.errors import InputError, check_device_available
+from hsconv.flags import flag, flags
 from hsconv.io import atomic_path
 from hsconv.names import ModelDtype, choices
 
@@ -190,6 +191,9 @@ def _check_local_dir(path: Path) -> None:
                                "give a directory written by `hsconv prepare-model` or `save_pretrained`")
 
 
+@flags(name="the model's name in the config", source="the model's source, as JSON",
+       out_dir=flag("model directory to write", name="--out"),
+       fold_final_norm_gain="move the final norm's gain into the LM head (the same function, another parametrisation)")
 def prepare_model(name: str, source: dict, out_dir: str | Path, fold_final_norm_gain: bool = False) -> Path:
     """Resolve ``source`` into the model directory ``out_dir`` (written atomically) and return it.
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from hsconv.errors import InputError
+from hsconv.flags import flag, flags, table_stem
 from hsconv.io import read_input_table, write_table
 from hsconv.settings import MetricsSettings
 from hsconv.tables import with_kind
@@ -71,14 +72,17 @@ def paired_differences(documents: pd.DataFrame, baseline: str = "base", samples:
     return pd.DataFrame(rows)
 
 
+@flags("metrics", paths=flag("per-document outcomes of evaluate-layers", name="--documents"),
+       out_stem=flag("Parquet; .csv and .md are written beside it", name="--out", type=table_stem))
 def tabulate_paired_differences(paths: list[str], out_stem: str | os.PathLike, config_hash: str,
-                                samples: int = MetricsSettings.bootstrap_samples,
+                                bootstrap_samples: int = MetricsSettings.bootstrap_samples,
                                 confidence: float = MetricsSettings.confidence,
                                 seed: int = MetricsSettings.seed) -> pd.DataFrame:
     """Read every model's and variant's per-document outcomes and write the paired table (Parquet, CSV, Markdown)."""
     documents = pd.concat([read_input_table(path, "per-document outcomes", ["model", "variant", "doc_id", "layer"],
                                             made_by="evaluate-layers") for path in paths], ignore_index=True)
-    table = paired_differences(documents, samples=samples, confidence=confidence, seed=seed)
-    settings = {"samples": samples, "confidence": confidence, "seed": seed, "config_hash": config_hash}
+    table = paired_differences(documents, samples=bootstrap_samples, confidence=confidence, seed=seed)
+    settings = {"samples": bootstrap_samples, "confidence": confidence, "seed": seed,
+                "config_hash": config_hash}
     write_table(table, out_stem, {"paired_bootstrap": settings})
     return table

@@ -14,6 +14,7 @@ import os
 import pandas as pd
 
 from hsconv.errors import InputError
+from hsconv.flags import flag, flags, table_stem
 from hsconv.io import read_input_table, write_table
 
 SEED_PREFIX = "distilled-seed-"
@@ -94,6 +95,10 @@ def difference_spread(paired: pd.DataFrame, seeds: dict[str, int]) -> pd.DataFra
     return pd.DataFrame(rows)
 
 
+@flags(paths=flag("compute-convergence scores, or paired-differences tables, of every seed", name="--tables"),
+       first_seed=flag("distill.seed", minimum=0), count=flag("distill.seeds", name="--seeds", minimum=2),
+       out_stem=flag("the Parquet table; .csv and .md are written beside it", name="--out", type=table_stem),
+       paired="the tables are paired differences from base (else convergence scores)")
 def tabulate_seeds(paths: list[str], first_seed: int, count: int, out_stem: str | os.PathLike,
                    config_hash: str, paired: bool = False) -> pd.DataFrame:
     """Read the seeds' convergence scores (or, with ``paired``, one paired-differences table holding every seed) and

@@ -24,9 +24,11 @@ import pandas as pd
 import torch
 
 from hsconv.errors import InputError
+from hsconv.flags import Device, flags
 from hsconv.hidden_states import FINAL_NORM_CONVENTIONS, movement
 from hsconv.io import write_parquet
 from hsconv.models import LoadedModel
+from hsconv.names import ModelDtype
 from hsconv.readout import layer_states, lens_states, readout
 from hsconv.settings import SentenceSettings
 
@@ -166,10 +168,12 @@ def _pca_table(convention: str, states: list[torch.Tensor], in_pca: list[int], t
     return frame
 
 
+@flags("sentence", lens_out="per position and layer: top-1 token, probability, D_l",
+       pca_out="per position and layer: the state's first 3 PCA coordinates")
 def trace_sentence_stage(model_dir: str, text: str, target: str, lens_out: str | os.PathLike,
                          pca_out: str | os.PathLike, model: str, variant: str,
                          pca_exclude_first: bool = SentenceSettings.pca_exclude_first,
-                         dtype: str = "float32", device: str = "cpu") -> None:
+                         dtype: ModelDtype = "float32", device: Device = "cpu") -> None:
     """Stage entry point: load the model, trace the sentence, write the two tables."""
     from hsconv.models import load_model
 

@@ -387,3 +387,9 @@ class DistillSettings:
     def to_dict(self) -> dict:
         return {**asdict(self.loss), **asdict(self.train)}
 
+
+
+# The config section each stage's settings come from (``@flags(section=...)`` of the stage functions).
+SECTIONS = {"corpus": CorpusSettings, "packing": PackingSettings, "hidden_states": HiddenStatesSettings,
+            "metrics": MetricsSettings, "evaluation": EvaluationSettings, "early_exit": EarlyExitSettings,
+            "layer_relevance": LayerRelevanceSettings, "sentence": SentenceSettings, "tuned_lens": TunedLensSettings}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from hsconv.io import write_table
-from hsconv.io import read_input_table
+from hsconv.flags import flag, flags, table_stem
+from hsconv.io import read_input_table, write_table
 
 
 def with_kind(table: pd.DataFrame) -> pd.DataFrame:
@@ -17,6 +17,8 @@ def with_kind(table: pd.DataFrame) -> pd.DataFrame:
     return table if "kind" in table.columns else table.assign(kind=table["task"])
 
 
+@flags(paths=flag(name="--inputs"), columns="keep and order these columns",
+       out_stem=flag("the Parquet table; .csv and .md are written beside it", name="--out", type=table_stem))
 def gather_tables(paths: list[str], out_stem: str | os.PathLike, config_hash: str, columns: list[str] | None = None,
                   ) -> pd.DataFrame:
     """Concatenate per-model tables into one result table (Parquet, CSV, Markdown) with the config hash."""

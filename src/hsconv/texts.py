@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 
 from hsconv.errors import InputError
+from hsconv.flags import flag, flags
 from hsconv.io import check_input_file, iter_jsonl, write_parquet
+from hsconv.names import Split, SubsetMode, TextKind
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +132,12 @@ def select_subset(count: int, size: int | None, mode: str, seed: int, skip: int 
     raise InputError(f"subset mode {mode!r} is not 'first' or 'sample'")
 
 
-def prepare_texts(name: str, kind: str, out: str | os.PathLike, path: str | None = None,
-                  hub_id: str | None = None, subset_size: int | None = None, subset_mode: str = "first",
-                  subset_seed: int = 0, subset_skip: int = 0, split: str = "test") -> pd.DataFrame:
+@flags(path="local file, used when it exists", hub_id="hub data set used when the local file does not exist",
+       subset_size=flag("documents to keep (none: all)", minimum=1), subset_seed=flag(minimum=0),
+       subset_skip=flag("documents passed over before the subset", minimum=0), split="validation or test text")
+def prepare_texts(name: str, kind: TextKind, out: str | os.PathLike, path: str | None = None,
+                  hub_id: str | None = None, subset_size: int | None = None, subset_mode: SubsetMode = "first",
+                  subset_seed: int = 0, subset_skip: int = 0, split: Split = "test") -> pd.DataFrame:
     """Read, subset and write one data set as Parquet (``document``, ``text``; LAMBADA adds ``context``, ``target``)."""
     texts, origin = read_texts(name, kind, path, hub_id, split)
     kept = [(index, text) for index, text in enumerate(texts) if text.strip()]

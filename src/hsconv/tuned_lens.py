@@ -24,8 +24,9 @@ import pandas as pd
 import torch
 
 from hsconv.errors import InputError
-from hsconv.readout import decoder_states, lens_states, readout
+from hsconv.flags import Device, flag, flags
 from hsconv.io import atomic_path, write_parquet
+from hsconv.readout import decoder_states, lens_states, readout
 from hsconv.settings import TunedLensSettings
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,15 @@ def layer_kl(model_readout, target_logprob: torch.Tensor, state: torch.Tensor) -
     return (target_logprob.exp() * (target_logprob - logprob)).sum(-1).mean()
 
 
+@flags("tuned_lens", tokens_path=flag("packed sequences (pack-tokens)", name="--tokens"),
+       out_dir=flag("directory for the translators", name="--out"),
+       log_out="held-out KL per layer before and after, training KL (Parquet)")
 def train_tuned_lens(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_dir: str | os.PathLike,
                      log_out: str | os.PathLike, steps: int = TunedLensSettings.steps,
                      batch_size: int = TunedLensSettings.batch_size,
                      learning_rate: float = TunedLensSettings.learning_rate,
                      holdout_sequences: int = TunedLensSettings.holdout_sequences, seed: int = TunedLensSettings.seed,
-                     device: str = "cpu",
+                     device: Device = "cpu",
                      micro_batch_size: int | None = TunedLensSettings.micro_batch_size) -> pd.DataFrame:
     """Train the translators of the model in ``model_dir`` on the packed sequences in ``tokens_path`` (the last
     ``holdout_sequences`` held out) and write them to ``out_dir``; ``log_out`` gets each layer's held-out KL for the

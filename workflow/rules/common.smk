@@ -82,8 +82,12 @@ def model_setting(key):
     return setting
 
 
+def model_label(name):
+    return config["models"][name].get("label", name)
+
+
 def model_labels(names):
-    return " ".join(shell_quoted(f"{name}={config['models'][name].get('label', name)}") for name in names)
+    return " ".join(shell_quoted(f"{name}={model_label(name)}") for name in names)
 
 
 def dataset_setting(key):

@@ -91,7 +91,7 @@ rule tabulate_seeds:
     benchmark: "results/benchmarks/tabulate_seeds.tsv"
     conda: "../../envs/torch.yaml"
     shell:
-        "hsconv tabulate-seeds --convergence {input} --first-seed {params.first_seed} --seeds {params.seeds}"
+        "hsconv tabulate-seeds --tables {input} --first-seed {params.first_seed} --seeds {params.seeds}"
         " --out {output.parquet} --config-hash {params.config_hash} > {log} 2>&1"
 
 

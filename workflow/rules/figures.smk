@@ -74,7 +74,8 @@ rule plot_fig7:
         pdf=report("results/figures/fig7.pdf", caption="../report/fig7.rst", category="Figures"),
         png="results/figures/fig7.png",
     params:
-        model=figure_models("fig7"),
+        model=lambda wildcards: figure_config("fig7")["model"],
+        label=lambda wildcards: shell_quoted(model_label(figure_config("fig7")["model"])),
         variants=" ".join(VARIANTS),
         final_norm=figure_setting("final_norm", "fig7"),
         code=code_fingerprint("hsconv.figures.lens_heatmap"),
@@ -83,4 +84,4 @@ rule plot_fig7:
     conda: "../../envs/plot.yaml"
     shell:
         "hsconv plot-lens-heatmap --table {input} --pdf {output.pdf} --png {output.png} --model {params.model}"
-        " --variants {params.variants} --final-norm {params.final_norm} > {log} 2>&1"
+        " --label {params.label} --variants {params.variants} --final-norm {params.final_norm} > {log} 2>&1"

@@ -50,5 +50,5 @@ rule tabulate_output_seeds:
     benchmark: "results/benchmarks/tabulate_output_seeds.tsv"
     conda: "../../envs/torch.yaml"
     shell:
-        "hsconv tabulate-seeds --paired {input} --first-seed {params.first_seed} --seeds {params.seeds}"
+        "hsconv tabulate-seeds --tables {input} --paired --first-seed {params.first_seed} --seeds {params.seeds}"
         " --out {output.parquet} --config-hash {params.config_hash} > {log} 2>&1"

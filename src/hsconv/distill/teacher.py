@@ -24,10 +24,12 @@ import torch
 from hsconv.corpus import read_sequences
 from hsconv.distill.loss import TopKTarget, top_k_target
 from hsconv.errors import InputError
-from hsconv.readout import decoder_states, readout
+from hsconv.flags import Device, flag, flags
 from hsconv.io import atomic_path, sha256_file
 from hsconv.models import context_length, load_model
+from hsconv.names import TrainingPrecision
 from hsconv.precision import resolve_precision
+from hsconv.readout import decoder_states, readout
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,13 @@ class TeacherCacheError(InputError):
     """A cache that does not belong to the model, rows or settings it is used with; the message says which."""
 
 
+@flags(tokens_path=flag("packed tokens (Parquet) from pack-tokens", name="--tokens"),
+       out_dir=flag("cache directory to write", name="--out"), top_k=flag("tokens kept per position", minimum=1),
+       batch_size=flag(minimum=1),
+       dtype="the frozen model's precision (auto: bfloat16 where this device multiplies it natively)")
 def write_teacher_cache(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_dir: str | os.PathLike,
-                        top_k: int, batch_size: int = 8, dtype: str = "float32", device: str = "cpu") -> dict:
+                        top_k: int, batch_size: int = 8, dtype: TrainingPrecision = "float32",
+                        device: Device = "cpu") -> dict:
     """Run the frozen model once over every packed row and keep its top-k distribution per position.
 
     The distribution is formed as the trainer forms q_target (the decoder's last normalised state through the LM

@@ -28,7 +28,7 @@ from hsconv.distill.loss import LossTerms, layer_weights
 from hsconv.distill.objective import SelfDistillation
 from hsconv.errors import check_device_available
 from hsconv.faults import TrainingFaults
-from hsconv.readout import final_norm_module
+from hsconv.flags import Device, flag, flags
 from hsconv.io import atomic_path, sha256_file, stable_hash, write_parquet
 from hsconv.models import (
     MODEL_MANIFEST,
@@ -38,6 +38,7 @@ from hsconv.models import (
     read_manifest,
 )
 from hsconv.precision import resolve_precision
+from hsconv.readout import final_norm_module
 from hsconv.settings import DistillSettings, LossSettings, TrainingError, TrainSettings  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
@@ -250,9 +251,17 @@ class _Plan:
     cache: TeacherCache | None  # the frozen model's top-k, read instead of recomputed
 
 
+@flags(model_dir="the pretrained model directory (student and target)",
+       tokens_path=flag("packed tokens (Parquet) from pack-tokens", name="--tokens"),
+       out_dir=flag("model directory to write", name="--out"), log_out="per-step training log (Parquet)",
+       layers_out="per-step, per-layer KL and hidden-state steps (Parquet)",
+       checkpoint_dir=flag("DeepSpeed checkpoint directory (resumed from)", name="--checkpoints"),
+       settings="the config's distill section, as JSON", name="the model's name, for logs and messages",
+       teacher_cache="read the frozen model's distribution from this cache (cache-teacher; needs teacher_top_k in "
+                     "--settings) instead of running the frozen model")
 def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_dir: str | os.PathLike,
             log_out: str | os.PathLike, layers_out: str | os.PathLike, checkpoint_dir: str | os.PathLike,
-            settings: DistillSettings, device: str = "cpu", name: str | None = None,
+            settings: DistillSettings, device: Device = "cpu", name: str | None = None,
             teacher_cache: str | os.PathLike | None = None) -> dict:
     """Train, save the distilled model to ``out_dir`` and the per-step and per-layer logs; returns a summary.
 

@@ -28,6 +28,7 @@ import torch
 from hsconv.architectures import family_of_config
 from hsconv.errors import InputError
 from hsconv.evaluation.lens_model import LogitLensLM
+from hsconv.flags import Datasets, Device, Limits, flag, flags
 from hsconv.hidden_states import movement
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,11 @@ def _evaluate(lm: LayerSkipLM, tasks: dict, configurations: list[Configuration],
                 for instance, response, its_keys in zip(group, responses, keys, strict=True):
                     instance.resps = [response]
                     keys_by_document.setdefault(instance.doc_id, []).extend(its_keys)
-            _, per_document = document_metrics(task, set(keys_by_document))
+            by_filter = document_metrics(task, set(keys_by_document))
+            if len(by_filter) != 1:  # a document's outcome is one row: which filter's would be a choice to make
+                raise InputError(f"task {name!r} has {len(by_filter)} filters ({', '.join(by_filter)}); the "
+                                 "layer-relevance study scores tasks with one")
+            (per_document,) = by_filter.values()
             for doc_id, metrics in per_document:
                 scored = [lm.scored(key) for key in keys_by_document[doc_id]]
                 outcomes.append({"configuration": configuration_name(configuration),
@@ -303,10 +308,15 @@ def _evaluate(lm: LayerSkipLM, tasks: dict, configurations: list[Configuration],
     return outcomes, layer_rows
 
 
-def measure_layer_relevance(model_dir: str, datasets: dict[str, tuple[str, str]], documents_out: str,
+@flags("layer_relevance", datasets=flag("texts written by prepare-texts; KIND is lambada or wikitext",
+                                       name="--dataset", metavar="NAME=KIND=PARQUET"),
+       limits=flag("only the first N documents of a data set", name="--limit", metavar="NAME=N"),
+       documents_out="each document's outcome per configuration (Parquet)",
+       layers_out="the intact model's per-layer sums per document (Parquet)")
+def measure_layer_relevance(model_dir: str, datasets: Datasets, documents_out: str,
                             layers_out: str, model: str, variant: str, prune_max_layers: int = 8,
                             batch_tokens: int = 8192, window_tokens: int | None = None, precision: str = "float32",
-                            device: str = "cpu", limits: dict[str, int] | None = None) -> dict:
+                            device: Device = "cpu", limits: Limits | None = None) -> dict:
     """Stage entry point: every block removed alone, then the greedy prunings, on ``datasets``
     ({name: (kind, texts parquet)}) through lm-eval's stock tasks; writes each document's outcome per configuration
     (``documents_out``) and the intact model's per-layer movement and norm sums per document (``layers_out``).

@@ -23,7 +23,9 @@ from pathlib import Path
 import pandas as pd
 
 from hsconv.errors import InputError
+from hsconv.flags import Datasets, Device, Limits, flag, flags
 from hsconv.io import atomic_path, read_input_table, write_parquet
+from hsconv.names import ModelDtype
 from hsconv.settings import EvaluationSettings
 
 log = logging.getLogger(__name__)
@@ -115,21 +117,23 @@ def _task_metrics(tasks: dict, bootstrap_iters: int, log_samples: bool) -> dict:
 
     results = {"results": {}, "n-samples": {}, "configs": {}, "versions": {}, "samples": {}}
     for name, task in tasks.items():
-        filter_key, per_document = document_metrics(task)
-        raw, samples = {}, []
-        for doc_id, metrics in per_document:
-            for metric, value in metrics.items():
-                raw.setdefault(metric, []).append(value)
-            if log_samples:
-                samples.append({"doc_id": doc_id, **metrics})
-        values = {}
-        for metric, items in raw.items():
-            aggregate = task.aggregation()[metric]
-            values[f"{metric},{filter_key}"] = aggregate(items)
-            stderr = stderr_for_metric(aggregate, bootstrap_iters) if bootstrap_iters > 0 else None
-            values[f"{metric}_stderr,{filter_key}"] = stderr(items) if stderr and len(items) > 1 else "N/A"
+        by_filter = document_metrics(task)
+        values, samples, count = {}, [], 0
+        for filter_key, per_document in by_filter.items():  # every filter's metrics, as lm-eval reports them
+            raw = {}
+            for doc_id, metrics in per_document:
+                for metric, value in metrics.items():
+                    raw.setdefault(metric, []).append(value)
+                if log_samples:  # the stock tasks have one filter ("none"); several are told apart
+                    samples.append({"doc_id": doc_id, **({"filter": filter_key} if len(by_filter) > 1 else {}),
+                                    **metrics})
+            for metric, items in raw.items():
+                aggregate = task.aggregation()[metric]
+                values[f"{metric},{filter_key}"] = aggregate(items)
+                stderr = stderr_for_metric(aggregate, bootstrap_iters) if bootstrap_iters > 0 else None
+                values[f"{metric}_stderr,{filter_key}"] = stderr(items) if stderr and len(items) > 1 else "N/A"
+            count = max([count, *(len(items) for items in raw.values())])
         config = dict(task.dump_config())
-        count = max(len(items) for items in raw.values())
         results["results"][name] = {"alias": config.get("task_alias", name), **values}
         results["n-samples"][name] = {"original": len(task.eval_docs), "effective": count}
         results["configs"][name] = config
@@ -138,16 +142,17 @@ def _task_metrics(tasks: dict, bootstrap_iters: int, log_samples: bool) -> dict:
     return results
 
 
-def document_metrics(task, doc_ids: set[int] | None = None) -> tuple[str, list[tuple[int, dict]]]:
-    """The task's filter and each document's metrics (``process_results``) from the responses now in its instances,
-    in the task's document order; only the documents in ``doc_ids`` where given."""
+def document_metrics(task, doc_ids: set[int] | None = None) -> dict[str, list[tuple[int, dict]]]:
+    """Per filter of the task (lm-eval runs each on the responses), each document's metrics (``process_results``)
+    from the responses now in its instances, in the task's document order; only the documents in ``doc_ids`` where
+    given."""
     task.apply_filters()
     by_document = _instances_by_document(task.instances)
-    (filter_key,) = task.instances[0].filtered_resps  # the stock tasks have one filter, "none"
-    return filter_key, [(doc_id, task.process_results(doc, [instance.filtered_resps[filter_key]
-                                                            for instance in by_document[doc_id]]))
-                        for doc_id, doc in task.doc_iterator(rank=0, world_size=1)
-                        if doc_ids is None or doc_id in doc_ids]
+    return {filter_key: [(doc_id, task.process_results(doc, [instance.filtered_resps[filter_key]
+                                                             for instance in by_document[doc_id]]))
+                         for doc_id, doc in task.doc_iterator(rank=0, world_size=1)
+                         if doc_ids is None or doc_id in doc_ids]
+            for filter_key in task.instances[0].filtered_resps}
 
 
 def _instances_by_document(instances) -> dict[int, list]:
@@ -178,11 +183,20 @@ def tidy_results(results: dict, layer: int, task_names: dict[str, str], kinds: d
     return rows
 
 
-def evaluate_per_layer(model_dir: str | os.PathLike, datasets: dict[str, tuple[str, str]], out: str | os.PathLike,
+@flags("evaluation", datasets=flag("evaluation texts written by prepare-texts; KIND is lambada or wikitext",
+                                  name="--dataset", metavar="NAME=KIND=PARQUET"),
+       limits=flag("evaluate only the first N documents of a data set", name="--limit", metavar="NAME=N"),
+       out="tidy per-layer table (Parquet)", json_out="lm-eval's results for every exit (JSON)",
+       documents_out="every document's outcome per exit (Parquet)",
+       stock="lm-eval's own HFLM on the model's output (one exit), e.g. for a pruned model",
+       tuned_lens="translators of train-tuned-lens in front of each exit",
+       output_only="the model's output alone, through the lens: stock lm-eval's numbers, memory-bounded")
+def evaluate_per_layer(model_dir: str | os.PathLike, datasets: Datasets, out: str | os.PathLike,
                        json_out: str | os.PathLike, model: str, variant: str,
                        layers: tuple[int, ...] | None = EvaluationSettings.layers,
-                       batch_size: int = EvaluationSettings.batch_size, dtype: str = "float32", device: str = "cpu",
-                       bootstrap_iters: int = EvaluationSettings.bootstrap_iters, limits: dict[str, int] | None = None,
+                       batch_size: int = EvaluationSettings.batch_size, dtype: ModelDtype = "float32",
+                       device: Device = "cpu",
+                       bootstrap_iters: int = EvaluationSettings.bootstrap_iters, limits: Limits | None = None,
                        documents_out: str | os.PathLike | None = None, stock: bool = False,
                        tuned_lens: str | os.PathLike | None = None, output_only: bool = False) -> pd.DataFrame:
     """Evaluate every exit (or ``layers``) on ``datasets`` ({name: (kind, texts parquet)}), each cut to its first
@@ -295,6 +309,8 @@ def document_outcomes(results: dict, layer: int, task_names: dict[str, str], kin
     rows = []
     for name, task in task_names.items():
         for sample in results["samples"][task]:
+            if "filter" in sample:  # a document's outcome is one row: which filter's would be a choice to make
+                raise InputError(f"task {task!r} has several filters; per-document outcomes need one")
             rows.append({"task": name, "kind": kinds[name], "layer": layer, "doc_id": int(sample["doc_id"]),
                          **outcome_fields(sample)})
     return rows

@@ -6,10 +6,12 @@ import os
 
 import matplotlib.pyplot as plt
 
-from hsconv.errors import InputError
 from hsconv.ablations import REFERENCE
+from hsconv.errors import InputError
 from hsconv.figures.style import apply_style, model_colour, save_figure
+from hsconv.flags import Labels, flag, flags
 from hsconv.io import read_input_table
+from hsconv.names import Convention
 
 FACTOR_LABELS = {"alpha": "α = {}", "output_kl_weight": "β = {}", "k": "k = {}", "kl_direction": "KL {}", "movement_convention": "$h_L$ {}",
                  "zeta2_measure": "ζ2 step {}", "zeta2_penalty": "ζ2 on each {}"}
@@ -35,8 +37,10 @@ def reference_description(row) -> str:
             f"$h_L$ {VALUE_LABELS.get(row.movement_convention, row.movement_convention)}")
 
 
+@flags(table_path=flag("the ablation table", name="--table"), pdf_out=flag(name="--pdf"),
+       png_out=flag(name="--png"), models=flag("NAME=LABEL, in order", name="--model"))
 def plot_ablations(table_path: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
-                   models: dict[str, str], final_norm: str = "pre_norm") -> plt.Figure:
+                   models: Labels, final_norm: Convention = "pre_norm") -> plt.Figure:
     """Three panels per model: S_model (its bootstrap interval), D_L, and the LAMBADA accuracy difference from the
     reference (paired bootstrap interval); the reference's value is the dashed line in each."""
     table = read_input_table(table_path, "ablation table", made_by="tabulate-variants")

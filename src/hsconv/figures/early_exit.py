@@ -6,16 +6,20 @@ import os
 
 import matplotlib.pyplot as plt
 
-from hsconv.errors import InputError
 from hsconv.early_exit import QUALITY_METRICS
-from hsconv.tables import with_kind
+from hsconv.errors import InputError
 from hsconv.figures.per_layer import METRIC_LABELS, TASK_LABELS, off_scale_exits
 from hsconv.figures.style import apply_style, model_colour, save_figure, variant_label, variant_style
+from hsconv.flags import Labels, flag, flags
 from hsconv.io import read_input_table
+from hsconv.tables import with_kind
 
 
+@flags(evaluation_path=flag("the gathered per-layer evaluation table (Parquet)", name="--evaluation"),
+       exits_path=flag("the early-exit table", name="--exits"), pdf_out=flag(name="--pdf"), png_out=flag(name="--png"),
+       models=flag("NAME=LABEL, in order", name="--model"), tolerance=flag(minimum=0, maximum=1))
 def plot_early_exit(evaluation_path: str | os.PathLike, exits_path: str | os.PathLike, pdf_out: str | os.PathLike,
-                    png_out: str | os.PathLike, models: dict[str, str], tolerance: float = 0.05) -> plt.Figure:
+                    png_out: str | os.PathLike, models: Labels, tolerance: float = 0.05) -> plt.Figure:
     """One column per model, one row per task; the shallowest exit within ``tolerance`` of the full model is starred
     (its layer comes from the early-exit table)."""
     evaluation = read_input_table(evaluation_path, "per-layer evaluation", made_by="gather-tables")

@@ -9,11 +9,15 @@ import matplotlib.pyplot as plt
 from hsconv.errors import InputError
 from hsconv.figures.ablations import VALUE_LABELS, setting_label
 from hsconv.figures.style import apply_style, model_colour, save_figure
+from hsconv.flags import Labels, flag, flags
 from hsconv.io import read_input_table
+from hsconv.names import Convention
 
 
+@flags(table_path=flag("the recipes table", name="--table"), pdf_out=flag(name="--pdf"),
+       png_out=flag(name="--png"), models=flag("NAME=LABEL, in order", name="--model"))
 def plot_frontier(table_path: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
-                  models: dict[str, str], final_norm: str = "pre_norm") -> plt.Figure:
+                  models: Labels, final_norm: Convention = "pre_norm") -> plt.Figure:
     """Each setting of a recipes (or ablations) table as a point: its LAMBADA accuracy difference from the table's
     baseline (paired interval) across, S_model (bootstrap interval) up; the pretrained model is the point at zero
     when it is the baseline. A setting up and to the right of another is better on both."""

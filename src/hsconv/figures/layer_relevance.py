@@ -10,6 +10,7 @@ from matplotlib.ticker import MaxNLocator
 from hsconv.errors import InputError
 from hsconv.figures.per_layer import TASK_LABELS
 from hsconv.figures.style import PALETTE, apply_style, save_figure, variant_label, variant_style
+from hsconv.flags import Labels, flag, flags
 from hsconv.io import read_input_table
 
 METRIC_CHANGE_LABELS = {"acc": "accuracy change (points)", "word_perplexity": "word perplexity change (%)"}
@@ -17,8 +18,10 @@ ORDER_LABELS = {"block_influence": "smallest block influence (ShortGPT)", "remov
 ORDER_MARKERS = {"block_influence": "o", "removal_kl": "s"}
 
 
+@flags(table_path=flag(name="--table"), pruning_path=flag(name="--pruning"), pdf_out=flag(name="--pdf"),
+       png_out=flag(name="--png"), models=flag("NAME=LABEL, in order", name="--model"))
 def plot_layer_relevance(table_path: str | os.PathLike, pruning_path: str | os.PathLike, pdf_out: str | os.PathLike,
-                         png_out: str | os.PathLike, models: dict[str, str]) -> plt.Figure:
+                         png_out: str | os.PathLike, models: Labels) -> plt.Figure:
     """One column per model. Rows: D_l per block (the first data set); the KL of the intact model's output to the
     output with block l removed, with its bootstrap band, per data set (log scale); then, per data set, the metric's
     change when the n least relevant blocks by each order are removed together (held-out documents)."""

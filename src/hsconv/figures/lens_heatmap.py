@@ -17,7 +17,9 @@ from matplotlib.gridspec import GridSpec
 
 from hsconv.errors import InputError
 from hsconv.figures.style import apply_style, model_colour, save_figure, variant_style
+from hsconv.flags import flag, flags
 from hsconv.io import read_input_table
+from hsconv.names import Convention
 
 CONVENTION_LABELS = {"hf": "last state after the final norm", "pre_norm": "last state before the final norm"}
 HEATMAP_COLOURS = "Blues"
@@ -30,8 +32,11 @@ def readable_token(text: str) -> str:
     return text if len(text) <= MAX_TOKEN_CHARS else text[:MAX_TOKEN_CHARS - 1] + "…"
 
 
+@flags(table_path=flag("the gathered sentence logit-lens table (Parquet)", name="--table"),
+       pdf_out=flag(name="--pdf"), png_out=flag(name="--png"), label="the model's label in the title")
 def plot_lens_heatmap(table_path: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
-                      model: str, label: str, variants: list[str], final_norm: str, title: str = "Fig. 7"):
+                      model: str, label: str, variants: list[str], final_norm: Convention = "hf",
+                      title: str = "Fig. 7"):
     """Returns the (closed) figure; heatmap ``i`` is axes ``i`` and holds its probabilities as an image."""
     full = read_input_table(table_path, "sentence logit-lens table", made_by="gather-tables")
     full = full[full["model"] == model]

@@ -8,14 +8,18 @@ import matplotlib.pyplot as plt
 
 from hsconv.errors import InputError
 from hsconv.figures.style import apply_style, model_colour, save_figure, variant_style
+from hsconv.flags import Labels, flag, flags
 from hsconv.io import read_input_table
+from hsconv.names import Convention
 
 DATASET_LABELS = {"lambada": "LAMBADA", "wikitext": "WikiText-2"}
 CONVENTION_LABELS = {"hf": "last state after the final norm", "pre_norm": "last state before the final norm"}
 
 
+@flags(layer_table=flag("the gathered layer-movement table (Parquet)", name="--table"), pdf_out=flag(name="--pdf"),
+       png_out=flag(name="--png"), models=flag("NAME=LABEL, in order", name="--model"))
 def plot_movement(layer_table: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
-                  models: dict[str, str], dataset: str, final_norm: str, title: str = "Fig. 3"):
+                  models: Labels, dataset: str, final_norm: Convention = "hf", title: str = "Fig. 3"):
     """``models`` maps each model name to its label, in panel order. Returns the (closed) figure."""
     table = read_input_table(layer_table, "layer-movement table", made_by="gather-tables")
     table = table[(table["dataset"] == dataset) & (table["final_norm"] == final_norm)]

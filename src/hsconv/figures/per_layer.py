@@ -9,6 +9,7 @@ import pandas as pd
 
 from hsconv.errors import InputError
 from hsconv.figures.style import apply_style, model_colour, save_figure, variant_label, variant_style
+from hsconv.flags import Labels, flag, flags
 from hsconv.io import read_input_table
 
 METRIC_LABELS = {
@@ -36,8 +37,10 @@ def off_scale_exits(panel: pd.DataFrame) -> pd.DataFrame:
     return panel[panel["layer"].isin(off)]
 
 
+@flags(table_path=flag("the gathered per-layer evaluation table (Parquet)", name="--table"),
+       pdf_out=flag(name="--pdf"), png_out=flag(name="--png"), models=flag("NAME=LABEL, in order", name="--model"))
 def plot_per_layer(table_path: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
-                   models: dict[str, str], task: str, metric: str, title: str):
+                   models: Labels, task: str, metric: str, title: str):
     table = read_input_table(table_path, "per-layer evaluation", made_by="gather-tables")
     table = table[(table["task"] == task) & (table["metric"] == metric)]
     missing = [name for name in models if name not in set(table["model"])]

@@ -8,9 +8,13 @@ import matplotlib.pyplot as plt
 
 from hsconv.errors import InputError
 from hsconv.figures.style import PALETTE, apply_style, save_figure
+from hsconv.flags import flag, flags
 from hsconv.io import read_input_table
 
 
+@flags(steps_path=flag("the per-step training log", name="--log"),
+       layers_path=flag("the per-step, per-layer log", name="--layers"), pdf_out=flag(name="--pdf"),
+       png_out=flag(name="--png"))
 def plot_training(steps_path: str | os.PathLike, layers_path: str | os.PathLike, pdf_out: str | os.PathLike,
                   png_out: str | os.PathLike, title: str) -> None:
     steps = read_input_table(steps_path, "training log", ["step"], made_by="distill").sort_values("step")

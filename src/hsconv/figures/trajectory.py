@@ -18,7 +18,9 @@ from matplotlib.colors import Normalize
 
 from hsconv.errors import InputError
 from hsconv.figures.style import apply_style, save_figure
+from hsconv.flags import Labels, flag, flags
 from hsconv.io import read_input_table
+from hsconv.names import Convention
 
 CONVENTION_LABELS = {"hf": "last state after the final norm", "pre_norm": "last state before the final norm"}
 AXES = ("pc1", "pc2", "pc3")
@@ -36,8 +38,10 @@ def mean_path(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.groupby("layer", sort=True)[list(AXES)].mean()
 
 
+@flags(table_path=flag("the gathered sentence PCA table (Parquet)", name="--table"), pdf_out=flag(name="--pdf"),
+       png_out=flag(name="--png"), models=flag("NAME=LABEL, in order", name="--model"))
 def plot_trajectory(table_path: str | os.PathLike, pdf_out: str | os.PathLike, png_out: str | os.PathLike,
-                    models: dict[str, str], variants: list[str], final_norm: str, title: str = "Fig. 4"):
+                    models: Labels, variants: list[str], final_norm: Convention = "hf", title: str = "Fig. 4"):
     """Returns the (closed) figure; the mean path of each panel is its first line."""
     table = read_input_table(table_path, "sentence PCA table", made_by="gather-tables")
     table = table[table["final_norm"] == final_norm]
