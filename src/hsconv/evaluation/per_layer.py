@@ -308,9 +308,10 @@ def document_outcomes(results: dict, layer: int, task_names: dict[str, str], kin
     corpus perplexity is exp(−Σ loglikelihood / Σ words), so documents resample as (loglikelihood, words) pairs)."""
     rows = []
     for name, task in task_names.items():
+        # a document's outcome is one row: which filter's would be a choice to make
+        if len({sample.get("filter") for sample in results["samples"][task]}) > 1:
+            raise InputError(f"task {task!r} has several filters; per-document outcomes need one")
         for sample in results["samples"][task]:
-            if "filter" in sample:  # a document's outcome is one row: which filter's would be a choice to make
-                raise InputError(f"task {task!r} has several filters; per-document outcomes need one")
             rows.append({"task": name, "kind": kinds[name], "layer": layer, "doc_id": int(sample["doc_id"]),
                          **outcome_fields(sample)})
     return rows
