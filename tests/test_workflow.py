@@ -611,15 +611,14 @@ def sample_one_job_per_rule(jobs: list[tuple[str, list[str]]], seed: int) -> dic
 
 
 def kill_and_rerun(reference: Path, killed: Path, markers: Path, targets: list[str],
-                   selection: dict[str, list[str]] | None = None, options: tuple[str, ...] = ()) -> list[dict]:
-    """Run ``targets`` in ``killed`` (with Snakemake ``options``) and the kill hook (every job, or the ``selection``)
-    until Snakemake finishes; check that nothing killed was taken for done and that the results equal
-    ``reference``'s; return the kills."""
+                   selection: dict[str, list[str]] | None = None) -> list[dict]:
+    """Run ``targets`` in ``killed`` with the kill hook (every job, or the ``selection``) until Snakemake finishes;
+    check that nothing killed was taken for done and that the results equal ``reference``'s; return the kills."""
     if selection is not None:
         (markers / KILL_SELECTION).write_text(json.dumps(
             {job: [str((killed / output).resolve()) for output in outputs] for job, outputs in selection.items()}))
     for attempt in range(15):
-        result = snakemake(killed, *targets, *options, "--keep-going", env={KILL_BEFORE_RENAME_ENV: str(markers)})
+        result = snakemake(killed, *targets, "--keep-going", env={KILL_BEFORE_RENAME_ENV: str(markers)})
         if result.returncode == 0:
             break
         assert "Error in rule" in result.stderr, result.stderr[-4000:]
@@ -630,7 +629,7 @@ def kill_and_rerun(reference: Path, killed: Path, markers: Path, targets: list[s
     assert kills and not any(kill["existed"] for kill in kills), kills
     assert not list((killed / "results").rglob("*.tmp")), "a killed writer's temporary folder was left behind"
     assert compare_results(reference, killed) > 100
-    assert planned_jobs(snakemake(killed, *targets, *options, "-n")) == set()
+    assert planned_jobs(snakemake(killed, *targets, "-n")) == set()
     return kills
 
 
@@ -658,38 +657,24 @@ def test_every_stage_killed_before_its_rename_then_rerun_from_scratch_gives_the_
 KILL_SAMPLE_SEED = int(os.environ.get("HSCONV_KILL_SAMPLE_SEED", random.SystemRandom().randrange(10**6)))
 
 
-# Without the mtime trigger, a job reruns only where its own outputs are missing (or its code, params or inputs'
-# names changed), not because an input it reads was rewritten with the same bytes.
-NO_MTIME_TRIGGER = ("--rerun-triggers", "code", "params", "input", "software-env")
-
-
 @pytest.mark.kill_sample
 def test_one_job_of_every_rule_killed_before_its_rename_then_rerun_gives_the_same_bytes(finished_run, tmp_path):
     """The sampled twin of the exhaustive test, for CI: the reference is the module's finished run (default target
-    and every study), copied; one job of every rule, drawn by a seed, loses its outputs and, rerun, SIGKILLs itself
-    just before it renames one of them into place; Snakemake is rerun until done and the results must equal the
-    reference's byte for byte. Only the drawn jobs run (the mtime trigger is off, so the jobs after them keep their
-    outputs, as they would after the same bytes), which keeps the test a fraction of a full run. Replay a failure
-    with HSCONV_KILL_SAMPLE_SEED=<the printed seed>."""
+    and every study); in a fresh folder one job of every rule, drawn by a seed, SIGKILLs itself just before it renames
+    one of its declared outputs into place; Snakemake is rerun until done and the results must equal the reference's
+    byte for byte. Replay a failure with HSCONV_KILL_SAMPLE_SEED=<the printed seed>."""
     print(f"kill sample seed: {KILL_SAMPLE_SEED} (HSCONV_KILL_SAMPLE_SEED replays it)")
-    fresh, killed, markers = tmp_path / "fresh", tmp_path / "killed", tmp_path / "kills"
-    for directory in (fresh, markers):
+    killed, markers = tmp_path / "killed", tmp_path / "kills"
+    for directory in (killed, markers):
         directory.mkdir()
         write_config(directory)
-    plan = snakemake(fresh, *EVERY_TARGET, "-n")
+    plan = snakemake(killed, *EVERY_TARGET, "-n")
     assert plan.returncode == 0, plan.stderr[-3000:]
     jobs = dry_run_jobs(plan)
     selection = sample_one_job_per_rule(jobs, KILL_SAMPLE_SEED)
     rules = {rule for rule, _ in jobs}
     assert len(selection) == len(rules) > 25, sorted(rules)
-    shutil.copytree(finished_run, killed, symlinks=True)  # copy2: the outputs keep their times
-    for outputs in selection.values():
-        for output in outputs:
-            path = killed / output
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    planned = planned_counts(snakemake(killed, *EVERY_TARGET, *NO_MTIME_TRIGGER, "-n"))
-    assert {rule: planned.get(rule) for rule in rules} == dict.fromkeys(rules, 1), planned  # the drawn jobs only
-    kills = kill_and_rerun(finished_run, killed, markers, EVERY_TARGET, selection, NO_MTIME_TRIGGER)
+    kills = kill_and_rerun(finished_run, killed, markers, EVERY_TARGET, selection)
     killed_rules = {kill["job"].split(":")[0] for kill in kills}
     assert killed_rules == rules, f"seed {KILL_SAMPLE_SEED}: never killed {sorted(rules - killed_rules)}"
 
