@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from conftest import REPO
+from hsconv.settings import SECTIONS
 
 SCHEMA_PATH = REPO / "workflow" / "schemas" / "config.schema.yaml"
 SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())
@@ -104,11 +105,8 @@ def test_an_unknown_key_anywhere_is_refused(tmp_path: Path):
             validate(config, str(SCHEMA_PATH))
 
 
-SETTINGS_SECTIONS = [("distill", "LossSettings"), ("distill", "TrainSettings"), ("tuned_lens", "TunedLensSettings"),
-                     ("corpus", "CorpusSettings"), ("packing", "PackingSettings"),
-                     ("hidden_states", "HiddenStatesSettings"), ("metrics", "MetricsSettings"),
-                     ("evaluation", "EvaluationSettings"), ("early_exit", "EarlyExitSettings"),
-                     ("sentence", "SentenceSettings"), ("layer_relevance", "LayerRelevanceSettings")]
+SETTINGS_SECTIONS = [("distill", "LossSettings"), ("distill", "TrainSettings"),
+                     *((section, settings_class.__name__) for section, settings_class in SECTIONS.items())]
 
 
 @pytest.mark.parametrize("section, settings", SETTINGS_SECTIONS)

@@ -68,8 +68,8 @@ def add_flags(parser: argparse.ArgumentParser, function: Callable) -> None:
         required = spec.pop("required", parameter.default is parameter.empty)
         default = None if parameter.default is parameter.empty else parameter.default
         options = _options(_annotation(function, parameter), bounds, required, default)
-        if default not in (None, False) and spec.get("help") is not None:
-            spec["help"] += f" (default: {default})" if spec["help"] else f"default: {default}"
+        if default not in (None, False):
+            spec["help"] = f"{spec['help']} (default: {default})" if spec.get("help") else f"default: {default}"
         parser.add_argument(name, dest=parameter.name, required=required,
                             **({} if required else {"default": default}), **{**options, **spec})
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # added by the `deepspeed` launcher

@@ -388,7 +388,6 @@ class DistillSettings:
         return {**asdict(self.loss), **asdict(self.train)}
 
 
-
 # The config section each stage's settings come from (``@flags(section=...)`` of the stage functions).
 SECTIONS = {"corpus": CorpusSettings, "packing": PackingSettings, "hidden_states": HiddenStatesSettings,
             "metrics": MetricsSettings, "evaluation": EvaluationSettings, "early_exit": EarlyExitSettings,

@@ -195,10 +195,11 @@ def model_tokens(wildcards):
     return f"results/data/tokens/{tokenizer}.parquet"
 
 
-def section_settings(section, settings_class, leave_out=()):
-    """A config section as its stage's `--settings`: the keys of the stage's settings dataclass, passed whole (the
-    section's other keys, such as which data sets, are the workflow's), less `leave_out`."""
-    names = {item.name for item in dataclasses.fields(settings_class)} - set(leave_out)
+def section_settings(section, leave_out=()):
+    """A config section as its stage's `--settings`: the keys of the section's settings dataclass
+    (`hsconv.settings.SECTIONS`), passed whole (the section's other keys, such as which data sets, are the
+    workflow's), less `leave_out`."""
+    names = {item.name for item in dataclasses.fields(settings.SECTIONS[section])} - set(leave_out)
     return shell_quoted(json.dumps({key: value for key, value in config[section].items() if key in names},
                                    sort_keys=True))
 

@@ -28,7 +28,7 @@ rule sample_corpus:
         directory("results/data/corpus"),
     params:
         source=json.dumps(config["corpus"]["source"], sort_keys=True),
-        settings=section_settings("corpus", settings.CorpusSettings),
+        settings=section_settings("corpus"),
         code=code_fingerprint("hsconv.corpus"),
     log: "results/logs/sample_corpus.log"
     benchmark: "results/benchmarks/sample_corpus.tsv"
@@ -46,7 +46,7 @@ rule pack_tokens:
     output:
         "results/data/tokens/{tokenizer}.parquet",
     params:
-        settings=section_settings("packing", settings.PackingSettings),
+        settings=section_settings("packing"),
         code=code_fingerprint("hsconv.corpus"),
     log: "results/logs/pack_tokens/{tokenizer}.log"
     benchmark: "results/benchmarks/pack_tokens/{tokenizer}.tsv"

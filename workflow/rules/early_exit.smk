@@ -27,7 +27,7 @@ use rule evaluate_layers as evaluate_pruned with:
         json="results/early_exit/{model}/{variant}/stock_lm_eval.json",
     params:
         exits="--stock",  # the pruned model under stock lm-eval (HFLM, its own output): what the lens claims there
-        settings=section_settings("evaluation", settings.EvaluationSettings, leave_out=["layers"]),  # one exit
+        settings=section_settings("evaluation", leave_out=["layers"]),  # one exit
     log: "results/logs/evaluate_pruned/{model}/{variant}.log"
     benchmark: "results/benchmarks/evaluate_pruned/{model}/{variant}.tsv"
 
@@ -46,7 +46,7 @@ rule tabulate_early_exit:
         pruned_csv="results/tables/pruned_vs_lens.csv",
         pruned_md="results/tables/pruned_vs_lens.md",
     params:
-        settings=section_settings("early_exit", settings.EarlyExitSettings),
+        settings=section_settings("early_exit"),
         config_hash=CONFIG_HASH,
         code=code_fingerprint("hsconv.early_exit"),
     log: "results/logs/tabulate_early_exit.log"
@@ -88,7 +88,7 @@ rule paired_differences:
                    category="Tables"),
         md="results/tables/paired_differences.md",
     params:
-        metrics=section_settings("metrics", settings.MetricsSettings),
+        metrics=section_settings("metrics"),
         config_hash=CONFIG_HASH,
         code=code_fingerprint("hsconv.paired"),
     log: "results/logs/paired_differences.log"

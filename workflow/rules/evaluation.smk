@@ -11,7 +11,7 @@ rule evaluate_layers:
     params:
         exits="",  # every exit through the lens; the rules reusing this one score a model's output alone
         datasets=evaluation_datasets(EVALUATED_DATASETS),
-        settings=section_settings("evaluation", settings.EvaluationSettings),
+        settings=section_settings("evaluation"),
         run=evaluation_args,
         code=code_fingerprint("hsconv.evaluation.per_layer"),
     log: "results/logs/evaluate_layers/{model}/{variant}.log",

@@ -32,7 +32,7 @@ rule trace_sentence:
         lens="results/sentence/{model}/{variant}/lens.parquet",
         pca="results/sentence/{model}/{variant}/pca.parquet",
     params:
-        settings=section_settings("sentence", settings.SentenceSettings),
+        settings=section_settings("sentence"),
         model=model_args,
         code=code_fingerprint("hsconv.sentence"),
     log: "results/logs/trace_sentence/{model}/{variant}.log"

@@ -8,7 +8,7 @@ rule dump_hidden_states:
     params:
         dtype=model_setting("dtype"),
         device=model_setting("device"),
-        settings=section_settings("hidden_states", settings.HiddenStatesSettings),
+        settings=section_settings("hidden_states"),
         code=code_fingerprint("hsconv.hidden_states"),
     log: "results/logs/dump_hidden_states/{model}/{variant}/{dataset}.log"
     benchmark: "results/benchmarks/dump_hidden_states/{model}/{variant}/{dataset}.tsv"

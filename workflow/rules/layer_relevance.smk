@@ -9,7 +9,7 @@ rule measure_layer_relevance:
         layers="results/layer_relevance/{model}/{variant}/layers.parquet",
     params:
         datasets=evaluation_datasets(RELEVANCE_DATASETS, section="layer_relevance"),
-        settings=section_settings("layer_relevance", settings.LayerRelevanceSettings),
+        settings=section_settings("layer_relevance"),
         device=model_setting("device"),
         code=code_fingerprint("hsconv.evaluation.layer_skip"),
     log: "results/logs/measure_layer_relevance/{model}/{variant}.log"
@@ -39,7 +39,7 @@ rule tabulate_layer_relevance:
                     *expand("results/tables/{table}.{ext}", table=("layer_relevance_agreement", "layer_pruning"),
                             ext=("csv", "md"))],
     params:
-        metrics=section_settings("metrics", settings.MetricsSettings),
+        metrics=section_settings("metrics"),
         config_hash=CONFIG_HASH,
         code=code_fingerprint("hsconv.layer_relevance"),
     log: "results/logs/tabulate_layer_relevance.log"

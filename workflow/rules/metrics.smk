@@ -6,7 +6,7 @@ rule compute_convergence:
         layers="results/metrics/{model}/{variant}/{dataset}/layer_movement.parquet",
         scores="results/metrics/{model}/{variant}/{dataset}/convergence.parquet",
     params:
-        metrics=section_settings("metrics", settings.MetricsSettings),
+        metrics=section_settings("metrics"),
         code=code_fingerprint("hsconv.metrics"),
     log: "results/logs/compute_convergence/{model}/{variant}/{dataset}.log"
     benchmark: "results/benchmarks/compute_convergence/{model}/{variant}/{dataset}.tsv"
@@ -26,7 +26,7 @@ rule compare_convergence:
     output:
         "results/metrics/{model}/{variant}/{dataset}/convergence_paired.parquet",
     params:
-        metrics=section_settings("metrics", settings.MetricsSettings),
+        metrics=section_settings("metrics"),
         code=code_fingerprint("hsconv.metrics"),
     log: "results/logs/compare_convergence/{model}/{variant}/{dataset}.log"
     benchmark: "results/benchmarks/compare_convergence/{model}/{variant}/{dataset}.tsv"

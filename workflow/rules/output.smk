@@ -15,7 +15,7 @@ use rule evaluate_layers as evaluate_output with:
         # Through the lens at the output exit alone: stock lm-eval's numbers (tested request by request), without
         # stock HFLM's batch × window × vocabulary logits, which long WikiText articles cannot fit in memory.
         exits="--output-only",
-        settings=section_settings("evaluation", settings.EvaluationSettings, leave_out=["layers"]),  # one exit
+        settings=section_settings("evaluation", leave_out=["layers"]),  # one exit
         datasets=evaluation_datasets(OUTPUT_DATASETS, limited=False),  # the larger sets are evaluated whole
     log: "results/logs/evaluate_output/{model}/{variant}.log"
     benchmark: "results/benchmarks/evaluate_output/{model}/{variant}.tsv"

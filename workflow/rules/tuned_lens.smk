@@ -10,7 +10,7 @@ rule train_tuned_lens:
         lens=directory("results/tuned_lens/{model}/lens"),
         log="results/tuned_lens/{model}/training.parquet",
     params:
-        settings=section_settings("tuned_lens", settings.TunedLensSettings),
+        settings=section_settings("tuned_lens"),
         device=model_setting("device"),
         code=code_fingerprint("hsconv.tuned_lens"),
     log: "results/logs/train_tuned_lens/{model}.log"

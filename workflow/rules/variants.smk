@@ -13,7 +13,7 @@ use rule evaluate_layers as evaluate_stock with:
         documents="results/stock/{model}/{variant}/{dataset}/per_document.parquet",
     params:
         exits="--stock",
-        settings=section_settings("evaluation", settings.EvaluationSettings, leave_out=["layers"]),  # one exit
+        settings=section_settings("evaluation", leave_out=["layers"]),  # one exit
         datasets=lambda wildcards, input: evaluation_datasets([wildcards.dataset])(wildcards, input),
     log: "results/logs/evaluate_stock/{model}/{variant}/{dataset}.log"
     benchmark: "results/benchmarks/evaluate_stock/{model}/{variant}/{dataset}.tsv"
@@ -33,7 +33,7 @@ rule tabulate_ablations:
         study="ablations",
         settings=shell_quoted(json.dumps(TRAINING.ablation_settings, sort_keys=True)),
         variants=shell_quoted(json.dumps(TRAINING.ablations)),
-        metrics=section_settings("metrics", settings.MetricsSettings),
+        metrics=section_settings("metrics"),
         config_hash=CONFIG_HASH,
         code=code_fingerprint("hsconv.ablations"),
     log: "results/logs/tabulate_ablations.log"
@@ -59,7 +59,7 @@ use rule tabulate_ablations as tabulate_recipes with:
         study="recipes",
         settings=shell_quoted(json.dumps(TRAINING.recipe_settings, sort_keys=True)),
         variants=shell_quoted(json.dumps(TRAINING.recipes)),
-        metrics=section_settings("metrics", settings.MetricsSettings),
+        metrics=section_settings("metrics"),
         config_hash=CONFIG_HASH,
         code=code_fingerprint("hsconv.ablations"),
     log: "results/logs/tabulate_recipes.log"

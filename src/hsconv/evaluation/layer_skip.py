@@ -264,7 +264,7 @@ def _evaluate(lm: LayerSkipLM, tasks: dict, configurations: list[Configuration],
               with_layers: bool = False) -> tuple[list[dict], list[dict]]:
     """Each kept document's outcome under each configuration (lm-eval's metrics, and Σ KL to the intact model over
     its scored tokens); with ``with_layers``, the intact model's per-layer movement and norm sums per document."""
-    from hsconv.evaluation.per_layer import document_metrics, outcome_fields
+    from hsconv.evaluation.per_layer import document_metrics, only_filter, outcome_fields
 
     outcomes, layer_rows = [], []
     for configuration in configurations:
@@ -287,12 +287,7 @@ def _evaluate(lm: LayerSkipLM, tasks: dict, configurations: list[Configuration],
                 for instance, response, its_keys in zip(group, responses, keys, strict=True):
                     instance.resps = [response]
                     keys_by_document.setdefault(instance.doc_id, []).extend(its_keys)
-            by_filter = document_metrics(task, set(keys_by_document))
-            if len(by_filter) != 1:  # a document's outcome is one row: which filter's would be a choice to make
-                raise InputError(f"task {name!r} has {len(by_filter)} filters ({', '.join(by_filter)}); the "
-                                 "layer-relevance study scores tasks with one")
-            (per_document,) = by_filter.values()
-            for doc_id, metrics in per_document:
+            for doc_id, metrics in only_filter(document_metrics(task, set(keys_by_document)), name):
                 scored = [lm.scored(key) for key in keys_by_document[doc_id]]
                 outcomes.append({"configuration": configuration_name(configuration),
                                  "removed": ",".join(map(str, configuration)), "n_removed": len(configuration),

@@ -155,6 +155,16 @@ def document_metrics(task, doc_ids: set[int] | None = None) -> dict[str, list[tu
             for filter_key in task.instances[0].filtered_resps}
 
 
+def only_filter(by_filter: dict[str, list], task: str) -> list:
+    """The one filter's per-document metrics: a document's outcome is one row, and which of several filters it should
+    hold would be a choice to make."""
+    if len(by_filter) != 1:
+        raise InputError(f"task {task!r} has several filters ({', '.join(map(str, by_filter))}); per-document "
+                         "outcomes need one")
+    (per_document,) = by_filter.values()
+    return per_document
+
+
 def _instances_by_document(instances) -> dict[int, list]:
     """A task's instances by document, in request order (what ``process_results`` expects)."""
     grouped: dict[int, list] = {}
@@ -308,10 +318,9 @@ def document_outcomes(results: dict, layer: int, task_names: dict[str, str], kin
     corpus perplexity is exp(−Σ loglikelihood / Σ words), so documents resample as (loglikelihood, words) pairs)."""
     rows = []
     for name, task in task_names.items():
-        # a document's outcome is one row: which filter's would be a choice to make
-        if len({sample.get("filter") for sample in results["samples"][task]}) > 1:
-            raise InputError(f"task {task!r} has several filters; per-document outcomes need one")
-        for sample in results["samples"][task]:
+        samples = results["samples"][task]
+        only_filter({sample.get("filter"): samples for sample in samples}, task)
+        for sample in samples:
             rows.append({"task": name, "kind": kinds[name], "layer": layer, "doc_id": int(sample["doc_id"]),
                          **outcome_fields(sample)})
     return rows
