@@ -3,7 +3,8 @@
     python -m studies.reproduction --run . --out docs/findings/reproduction/summary
     python -m studies.reproduction --run . --no-main --studies ablations --out docs/findings/reproduction/validation
 
-A run is a workflow folder after ``snakemake --cores all all paired`` (its ``results/``). Every number is read from
+A run is a workflow folder after ``snakemake --cores all all paired`` (its ``results/``; with ``seeds`` and
+``output`` too where those ran). Every number is read from
 the tables and logs the workflow wrote; nothing is recomputed here:
 
 - ``s_base``, ``s_variant``, ``s_low``, ``s_high``: S_model and the variant's bootstrap interval (convergence table);
@@ -12,7 +13,10 @@ the tables and logs the workflow wrote; nothing is recomputed here:
   a jump that moved, shows here);
 - ``accuracy_diff``, ``accuracy_low``, ``accuracy_high``: LAMBADA accuracy at the output exit, variant − base in points
   with its 95% paired interval, on the LAMBADA set of the row's split; ``perplexity_ratio``: WikiText word perplexity
-  at the output exit, variant / base, on the WikiText set of the row's split (the per-layer evaluation's tables);
+  at the output exit, variant / base, on the WikiText set of the row's split. Read from the output study's table
+  (``snakemake output``: the larger sets, every seed) where it has the variant, else from the per-layer evaluation's
+  (``paired``: base and the first seed); ``accuracy_documents``, ``perplexity_documents`` say how many passages and
+  articles that was;
 - ``tokens``, ``job_seconds``: tokens trained on (the training log) and the distill job's wall-clock (Snakemake's
   benchmark file: start-up, checkpoints and saving included);
 - ``variant``: ``default`` for the config's distilled model, ``default-seed-<s>`` for its other seeds; ``loss``:
@@ -32,9 +36,10 @@ from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["variant", "loss", "seed", "split", "dataset", "convention", "tokens", "job_seconds", "s_base", "s_variant",
+COLUMNS = ["model", "variant", "loss", "seed", "split", "dataset", "convention", "tokens", "job_seconds", "s_base", "s_variant",
            "s_low", "s_high", "d_last_base", "d_last_variant", "d_prev_base", "d_prev_variant", "largest_rise_layer",
-           "largest_rise", "accuracy_diff", "accuracy_low", "accuracy_high", "perplexity_ratio"]
+           "largest_rise", "accuracy_diff", "accuracy_low", "accuracy_high", "perplexity_ratio", "accuracy_documents",
+           "perplexity_documents"]
 
 
 def loss_name(distill: dict) -> str:
@@ -74,11 +79,20 @@ def _scores(base: pd.Series, score: pd.Series) -> dict:
 
 
 def _accuracy(difference) -> dict:
-    """A paired accuracy difference in points (NaN where there is none)."""
+    """A paired accuracy difference in points and its passages (NaN where there is none)."""
     nan = float("nan")
-    return {"accuracy_diff": nan, "accuracy_low": nan, "accuracy_high": nan} if difference is None else {
-        "accuracy_diff": 100 * difference["difference"], "accuracy_low": 100 * difference["lower"],
-        "accuracy_high": 100 * difference["upper"]}
+    return {"accuracy_diff": nan, "accuracy_low": nan, "accuracy_high": nan, "accuracy_documents": nan} \
+        if difference is None else {
+            "accuracy_diff": 100 * difference["difference"], "accuracy_low": 100 * difference["lower"],
+            "accuracy_high": 100 * difference["upper"], "accuracy_documents": int(difference["n_documents"])}
+
+
+def _perplexity(difference) -> dict:
+    """Word perplexity at the output, variant / base, and its articles (NaN where there is none)."""
+    nan = float("nan")
+    return {"perplexity_ratio": nan, "perplexity_documents": nan} if difference is None else {
+        "perplexity_ratio": difference["variant_value"] / difference["baseline_value"],
+        "perplexity_documents": int(difference["n_documents"])}
 
 
 def reproduction_rows(run: Path) -> pd.DataFrame:
@@ -89,12 +103,18 @@ def reproduction_rows(run: Path) -> pd.DataFrame:
         return splits.setdefault(dataset, _split_of(results / "data" / "eval" / f"{dataset}.parquet"))
 
     convergence = pd.read_parquet(results / "tables" / "convergence.parquet")
-    paired = pd.read_parquet(results / "tables" / "paired_differences.parquet")
+    # the output study's larger sets first (every seed), then the per-layer evaluation's (base and the first seed)
+    tables = [results / "tables" / name for name in ("output_paired.parquet", "paired_differences.parquet")]
+    paired_tables = [pd.read_parquet(path) for path in tables if path.is_file()]
 
     def at_output(model, variant, kind, split, metric):
-        tasks = [task for task in paired.loc[paired["kind"] == kind, "task"].unique() if split_of(task) == split]
-        return next((row for row in (output_row(paired, model, variant, task, metric) for task in tasks)
-                     if row is not None), None)
+        for paired in paired_tables:
+            tasks = [task for task in paired.loc[paired["kind"] == kind, "task"].unique() if split_of(task) == split]
+            row = next((row for row in (output_row(paired, model, variant, task, metric) for task in tasks)
+                        if row is not None), None)
+            if row is not None:
+                return row
+        return None
 
     rows = []
     for (model, variant), scores in convergence[convergence["variant"] != "base"].groupby(["model", "variant"]):
@@ -103,12 +123,10 @@ def reproduction_rows(run: Path) -> pd.DataFrame:
             split = split_of(dataset)
             base = convergence[(convergence["model"] == model) & (convergence["variant"] == "base")
                                & (convergence["dataset"] == dataset) & (convergence["final_norm"] == convention)]
-            perplexity = at_output(model, variant, "wikitext", split, "word_perplexity")
-            rows.append({**training, "split": split, "dataset": dataset, "convention": convention,
+            rows.append({"model": model, **training, "split": split, "dataset": dataset, "convention": convention,
                          **_scores(base.iloc[0], score.iloc[0]),
                          **_accuracy(at_output(model, variant, "lambada", split, "acc")),
-                         "perplexity_ratio": (perplexity["variant_value"] / perplexity["baseline_value"]
-                                              if perplexity is not None else float("nan"))})
+                         **_perplexity(at_output(model, variant, "wikitext", split, "word_perplexity"))})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -134,8 +152,8 @@ def study_rows(run: Path, study: str) -> pd.DataFrame:
             for convention in ("hf", "pre_norm"):
                 base, score = (scores[name][scores[name]["final_norm"] == convention].iloc[0]
                                for name in ("base", variant))
-                rows.append({**training, "split": split, "dataset": dataset, "convention": convention,
-                             **_scores(base, score), **_accuracy(difference), "perplexity_ratio": float("nan")})
+                rows.append({"model": model, **training, "split": split, "dataset": dataset,
+                             "convention": convention, **_scores(base, score), **_accuracy(difference), **_perplexity(None)})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -74,6 +74,19 @@ def test_stock_tasks_keep_lm_evals_config_and_read_our_file(texts, tmp_path):
         assert config.dataset_path == "json" and len(list(loaded["tasks"][task_name].test_docs())) == count
 
 
+def test_stock_task_found_in_its_folder_is_the_one_lm_evals_full_index_names():
+    """Each stock task's YAML is looked up by indexing its folder alone; it must be the file that lm-eval's index of
+    every task names, and a folder that is not there falls back to that index."""
+    from lm_eval.tasks import TaskManager
+
+    from hsconv.evaluation.per_layer import STOCK_TASKS, _stock_task_entry
+
+    full_index = TaskManager().task_index
+    for stock, _, folder in STOCK_TASKS.values():
+        assert _stock_task_entry(stock, folder).yaml_path == full_index[stock].yaml_path, stock
+    assert _stock_task_entry("lambada_openai", "no_such_folder").yaml_path == full_index["lambada_openai"].yaml_path
+
+
 def test_last_exit_equals_stock_lm_eval(model_dir, task_dict):
     from lm_eval.models.huggingface import HFLM
 

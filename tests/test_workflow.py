@@ -292,6 +292,33 @@ def test_the_reproduction_summary_lists_the_choosing_studies_on_validation_text(
 
 
 @pytest.mark.slow
+def test_the_reproduction_summary_reads_the_output_study_first_and_the_per_layer_tables_otherwise(finished_run):
+    """studies.reproduction's main rows: S_model and D from the convergence table; the accuracy from the output study
+    (its larger sets) where it ran, the WikiText perplexity from the per-layer evaluation where the output study has no
+    WikiText set (as in the test preset), each with its document count."""
+    sys.path.insert(0, str(REPO))
+    from studies.reproduction import reproduction_rows
+
+    results = finished_run / "results"
+    rows = reproduction_rows(finished_run)
+    convergence = pd.read_parquet(results / "tables/convergence.parquet")
+    output = pd.read_parquet(results / "tables/output_paired.parquet")
+    per_layer = pd.read_parquet(results / "tables/paired_differences.parquet")
+    assert set(rows["variant"]) == {"default"} and set(rows["loss"]) == {"paper"}
+    assert len(rows) == (convergence["variant"] == "distilled").sum()
+    for row in rows.itertuples():
+        score = convergence[(convergence["model"] == row.model) & (convergence["variant"] == "distilled")
+                            & (convergence["dataset"] == row.dataset) & (convergence["final_norm"] == row.convention)]
+        assert (row.s_variant, row.d_last_variant) == (score["s_model"].item(), score["last_layer_movement"].item())
+        accuracy = output[(output["model"] == row.model) & (output["metric"] == "acc")].iloc[0]
+        assert (row.accuracy_diff, row.accuracy_documents) == (100 * accuracy["difference"], accuracy["n_documents"])
+        wikitext = per_layer[(per_layer["model"] == row.model) & (per_layer["metric"] == "word_perplexity")]
+        wikitext = wikitext[wikitext["layer"] == wikitext["layer"].max()].iloc[0]
+        assert row.perplexity_ratio == wikitext["variant_value"] / wikitext["baseline_value"]
+        assert row.perplexity_documents == wikitext["n_documents"]
+
+
+@pytest.mark.slow
 def test_the_main_distilled_model_is_the_reference_when_the_ablations_change_nothing_else(finished_run, tmp_path):
     shutil.copy(finished_run / "config.yaml", tmp_path / "saved.yaml")
     write_config(finished_run, lambda c: c["ablations"].update(distill={}))

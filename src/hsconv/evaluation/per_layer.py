@@ -30,8 +30,9 @@ from hsconv.settings import EvaluationSettings
 
 log = logging.getLogger(__name__)
 
-# Our data set kind -> (lm-eval's task, the document field its prompts read)
-STOCK_TASKS = {"lambada": ("lambada_openai", "text"), "wikitext": ("wikitext", "page")}
+# Our data set kind -> (lm-eval's task, the document field its prompts read, the folder under lm_eval/tasks that
+# holds its YAML: indexed alone, where indexing all ~10k task files would cost every evaluation job about 10 s)
+STOCK_TASKS = {"lambada": ("lambada_openai", "text", "lambada"), "wikitext": ("wikitext", "page", "wikitext")}
 METRICS = ("acc", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
@@ -59,12 +60,11 @@ def stock_tasks(data_files: dict[str, tuple[str, Path]], directory: Path) -> tup
     import yaml
     from lm_eval.tasks import TaskManager
 
-    stock_index = _stock_task_index()
     kinds = [kind for kind, _ in data_files.values()]
     task_names = {}
     for name, (kind, data_file) in data_files.items():
-        stock = STOCK_TASKS[kind][0]
-        entry = stock_index.get(stock)
+        stock, _, folder = STOCK_TASKS[kind]
+        entry = _stock_task_entry(stock, folder)
         if entry is None or getattr(entry, "yaml_path", None) is None:
             import lm_eval
 
@@ -75,17 +75,23 @@ def stock_tasks(data_files: dict[str, tuple[str, Path]], directory: Path) -> tup
                     "dataset_name": None, "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
                     "training_split": None, "validation_split": None, "test_split": "test", "fewshot_split": None}
         (directory / f"hsconv_{name}.yaml").write_text(yaml.safe_dump(override, sort_keys=False))
-    # Only our YAMLs are indexed here (the stock ones were, once per process): scanning lm-eval's ~10k task files
-    # takes about 10 s.
-    manager = TaskManager(include_path=str(directory), include_defaults=False)
+    manager = TaskManager(include_path=str(directory), include_defaults=False)  # our YAMLs only
     return manager.load(list(task_names.values())), task_names
 
 
-@functools.lru_cache(maxsize=1)
-def _stock_task_index() -> dict:
+@functools.lru_cache(maxsize=None)
+def _stock_task_entry(stock: str, folder: str):
+    """lm-eval's index entry of a stock task: its own folder indexed first (milliseconds), every task file of lm-eval
+    only where a version keeps it elsewhere (about 10 s)."""
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
-    return TaskManager().task_index
+    own_folder = Path(lm_eval.__file__).parent / "tasks" / folder
+    if own_folder.is_dir():
+        entry = TaskManager(include_path=str(own_folder), include_defaults=False).task_index.get(stock)
+        if entry is not None:
+            return entry
+    return TaskManager().task_index.get(stock)
 
 
 def evaluate_exits(lm, task_dict: dict, exits: list[int], bootstrap_iters: int, log_samples: bool):
