@@ -102,7 +102,7 @@ def reproduction_rows(run: Path) -> pd.DataFrame:
     def split_of(dataset: str) -> str:
         return splits.setdefault(dataset, _split_of(results / "data" / "eval" / f"{dataset}.parquet"))
 
-    convergence = pd.read_parquet(results / "tables" / "convergence.parquet")
+    convergence = _main_run_scores(results)
     # the output study's larger sets first (every seed), then the per-layer evaluation's (base and the first seed)
     tables = [results / "tables" / name for name in ("output_paired.parquet", "paired_differences.parquet")]
     paired_tables = [pd.read_parquet(path) for path in tables if path.is_file()]
@@ -128,6 +128,15 @@ def reproduction_rows(run: Path) -> pd.DataFrame:
                          **_accuracy(at_output(model, variant, "lambada", split, "acc")),
                          **_perplexity(at_output(model, variant, "wikitext", split, "word_perplexity"))})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _main_run_scores(results: Path) -> pd.DataFrame:
+    """The convergence table (base and the config's variants) and, from their own metrics, the main run's other seeds
+    (``distilled-seed-N``: ``snakemake seeds`` measures them but tabulates only their spread)."""
+    table = pd.read_parquet(results / "tables" / "convergence.parquet")
+    seeds = [pd.read_parquet(path) for path in sorted(results.glob("metrics/*/distilled-seed-*/*/convergence.parquet"))
+             if path.parent.name in set(table["dataset"])]
+    return pd.concat([table, *seeds], ignore_index=True)
 
 
 def study_rows(run: Path, study: str) -> pd.DataFrame:

@@ -55,8 +55,12 @@ def test_the_summary_takes_the_output_study_over_the_per_layer_tables_and_lists_
     pd.DataFrame({"s": [700.0]}).to_csv(results / "benchmarks/distill/m.tsv", sep="\t", index=False)
     pd.DataFrame({"s": [710.0]}).to_csv(results / "benchmarks/distill_variant/m/distilled-seed-1.tsv", sep="\t",
                                         index=False)
-    pd.DataFrame([_score("base", 0.74, 0.12), _score("distilled", 0.83, 0.06),
-                  _score("distilled-seed-1", 0.82, 0.065)]).to_parquet(results / "tables/convergence.parquet")
+    # the convergence table holds base and the config's variants; another seed's scores are its own metrics file
+    pd.DataFrame([_score("base", 0.74, 0.12), _score("distilled", 0.83, 0.06)]).to_parquet(
+        results / "tables/convergence.parquet")
+    (results / "metrics/m/distilled-seed-1/lambada").mkdir(parents=True)
+    pd.DataFrame([_score("distilled-seed-1", 0.82, 0.065)]).to_parquet(
+        results / "metrics/m/distilled-seed-1/lambada/convergence.parquet")
     pd.DataFrame([_paired_row("distilled", "lambada", "lambada", "acc", layer, 400, 0.3, 0.25, -0.05)
                   for layer in (3, 4)]
                  + [_paired_row("distilled", "wikitext", "wikitext", "word_perplexity", 4, 8, 30.0, 33.0, 3.0)]
@@ -70,6 +74,6 @@ def test_the_summary_takes_the_output_study_over_the_per_layer_tables_and_lists_
     assert rows.loc["default", ["seed", "tokens", "job_seconds", "s_variant"]].tolist() == [0, 1024, 700.0, 0.83]
     assert rows.loc["default", ["accuracy_diff", "accuracy_documents"]].tolist() == [pytest.approx(-3.0), 4153]
     assert rows.loc["default", ["perplexity_ratio", "perplexity_documents"]].tolist() == [pytest.approx(1.1), 8]
-    assert rows.loc["default-seed-1", ["seed", "job_seconds", "accuracy_diff"]].tolist() == [
-        1, 710.0, pytest.approx(-2.0)]
+    assert rows.loc["default-seed-1", ["seed", "job_seconds", "s_variant", "s_base", "accuracy_diff"]].tolist() == [
+        1, 710.0, 0.82, 0.74, pytest.approx(-2.0)]
     assert pd.isna(rows.loc["default-seed-1", "perplexity_ratio"])
