@@ -20,7 +20,12 @@ the tables and logs the workflow wrote; nothing is recomputed here:
 - ``tokens``, ``job_seconds``: tokens trained on (the training log) and the distill job's wall-clock (Snakemake's
   benchmark file: start-up, checkpoints and saving included);
 - ``variant``: ``default`` for the config's distilled model, ``default-seed-<s>`` for its other seeds; ``loss``:
-  ``paper`` where ζ2 is eq. 5 (every step, the relative squared step), else the departure's name.
+  ``paper`` where ζ2 is eq. 5 (every step, the relative squared step), else the departure's name; ``settings``: a
+  digest of the training settings other than the seed (rows that share it differ only in their seed).
+
+With ``--spread-out STEM``, also the spread over seeds: per (model, loss, settings, split, data set, convention) the
+mean and standard deviation over its seeds of S_model, D_L, D_{L-1}, the largest rise, the accuracy difference and
+the perplexity ratio.
 
 With ``--studies``, the choosing studies' models too (``snakemake ablations`` / ``recipes``): one row per ablation
 setting or recipe on the study's validation set (``ablation-<factor>-<value>``, ``recipe-<name>``), its accuracy
@@ -31,15 +36,16 @@ pairs against its reference instead); no perplexity (the studies evaluate LAMBAD
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
 import pandas as pd
 
-COLUMNS = ["model", "variant", "loss", "seed", "split", "dataset", "convention", "tokens", "job_seconds", "s_base", "s_variant",
-           "s_low", "s_high", "d_last_base", "d_last_variant", "d_prev_base", "d_prev_variant", "largest_rise_layer",
-           "largest_rise", "accuracy_diff", "accuracy_low", "accuracy_high", "perplexity_ratio", "accuracy_documents",
-           "perplexity_documents"]
+COLUMNS = ["model", "variant", "loss", "seed", "settings", "split", "dataset", "convention", "tokens", "job_seconds",
+           "s_base", "s_variant", "s_low", "s_high", "d_last_base", "d_last_variant", "d_prev_base", "d_prev_variant",
+           "largest_rise_layer", "largest_rise", "accuracy_diff", "accuracy_low", "accuracy_high", "perplexity_ratio",
+           "accuracy_documents", "perplexity_documents"]
 
 
 def loss_name(distill: dict) -> str:
@@ -47,6 +53,35 @@ def loss_name(distill: dict) -> str:
     departures = [f"zeta2 {key.removeprefix('zeta2_')} {distill[key]}" for key, paper in
                   (("zeta2_penalty", "step"), ("zeta2_measure", "relative_step")) if distill.get(key, paper) != paper]
     return "paper" if not departures else "; ".join(departures)
+
+
+def settings_digest(distill: dict) -> str:
+    """A short digest of the training settings other than the seed: rows that share it differ only in their seed."""
+    rest = {key: value for key, value in distill.items() if key not in ("seed", "seeds")}
+    return hashlib.sha1(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# what the spread over seeds summarises: each row's variant-side numbers (the base-side ones are the same in every seed)
+SPREAD_OF = ["s_variant", "d_last_variant", "d_prev_variant", "largest_rise", "accuracy_diff", "perplexity_ratio"]
+
+
+def spread_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean and standard deviation (ddof 1) over the seeds of each setting: one row per (model, loss, settings, split,
+    data set, convention), named by its first seed's variant, with the seeds it has and base's numbers beside."""
+    keys = ["model", "loss", "settings", "split", "dataset", "convention"]
+    rows = []
+    for key, group in table.groupby(keys, sort=False, dropna=False):
+        group = group.sort_values("seed")
+        if group["seed"].duplicated().any():
+            raise ValueError(f"{dict(zip(keys, key))}: two rows with one seed ({group['variant'].tolist()})")
+        row = {**dict(zip(keys, key)), "variant": group["variant"].iloc[0], "tokens": group["tokens"].iloc[0],
+               "n_seeds": len(group), "seeds": " ".join(map(str, group["seed"])),
+               **{column: group[column].iloc[0] for column in ("s_base", "d_last_base", "d_prev_base")}}
+        for column in SPREAD_OF:
+            row[f"{column}_mean"] = group[column].mean()
+            row[f"{column}_std"] = group[column].std(ddof=1) if len(group) > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def output_row(paired: pd.DataFrame, model: str, variant: str, dataset: str, metric: str) -> pd.Series | None:
@@ -65,7 +100,8 @@ def _training_record(results: Path, model: str, variant: str) -> dict:
     job = (results / "benchmarks" / "distill" / f"{model}.tsv" if main_run
            else results / "benchmarks" / "distill_variant" / model / f"{variant}.tsv")
     return {"variant": variant.replace("distilled", "default"), "loss": loss_name(distill),
-            "seed": int(distill.get("seed", 0)), "tokens": int(steps["tokens"].max()),
+            "seed": int(distill.get("seed", 0)), "settings": settings_digest(distill),
+            "tokens": int(steps["tokens"].max()),
             "job_seconds": float(pd.read_csv(job, sep="\t")["s"].iloc[0]) if job.is_file() else float("nan")}
 
 
@@ -181,14 +217,20 @@ def main() -> None:
                         help="add the rows of these choosing studies (validation text)")
     parser.add_argument("--no-main", dest="main", action="store_false",
                         help="leave out the main run's rows (a folder where only --studies ran)")
+    parser.add_argument("--spread-out", help="also write the spread over seeds of each setting: STEM.csv and STEM.md")
     args = parser.parse_args()
     table = pd.concat([*([reproduction_rows(Path(args.run))] if args.main else []),
                        *(study_rows(Path(args.run), study) for study in args.studies)], ignore_index=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out.with_suffix(".csv"), index=False)
-    out.with_suffix(".md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
+    _write(table, Path(args.out))
     print(table.to_string(index=False))
+    if args.spread_out:
+        _write(spread_over_seeds(table), Path(args.spread_out))
+
+
+def _write(table: pd.DataFrame, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(stem.with_suffix(".csv"), index=False)
+    stem.with_suffix(".md").write_text(table.to_markdown(index=False, floatfmt=".4g") + "\n")
 
 
 if __name__ == "__main__":

@@ -77,3 +77,37 @@ def test_the_summary_takes_the_output_study_over_the_per_layer_tables_and_lists_
     assert rows.loc["default-seed-1", ["seed", "job_seconds", "s_variant", "s_base", "accuracy_diff"]].tolist() == [
         1, 710.0, 0.82, 0.74, pytest.approx(-2.0)]
     assert pd.isna(rows.loc["default-seed-1", "perplexity_ratio"])
+
+
+def test_the_spread_over_seeds_groups_the_rows_that_differ_only_in_their_seed():
+    """Two settings, one with three seeds and one with two, on one data set: each group's mean and standard deviation
+    against a hand computation; a row whose settings differ (another digest) is a group of its own."""
+    import pandas as pd
+
+    from studies.reproduction import COLUMNS, settings_digest, spread_over_seeds
+
+    paper, rise = ({"alpha": 16.0, "zeta2_penalty": penalty} for penalty in ("step", "rise"))
+    assert settings_digest({**paper, "seed": 0}) == settings_digest({**paper, "seed": 2}) != settings_digest(rise)
+
+    def row(variant, loss, settings, seed, s_variant, accuracy):
+        return {**dict.fromkeys(COLUMNS), "model": "m", "variant": variant, "loss": loss, "seed": seed,
+                "settings": settings_digest(settings), "split": "validation", "dataset": "d", "convention": "pre_norm",
+                "tokens": 512, "s_base": 0.74, "d_last_base": 0.12, "d_prev_base": 0.026, "s_variant": s_variant,
+                "d_last_variant": 0.06, "d_prev_variant": 0.02, "largest_rise": 0.04, "accuracy_diff": accuracy,
+                "perplexity_ratio": float("nan")}
+
+    table = pd.DataFrame([row("recipe-paper-s0", "paper", paper, 0, 0.81, -6.0),
+                          row("recipe-rise-s1", "zeta2 penalty rise", rise, 1, 0.83, -3.0),
+                          row("recipe-paper-s1", "paper", paper, 1, 0.82, -4.0),
+                          row("recipe-paper-s2", "paper", paper, 2, 0.80, -5.0),
+                          row("recipe-rise-s0", "zeta2 penalty rise", rise, 0, 0.84, -5.0)])
+    spread = spread_over_seeds(table).set_index("variant")
+    assert list(spread.index) == ["recipe-paper-s0", "recipe-rise-s0"]
+    assert spread.loc["recipe-paper-s0", ["n_seeds", "seeds"]].tolist() == [3, "0 1 2"]
+    assert spread.loc["recipe-paper-s0", "s_variant_mean"] == pytest.approx(0.81)
+    assert spread.loc["recipe-paper-s0", "s_variant_std"] == pytest.approx(0.01)  # sqrt((0 + 1e-4 + 1e-4) / 2)
+    assert spread.loc["recipe-paper-s0", "accuracy_diff_std"] == pytest.approx(1.0)
+    assert spread.loc["recipe-rise-s0", ["n_seeds", "seeds", "s_base"]].tolist() == [2, "0 1", 0.74]
+    assert spread.loc["recipe-rise-s0", "s_variant_std"] == pytest.approx(0.0070711, abs=1e-6)
+    with pytest.raises(ValueError, match="two rows with one seed"):
+        spread_over_seeds(pd.concat([table, table.iloc[[0]]]))
