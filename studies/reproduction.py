@@ -24,7 +24,7 @@ the tables and logs the workflow wrote; nothing is recomputed here:
   digest of the training settings other than the seed (rows that share it differ only in their seed).
 
 With ``--spread-out STEM``, also the spread over seeds: per (model, loss, settings, split, data set, convention) the
-mean and standard deviation over its seeds of S_model, D_L, D_{L-1}, the largest rise, the accuracy difference and
+mean, standard deviation and range over its seeds of S_model, D_L, D_{L-1}, the largest rise, the accuracy difference and
 the perplexity ratio.
 
 With ``--studies``, the choosing studies' models too (``snakemake ablations`` / ``recipes``): one row per ablation
@@ -66,8 +66,11 @@ SPREAD_OF = ["s_variant", "d_last_variant", "d_prev_variant", "largest_rise", "a
 
 
 def spread_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
-    """Mean and standard deviation (ddof 1) over the seeds of each setting: one row per (model, loss, settings, split,
-    data set, convention), named by its first seed's variant, with the seeds it has and base's numbers beside."""
+    """Mean, standard deviation (ddof 1) and range over the seeds of each setting (hsconv.seeds.spread): one row per
+    (model, loss, settings, split, data set, convention), named by its first seed's variant, with the seeds it has and
+    base's numbers beside."""
+    from hsconv.seeds import spread
+
     keys = ["model", "loss", "settings", "split", "dataset", "convention"]
     rows = []
     for key, group in table.groupby(keys, sort=False, dropna=False):
@@ -78,8 +81,7 @@ def spread_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
                "n_seeds": len(group), "seeds": " ".join(map(str, group["seed"])),
                **{column: group[column].iloc[0] for column in ("s_base", "d_last_base", "d_prev_base")}}
         for column in SPREAD_OF:
-            row[f"{column}_mean"] = group[column].mean()
-            row[f"{column}_std"] = group[column].std(ddof=1) if len(group) > 1 else float("nan")
+            row.update(spread(group[column], column))
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -37,7 +37,7 @@ def _require_seeds(variants, seeds: dict[str, int], what: str) -> None:
         raise InputError(f"a spread over seeds needs at least 2 seeds, got {len(seeds)}")
 
 
-def _spread(values: pd.Series, column: str) -> dict[str, float]:
+def spread(values: pd.Series, column: str) -> dict[str, float]:
     """Mean, standard deviation (ddof = 1), minimum and maximum of one quantity over the seeds."""
     values = values.astype(float)
     return {f"{column}_mean": values.mean(), f"{column}_std": values.std(ddof=1), f"{column}_min": values.min(),
@@ -66,7 +66,7 @@ def seed_spread(scores: pd.DataFrame, seeds: dict[str, int]) -> pd.DataFrame:
     for keys, frame in _per_group(scores, seeds, ["model", "dataset", "final_norm"], "scores"):
         row = {**keys, "n_seeds": len(seeds), "seeds": " ".join(str(seed) for seed in seeds.values())}
         for column in SPREAD_COLUMNS:
-            row.update(_spread(frame[column], column))
+            row.update(spread(frame[column], column))
         main = frame.loc[first]
         row.update(first_seed=seeds[first], s_model_first=main["s_model"], s_model_first_ci_low=main["s_model_ci_low"],
                    s_model_first_ci_high=main["s_model_ci_high"])
@@ -87,7 +87,7 @@ def difference_spread(paired: pd.DataFrame, seeds: dict[str, int]) -> pd.DataFra
                "n_documents": int(frame["n_documents"].iloc[0]), "n_seeds": len(seeds),
                "seeds": " ".join(str(seed) for seed in seeds.values())}
         for column in ("variant_value", "difference"):
-            row.update(_spread(frame[column], column))
+            row.update(spread(frame[column], column))
         main = frame.loc[first]
         row.update(first_seed=seeds[first], difference_first=main["difference"], difference_first_low=main["lower"],
                    difference_first_high=main["upper"], confidence=main["confidence"])
