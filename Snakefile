@@ -1,8 +1,8 @@
 # hsconv: hidden-state convergence of Transformer language models.
 #   snakemake --cores all                          the paper's figures and tables for the embedded default (config.yaml)
 #   snakemake --cores all findings                 the studies beyond the paper too (ablations, tuned lens, early
-#                                                  exit, paired differences, seeds, output, layer relevance); or one
-#                                                  of them by name
+#                                                  exit, paired differences, seeds, departures, output, layer
+#                                                  relevance); or one of them by name
 #   snakemake --cores all results/figures/fig3.pdf one target
 #   snakemake --cores all --configfile configs/paper.yaml   a preset replaces config.yaml entirely
 from snakemake.utils import min_version, validate
@@ -43,8 +43,8 @@ rule all:
 
 
 rule findings:
-    """Every study beyond the paper: ablations, recipes, the tuned-lens baseline, early exit, paired differences, seeds, the
-    output on larger sets and layer relevance."""
+    """Every study beyond the paper: ablations, recipes, the tuned-lens baseline, early exit, paired differences, seeds,
+    the departures from the paper's loss, the output on larger sets and layer relevance."""
     input:
         [study_targets(study) for study in STUDIES],
 
@@ -87,9 +87,17 @@ rule seeds:
         study_targets("seeds"),
 
 
+rule departures:
+    """Each departure from the paper's loss (config `departures`) trained from the main run's seeds and measured like
+    it on test text: S_model and D_l beside base and the main run, and their spread over seeds."""
+    input:
+        study_targets("departures"),
+
+
 rule output:
-    """The output alone (lm-eval's stock tasks) of base, distilled and every seed on evaluation.output_datasets (the whole
-    LAMBADA test set by default), each paired against base, and the spread of those differences over seeds."""
+    """The output alone (lm-eval's stock tasks) of base, distilled, every seed and every departure on
+    evaluation.output_datasets (the whole LAMBADA test set by default), each paired against base, and the spread of
+    the main run's differences over seeds."""
     input:
         study_targets("output"),
 

@@ -3,8 +3,8 @@
     python -m studies.reproduction --run . --out docs/findings/reproduction/summary
     python -m studies.reproduction --run . --no-main --studies ablations --out docs/findings/reproduction/validation
 
-A run is a workflow folder after ``snakemake --cores all all paired`` (its ``results/``; with ``seeds`` and
-``output`` too where those ran). Every number is read from
+A run is a workflow folder after ``snakemake --cores all all paired`` (its ``results/``; with ``seeds``,
+``departures`` and ``output`` too where those ran). Every number is read from
 the tables and logs the workflow wrote; nothing is recomputed here:
 
 - ``s_base``, ``s_variant``, ``s_low``, ``s_high``: S_model and the variant's bootstrap interval (convergence table);
@@ -19,7 +19,8 @@ the tables and logs the workflow wrote; nothing is recomputed here:
   articles that was;
 - ``tokens``, ``job_seconds``: tokens trained on (the training log) and the distill job's wall-clock (Snakemake's
   benchmark file: start-up, checkpoints and saving included);
-- ``variant``: ``default`` for the config's distilled model, ``default-seed-<s>`` for its other seeds; ``loss``:
+- ``variant``: ``default`` for the config's distilled model, ``default-seed-<s>`` for its other seeds,
+  ``departure-<name>[-seed-<s>]`` for a departure (``departures``, trained from the same seeds); ``loss``:
   ``paper`` where ζ2 is eq. 5 (every step, the relative squared step), else the departure's name; ``settings``: a
   digest of the training settings other than the seed (rows that share it differ only in their seed).
 
@@ -170,11 +171,13 @@ def reproduction_rows(run: Path) -> pd.DataFrame:
 
 def _main_run_scores(results: Path) -> pd.DataFrame:
     """The convergence table (base and the config's variants) and, from their own metrics, the main run's other seeds
-    (``distilled-seed-N``: ``snakemake seeds`` measures them but tabulates only their spread)."""
+    (``distilled-seed-N``: ``snakemake seeds`` measures them but tabulates only their spread) and the departures from
+    the paper's loss (``departure-NAME[-seed-N]``: ``snakemake departures``), on the table's data sets."""
     table = pd.read_parquet(results / "tables" / "convergence.parquet")
-    seeds = [pd.read_parquet(path) for path in sorted(results.glob("metrics/*/distilled-seed-*/*/convergence.parquet"))
-             if path.parent.name in set(table["dataset"])]
-    return pd.concat([table, *seeds], ignore_index=True)
+    others = [pd.read_parquet(path) for pattern in ("distilled-seed-*", "departure-*")
+              for path in sorted(results.glob(f"metrics/*/{pattern}/*/convergence.parquet"))
+              if path.parent.name in set(table["dataset"])]
+    return pd.concat([table, *others], ignore_index=True)
 
 
 def study_rows(run: Path, study: str) -> pd.DataFrame:

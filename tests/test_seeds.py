@@ -7,7 +7,7 @@ import pytest
 
 from hsconv.errors import InputError
 from hsconv.paired import paired_differences
-from hsconv.seeds import difference_spread, seed_spread, seed_variants
+from hsconv.seeds import difference_spread, seed_spread, seed_variants, tabulate_seeds
 
 
 def _scores(values: dict[str, tuple[float, float]]) -> pd.DataFrame:
@@ -20,6 +20,26 @@ def _scores(values: dict[str, tuple[float, float]]) -> pd.DataFrame:
 
 def test_seed_variants_name_the_first_seed_distilled():
     assert seed_variants(4, 3) == {"distilled": 4, "distilled-seed-5": 5, "distilled-seed-6": 6}
+
+
+def test_seed_variants_of_a_departure_carry_its_name():
+    assert seed_variants(0, 2, "departure-rise") == {"departure-rise": 0, "departure-rise-seed-1": 1}
+
+
+def test_the_spread_table_has_a_block_per_trained_setting(tmp_path):
+    """tabulate-seeds --variants distilled departure-rise: each setting's own seeds spread, named by its first."""
+    from hsconv.io import write_table
+
+    scores = _scores({"distilled": (0.80, 2.0), "distilled-seed-1": (0.84, 3.0),
+                      "departure-rise": (0.90, 1.0), "departure-rise-seed-1": (0.86, 1.5)})
+    path = tmp_path / "scores"
+    write_table(scores, path, {"compute-convergence": {}})
+    table = tabulate_seeds([str(path.with_suffix(".parquet"))], 0, 2, tmp_path / "spread", "hash",
+                           names=["distilled", "departure-rise"]).set_index("variant")
+    assert table.loc["distilled", "s_model_mean"] == pytest.approx(0.82)
+    assert table.loc["departure-rise", "s_model_mean"] == pytest.approx(0.88)
+    assert table.loc["departure-rise", "s_model_std"] == pytest.approx(0.04 / 2 ** 0.5)
+    assert table.loc["departure-rise", "s_model_first"] == 0.90
 
 
 def test_spread_is_the_sample_standard_deviation_over_seeds_beside_the_first_runs_interval():

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -304,18 +305,53 @@ def test_the_reproduction_summary_reads_the_output_study_first_and_the_per_layer
     convergence = pd.read_parquet(results / "tables/convergence.parquet")
     output = pd.read_parquet(results / "tables/output_paired.parquet")
     per_layer = pd.read_parquet(results / "tables/paired_differences.parquet")
-    assert set(rows["variant"]) == {"default"} and set(rows["loss"]) == {"paper"}
-    assert len(rows) == (convergence["variant"] == "distilled").sum()
+    departures = pd.read_parquet(results / "tables/departures.parquet")  # the departure's scores (`departures`)
+    assert set(rows["variant"]) == {"default", "departure-rise"}
+    assert set(zip(rows["variant"], rows["loss"])) == {("default", "paper"), ("departure-rise", "zeta2 penalty rise")}
+    assert (rows["variant"] == "default").sum() == (convergence["variant"] == "distilled").sum()
+    assert (rows["variant"] == "departure-rise").sum() == (departures["variant"] == "departure-rise").sum()
     for row in rows.itertuples():
-        score = convergence[(convergence["model"] == row.model) & (convergence["variant"] == "distilled")
-                            & (convergence["dataset"] == row.dataset) & (convergence["final_norm"] == row.convention)]
+        variant = "distilled" if row.variant == "default" else row.variant
+        score = departures[(departures["model"] == row.model) & (departures["variant"] == variant)
+                           & (departures["dataset"] == row.dataset) & (departures["final_norm"] == row.convention)]
         assert (row.s_variant, row.d_last_variant) == (score["s_model"].item(), score["last_layer_movement"].item())
-        accuracy = output[(output["model"] == row.model) & (output["metric"] == "acc")].iloc[0]
+        accuracy = output[(output["model"] == row.model) & (output["variant"] == variant)
+                          & (output["metric"] == "acc")].iloc[0]
         assert (row.accuracy_diff, row.accuracy_documents) == (100 * accuracy["difference"], accuracy["n_documents"])
-        wikitext = per_layer[(per_layer["model"] == row.model) & (per_layer["metric"] == "word_perplexity")]
-        wikitext = wikitext[wikitext["layer"] == wikitext["layer"].max()].iloc[0]
-        assert row.perplexity_ratio == wikitext["variant_value"] / wikitext["baseline_value"]
-        assert row.perplexity_documents == wikitext["n_documents"]
+        if variant == "distilled":  # the per-layer evaluation reads base and the main run only
+            wikitext = per_layer[(per_layer["model"] == row.model) & (per_layer["metric"] == "word_perplexity")]
+            wikitext = wikitext[wikitext["layer"] == wikitext["layer"].max()].iloc[0]
+            assert row.perplexity_ratio == wikitext["variant_value"] / wikitext["baseline_value"]
+            assert row.perplexity_documents == wikitext["n_documents"]
+        else:
+            assert np.isnan(row.perplexity_ratio)
+    main_scores = convergence[convergence["variant"] == "distilled"].set_index(["model", "dataset", "final_norm"])
+    assert (departures[departures["variant"] == "distilled"].set_index(["model", "dataset", "final_norm"])["s_model"]
+            == main_scores["s_model"]).all()
+
+
+@pytest.mark.slow
+def test_a_departure_is_the_main_run_but_for_what_it_changes(finished_run):
+    """`departures: {rise: {zeta2_penalty: rise}}`: per model a model trained with every setting of the main run (its
+    seed, steps, data) but ζ2's penalty, dumped and scored on the measured data sets (the test split) beside base and
+    the main run, and evaluated by the output study."""
+    results = finished_run / "results"
+    main_run, departure = (json.loads((results / f"models/tiny-llama/{variant}/hsconv_model.json").read_text())
+                           ["training"]["distill"] for variant in ("distilled", "departure-rise"))
+    assert departure["zeta2_penalty"] == "rise" and main_run["zeta2_penalty"] == "step"
+    assert {key: value for key, value in departure.items() if key != "zeta2_penalty"} == \
+        {key: value for key, value in main_run.items() if key != "zeta2_penalty"}
+    steps = {variant: pd.read_parquet(results / f"training/tiny-llama/{folder}steps.parquet")
+             for variant, folder in (("distilled", ""), ("departure-rise", "departure-rise/"))}
+    assert steps["departure-rise"]["tokens"].max() == steps["distilled"]["tokens"].max()
+    assert not np.allclose(steps["departure-rise"]["zeta2"], steps["distilled"]["zeta2"])  # another loss
+    table = pd.read_parquet(results / "tables/departures.parquet")
+    measured = yaml.safe_load((finished_run / "config.yaml").read_text())["hidden_states"]["datasets"]
+    assert set(table.groupby(["model", "variant", "dataset"]).groups) == {
+        (model, variant, dataset) for model in ("tiny-llama", "tiny-qwen2")
+        for variant in ("base", "distilled", "departure-rise") for dataset in measured}
+    output = pd.read_parquet(results / "tables/output_paired.parquet")
+    assert {"distilled", "departure-rise"} <= set(output["variant"])
 
 
 @pytest.mark.slow
@@ -463,6 +499,7 @@ STUDY_RULES = {"ablations": {"distill_variant", "evaluate_stock", "tabulate_abla
                "early_exit": {"prune_model", "evaluate_pruned", "tabulate_early_exit", "plot_early_exit"},
                "paired": {"paired_differences", "compare_convergence"},
                "output": {"evaluate_output", "output_paired_differences"},
+               "departures": {"distill_variant"},
                "layer_relevance": {"measure_layer_relevance", "tabulate_layer_relevance", "plot_layer_relevance"}}
 
 
@@ -484,16 +521,22 @@ def test_the_default_target_is_the_paper_and_each_study_has_a_name(tmp_path):
 
 def test_distill_seeds_trains_the_main_run_again_from_each_further_seed(tmp_path):
     """distill.seeds: 3 adds two trainings per model (seeds 1 and 2 beside `distilled`'s 0), their dumps and scores,
-    and the spread table, all under the `seeds` study; the paper's target trains each model once."""
+    and the spread table, all under the `seeds` study; each departure is trained from the same 3 seeds; the paper's
+    target trains each model once."""
     write_config(tmp_path, edit=lambda config: config["distill"].update(seeds=3))
     planned = planned_counts(snakemake(tmp_path, "-n", "seeds"))
     measured = len(yaml.safe_load((tmp_path / "config.yaml").read_text())["hidden_states"]["datasets"])
     assert planned["distill_variant"] == 2 * 2 and planned["distill"] == 2 and planned["tabulate_seeds"] == 1
     assert planned["compute_convergence"] == 2 * 3 * measured  # models × seeds × measured data sets
     assert "distill_variant" not in planned_counts(snakemake(tmp_path, "-n"))
-    # the output study: base and each seed's output, paired against base, and the spread of that over seeds
+    # the departure (the preset's rise) from the same 3 seeds, scored beside base and the main run's seeds
+    departures = planned_counts(snakemake(tmp_path, "-n", "departures"))
+    assert departures["distill_variant"] == 2 * (2 + 3) and departures["tabulate_departure_seeds"] == 1
+    assert departures["compute_convergence"] == 2 * (1 + 3 + 3) * measured and departures["gather_table"] == 1
+    # the output study: base's, each seed's and each departure seed's output, paired against base, and the spread of
+    # the differences over seeds (the main run's and the departure's)
     output = planned_counts(snakemake(tmp_path, "-n", "output"))
-    assert output["evaluate_output"] == 2 * (1 + 3) and output["output_paired_differences"] == 1
+    assert output["evaluate_output"] == 2 * (1 + 3 + 3) and output["output_paired_differences"] == 1
     assert output["tabulate_output_seeds"] == 1
 
 

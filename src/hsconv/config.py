@@ -118,7 +118,7 @@ def check_config(config: dict) -> None:
     if tuned_lens.get("models") and sequences <= tuned_lens["holdout_sequences"]:
         raise ConfigError(f"tuned_lens.holdout_sequences={tuned_lens['holdout_sequences']} leaves none of the "
                           f"{sequences} packed sequences to train on")
-    for check in (_check_layer_relevance, _check_splits, _check_ablations, _check_recipes):
+    for check in (_check_layer_relevance, _check_splits, _check_ablations, _check_recipes, _check_departures):
         check(config)
     sentence = config["sentence"]
     if sentence["target"] not in sentence["text"]:
@@ -257,3 +257,18 @@ def _check_recipes(config: dict) -> None:
         raise ConfigError("recipes are measured beside the main distilled model; add distilled to variants")
     _check_trainable(recipe_settings(trainer_settings(config["distill"]), recipes["variants"]),
                      lambda name: f"recipes.variants.{name}")
+
+
+def _check_departures(config: dict) -> None:
+    departures = config.get("departures", {})
+    if not departures:
+        return
+    if "distilled" not in config["variants"]:
+        raise ConfigError("departures are measured beside the main distilled model (their matched control); "
+                          "add distilled to variants")
+    main = trainer_settings(config["distill"])
+    for name, overrides in departures.items():
+        if {**main, **overrides} == main:
+            raise ConfigError(f"departures.{name}: changes nothing of the distill section; it would be the main run")
+    _check_trainable({name: {**main, **overrides} for name, overrides in departures.items()},
+                     lambda name: f"departures.{name}")

@@ -17,16 +17,16 @@ from hsconv.errors import InputError
 from hsconv.flags import flag, flags, table_stem
 from hsconv.io import read_input_table, write_table
 
-SEED_PREFIX = "distilled-seed-"
+SEED_PREFIX = "distilled-seed-"  # the main run's further seeds (seed_variants)
 # What is compared across seeds, from the convergence table.
 SPREAD_COLUMNS = ("s_model", "last_layer_ratio", "last_layer_movement")
 
 
-def seed_variants(first_seed: int, count: int) -> dict[str, int]:
-    """{variant: seed} of the main distillation's ``count`` seeds: ``distilled`` from ``first_seed`` (distill.seed),
-    then ``distilled-seed-<s>`` for s = first_seed + 1, …"""
+def seed_variants(first_seed: int, count: int, name: str = "distilled") -> dict[str, int]:
+    """{variant: seed} of a distillation's ``count`` seeds: ``name`` (the main run: ``distilled``) from ``first_seed``
+    (distill.seed), then ``<name>-seed-<s>`` for s = first_seed + 1, …"""
     seeds = range(first_seed, first_seed + count)
-    return {"distilled": seeds[0], **{f"{SEED_PREFIX}{seed}": seed for seed in seeds[1:]}}
+    return {name: seeds[0], **{f"{name}-seed-{seed}": seed for seed in seeds[1:]}}
 
 
 def _require_seeds(variants, seeds: dict[str, int], what: str) -> None:
@@ -98,19 +98,25 @@ def difference_spread(paired: pd.DataFrame, seeds: dict[str, int]) -> pd.DataFra
 @flags(paths=flag("compute-convergence scores, or paired-differences tables, of every seed", name="--tables"),
        first_seed=flag("distill.seed", minimum=0), count=flag("distill.seeds", name="--seeds", minimum=2),
        out_stem=flag("the Parquet table; .csv and .md are written beside it", name="--out", type=table_stem),
-       paired="the tables are paired differences from base (else convergence scores)")
+       paired="the tables are paired differences from base (else convergence scores)",
+       names=flag("the trained settings to spread, each a variant name of its first seed (its others: NAME-seed-S)",
+                  name="--variants"))
 def tabulate_seeds(paths: list[str], first_seed: int, count: int, out_stem: str | os.PathLike,
-                   config_hash: str, paired: bool = False) -> pd.DataFrame:
+                   config_hash: str, paired: bool = False, names: list[str] = ("distilled",)) -> pd.DataFrame:
     """Read the seeds' convergence scores (or, with ``paired``, one paired-differences table holding every seed) and
-    write the spread table (Parquet, CSV, Markdown)."""
-    seeds = seed_variants(first_seed, count)
+    write the spread table (Parquet, CSV, Markdown): one block of rows per name in ``names`` (the main run
+    ``distilled``, a departure ``departure-<name>``), its ``variant`` column that name."""
+    groups = {name: seed_variants(first_seed, count, name) for name in names}
     if paired:
         differences = pd.concat([read_input_table(path, "paired differences", ["model", "variant", "difference"])
                                  for path in paths], ignore_index=True)
-        table = difference_spread(differences, seeds)
+        spreads = [difference_spread(differences, seeds) for seeds in groups.values()]
     else:
         scores = pd.concat([read_input_table(path, "convergence scores", ["model", "variant", "dataset", "s_model"],
                                              made_by="compute-convergence") for path in paths], ignore_index=True)
-        table = seed_spread(scores, seeds)
-    write_table(table, out_stem, {"seeds": {"variants": seeds, "config_hash": config_hash}})
+        spreads = [seed_spread(scores, seeds) for seeds in groups.values()]
+    table = pd.concat([spread_table.assign(variant=name)[["variant", *spread_table.columns]]
+                       for name, spread_table in zip(groups, spreads)], ignore_index=True)
+    write_table(table, out_stem, {"seeds": {"variants": {name: seeds for name, seeds in groups.items()},
+                                            "config_hash": config_hash}})
     return table

@@ -8,7 +8,11 @@ stages as the main run. Three studies declare them:
 - **ablations** (``ablations.factors``): ``ablation-FACTOR-VALUE``, one factor changed around a reference on a
   shorter budget (:mod:`hsconv.ablations`);
 - **recipes** (``recipes.variants``): ``recipe-NAME``, any set of overrides, measured on validation text and drawn
-  as a frontier of S_model against the output's accuracy.
+  as a frontier of S_model against the output's accuracy;
+- **departures** (``departures``): ``departure-NAME`` (and ``departure-NAME-seed-N``), a departure from the paper's
+  loss trained with the main run's settings and seeds but its overrides, and measured like the main run on test text
+  (its S_model and D_l on every measured data set, its output in the output study): the matched control of a
+  departure is the main run itself.
 
 A variant whose settings equal the main run's is the main run, not trained twice.
 """
@@ -21,6 +25,7 @@ from hsconv.ablations import ABLATION_PREFIX, REFERENCE, ablation_settings
 from hsconv.seeds import seed_variants
 
 RECIPE_PREFIX = "recipe-"
+DEPARTURE_PREFIX = "departure-"
 MAIN = "distilled"
 
 
@@ -45,6 +50,13 @@ class TrainingVariants:
     recipes: dict[str, str] = field(default_factory=dict)  # {recipe (or reference): the variant holding it}
     recipe_settings: dict[str, dict] = field(default_factory=dict)  # {recipe: trainer settings}
     seeds: dict[str, int] = field(default_factory=dict)  # {variant: seed}, `distilled` first; empty for one seed
+    # {departure: {variant: seed}}, each departure's first seed first (one variant where distill.seeds is 1)
+    departures: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def departure_variants(self) -> list[str]:
+        """Every departure's every seed, in the order declared."""
+        return [variant for seeds in self.departures.values() for variant in seeds]
 
 
 def _holder(settings: dict, main: dict, main_trained: bool, name: str) -> str:
@@ -72,6 +84,11 @@ def training_variants(config: dict) -> TrainingVariants:
     for variant, seed in variants.seeds.items():
         if variant != MAIN:
             variants.settings[variant] = {**main, "seed": seed}
+    for name, overrides in config.get("departures", {}).items():
+        seeds = seed_variants(config["distill"]["seed"], config["distill"]["seeds"], DEPARTURE_PREFIX + name)
+        variants.departures[name] = seeds
+        for variant, seed in seeds.items():
+            variants.settings[variant] = {**main, **overrides, "seed": seed}
     for names, settings in ((variants.ablations, variants.ablation_settings),
                             (variants.recipes, variants.recipe_settings)):
         for name, variant in names.items():

@@ -45,6 +45,10 @@ RECIPES = config.get("recipes", {})
 RECIPE_MODELS = RECIPES.get("models", [])
 # The main distillation repeated from further seeds (distill.seeds > 1): {variant: seed}, `distilled` first.
 SEED_VARIANTS = TRAINING.seeds
+# Departures from the paper's loss, trained from the main run's seeds and measured like it on the measured data sets.
+DEPARTURE_VARIANTS = TRAINING.departure_variants
+# What a spread over seeds is taken of, each by its first seed's variant: distilled, departure-<name>, ...
+SPREAD_NAMES = " ".join(["distilled", *(next(iter(seeds)) for seeds in TRAINING.departures.values())])
 
 
 def study_pieces(pattern, study):
@@ -272,9 +276,9 @@ def distill_mem_mb(wildcards, input):
 
 
 EVALUATED_DATASETS = config["evaluation"]["datasets"]
-# The output alone on larger sets: base, the other variants and every seed of the main distillation.
+# The output alone on larger sets: base, the other variants, every seed of the main distillation and every departure.
 OUTPUT_DATASETS = config["evaluation"]["output_datasets"]
-OUTPUT_VARIANTS = list(dict.fromkeys(["base", *VARIANTS, *SEED_VARIANTS]))
+OUTPUT_VARIANTS = list(dict.fromkeys(["base", *VARIANTS, *SEED_VARIANTS, *DEPARTURE_VARIANTS]))
 
 
 # The layer-relevance study (`snakemake layer_relevance`): what removing each block does, beside its movement.
@@ -343,6 +347,11 @@ GATHERED_TABLES = {
     "sentence_lens": expand("results/sentence/{model}/{variant}/lens.parquet", model=TRACED_MODELS,
                             variant=VARIANTS),
     "sentence_pca": expand("results/sentence/{model}/{variant}/pca.parquet", model=TRACED_MODELS, variant=VARIANTS),
+    # the departures beside base and the main run (every seed of each), on the measured data sets
+    "departures": expand("results/metrics/{model}/{variant}/{dataset}/convergence.parquet", model=MODELS,
+                         variant=list(dict.fromkeys(["base", "distilled", *SEED_VARIANTS, *DEPARTURE_VARIANTS])),
+                         dataset=MEASURED_DATASETS)
+    if DEPARTURE_VARIANTS else [],
 }
 
 
@@ -371,7 +380,8 @@ def paper_targets():
 def study_targets(study):
     """The outputs of one study beyond the paper, built only when asked for by name (`snakemake findings` builds
     them all): `ablations`, `recipes`, `tuned_lens`, `early_exit` (with the pruned models), `paired` (distilled − base),
-    `seeds` (the spread over distill.seeds), `output` (the output alone on evaluation.output_datasets) or
+    `seeds` (the spread over distill.seeds), `departures` (each departure from the paper's loss beside the main run),
+    `output` (the output alone on evaluation.output_datasets) or
     `layer_relevance` (each block removed, beside its movement)."""
     if study == "ablations":
         return (["results/tables/ablations.csv", "results/figures/ablations.pdf", "results/figures/ablations.png"]
@@ -385,6 +395,10 @@ def study_targets(study):
                 if "distilled" in VARIANTS else [])
     if study == "seeds":
         return expand("results/tables/seeds.{ext}", ext=("csv", "md")) if SEED_VARIANTS else []
+    if study == "departures":  # each departure (every seed) beside the main run, measured on test text
+        return expand("results/tables/{table}.{ext}", ext=("csv", "md"),
+                      table=["departures", *(["departures_seeds"] if SEED_VARIANTS else [])]) \
+            if DEPARTURE_VARIANTS else []
     if study == "output":  # each variant's and seed's output on the larger sets, paired against base
         if not OUTPUT_DATASETS or len(OUTPUT_VARIANTS) < 2:
             return []
@@ -409,7 +423,8 @@ def study_targets(study):
     raise ValueError(f"unknown study {study!r}")
 
 
-STUDIES = ("ablations", "recipes", "tuned_lens", "early_exit", "paired", "seeds", "output", "layer_relevance")
+STUDIES = ("ablations", "recipes", "tuned_lens", "early_exit", "paired", "seeds", "departures", "output",
+           "layer_relevance")
 # The configured per-layer figures (5, 6, 9, 10) whose models all have a tuned lens, drawn again with it as a third
 # curve.
 TUNED_LENS_FIGURES = [name for name in PER_LAYER_FIGURES if name in config["figures"]

@@ -83,6 +83,7 @@ rule tabulate_seeds:
         csv="results/tables/seeds.csv",
         md="results/tables/seeds.md",
     params:
+        names="distilled",  # the main run: distilled, distilled-seed-1, ...
         first_seed=DISTILL["seed"],
         seeds=DISTILL["seeds"],
         config_hash=CONFIG_HASH,
@@ -91,8 +92,27 @@ rule tabulate_seeds:
     benchmark: "results/benchmarks/tabulate_seeds.tsv"
     conda: "../../envs/torch.yaml"
     shell:
-        "hsconv tabulate-seeds --tables {input} --first-seed {params.first_seed} --seeds {params.seeds}"
-        " --out {output.parquet} --config-hash {params.config_hash} > {log} 2>&1"
+        "hsconv tabulate-seeds --tables {input} --variants {params.names} --first-seed {params.first_seed}"
+        " --seeds {params.seeds} --out {output.parquet} --config-hash {params.config_hash} > {log} 2>&1"
+
+
+use rule tabulate_seeds as tabulate_departure_seeds with:
+    """The same spread over seeds for the main run and each departure from the paper's loss, side by side."""
+    input:
+        expand("results/metrics/{model}/{variant}/{dataset}/convergence.parquet", model=MODELS,
+               variant=[*SEED_VARIANTS, *DEPARTURE_VARIANTS], dataset=MEASURED_DATASETS),
+    output:
+        parquet="results/tables/departures_seeds.parquet",
+        csv="results/tables/departures_seeds.csv",
+        md="results/tables/departures_seeds.md",
+    params:
+        names=SPREAD_NAMES,
+        first_seed=DISTILL["seed"],
+        seeds=DISTILL["seeds"],
+        config_hash=CONFIG_HASH,
+        code=code_fingerprint("hsconv.seeds"),
+    log: "results/logs/tabulate_departure_seeds.log"
+    benchmark: "results/benchmarks/tabulate_departure_seeds.tsv"
 
 
 rule plot_training:

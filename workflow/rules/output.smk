@@ -33,8 +33,8 @@ use rule paired_differences as output_paired_differences with:
 
 
 rule tabulate_output_seeds:
-    """The output's paired difference from base over the main distillation's seeds: mean, standard deviation and
-    range, beside the first seed's paired bootstrap interval."""
+    """The output's paired difference from base over the seeds of the main distillation and of each departure: mean,
+    standard deviation and range, beside the first seed's paired bootstrap interval."""
     input:
         "results/tables/output_paired.parquet",
     output:
@@ -42,6 +42,7 @@ rule tabulate_output_seeds:
         csv="results/tables/output_seeds.csv",
         md="results/tables/output_seeds.md",
     params:
+        names=SPREAD_NAMES,
         first_seed=DISTILL["seed"],
         seeds=DISTILL["seeds"],
         config_hash=CONFIG_HASH,
@@ -50,5 +51,6 @@ rule tabulate_output_seeds:
     benchmark: "results/benchmarks/tabulate_output_seeds.tsv"
     conda: "../../envs/torch.yaml"
     shell:
-        "hsconv tabulate-seeds --tables {input} --paired --first-seed {params.first_seed} --seeds {params.seeds}"
+        "hsconv tabulate-seeds --tables {input} --paired --variants {params.names} --first-seed {params.first_seed}"
+        " --seeds {params.seeds}"
         " --out {output.parquet} --config-hash {params.config_hash} > {log} 2>&1"
