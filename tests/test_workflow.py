@@ -186,7 +186,10 @@ def test_early_exit_pruned_models_and_paired_differences(finished_run):
     output = pd.read_parquet(results / "tables/output_paired.parquet")
     last_exit = evaluation[evaluation["layer"] == evaluation.groupby("model")["layer"].transform("max")]
     merged = output.merge(last_exit, on=["model", "task", "metric", "layer"], suffixes=("", "_lens"))
-    assert len(output) == 2 and len(merged) == 2 * 2 and set(output["variant"]) == {"distilled"}
+    assert set(output["variant"]) == {"distilled", "departure-rise"}  # the departure's output is measured too
+    output = output[output["variant"] == "distilled"]
+    merged = merged[merged["variant"] == "distilled"]
+    assert len(output) == 2 and len(merged) == 2 * 2
     assert (output["n_documents"] == 12).all()
     for variant, column in (("base", "baseline_value"), ("distilled", "variant_value")):
         rows = merged[merged["variant_lens"] == variant]
@@ -418,19 +421,21 @@ RERUN_MATRIX = {
     "plotting code": ("figures/movement.py", "\nLEGEND_FONT_SIZE = 8\n",
                       {"plot_movement_figure": 2, "all": 1}),
     "metric code": ("metrics.py", "\nDEFAULT_CONFIDENCE = 0.95\n",
-                    {"compute_convergence": 13, "gather_table": 3,  # layer movement, convergence, paired
+                    # 13 + the departure's 2 models × 2 data sets; layer movement, convergence, paired, departures
+                    {"compute_convergence": 17, "gather_table": 4,
                      "compare_convergence": 4,
                      "plot_movement_figure": 2, "tabulate_ablations": 1, "plot_ablations": 1,
                      "tabulate_recipes": 1, "plot_recipes": 1, "all": 1, "findings": 1}),
     # the loss: both distillations and everything that reads a distilled model, and no base-model job
     "loss code": ("distill/loss.py", "\nDEFAULT_CHUNK = 256\n",
-                  {"distill": 2, "plot_training": 2, "dump_hidden_states": 8, "compute_convergence": 8,
+                  # the departure (a model per model of the preset) like the main run: its dumps, scores and output
+                  {"distill": 2, "plot_training": 2, "dump_hidden_states": 12, "compute_convergence": 12,
                    "compare_convergence": 4, "evaluate_layers": 2, "trace_sentence": 2,
-                   "gather_table": 7,  # every gathered table holds a distilled model's rows
+                   "gather_table": 8,  # every gathered table holds a distilled model's rows
                    "plot_movement_figure": 2, "plot_per_layer_figure": 4, "plot_fig4": 1, "plot_fig7": 1,
                    "prune_model": 2, "evaluate_pruned": 2, "tabulate_early_exit": 1, "plot_early_exit": 1,
-                   "paired_differences": 1, "distill_variant": 3, "evaluate_stock": 4,
-                   "evaluate_output": 2, "output_paired_differences": 1,
+                   "paired_differences": 1, "distill_variant": 5, "evaluate_stock": 4,
+                   "evaluate_output": 4, "output_paired_differences": 1,
                    "tabulate_ablations": 1, "plot_ablations": 1, "tabulate_recipes": 1, "plot_recipes": 1,
                    "plot_tuned_lens_figure": 2,
                    "measure_layer_relevance": 1, "tabulate_layer_relevance": 1, "plot_layer_relevance": 1, "all": 1,
