@@ -17,7 +17,6 @@ from hsconv.errors import InputError
 from hsconv.flags import flag, flags, table_stem
 from hsconv.io import read_input_table, write_table
 
-SEED_PREFIX = "distilled-seed-"  # the main run's further seeds (seed_variants)
 # What is compared across seeds, from the convergence table.
 SPREAD_COLUMNS = ("s_model", "last_layer_ratio", "last_layer_movement")
 
