@@ -52,5 +52,4 @@ rule tabulate_output_seeds:
     conda: "../../envs/torch.yaml"
     shell:
         "hsconv tabulate-seeds --tables {input} --paired --variants {params.names} --first-seed {params.first_seed}"
-        " --seeds {params.seeds}"
-        " --out {output.parquet} --config-hash {params.config_hash} > {log} 2>&1"
+        " --seeds {params.seeds} --out {output.parquet} --config-hash {params.config_hash} > {log} 2>&1"
