@@ -121,6 +121,25 @@ def test_precision_auto_is_bf16_only_where_the_device_multiplies_it_natively(mon
     assert precision.resolve_precision("float32", "cuda:0") == "float32"
 
 
+@pytest.mark.parametrize("flags, native", [
+    ({"avx512f": True, "avx512_vnni": True}, False),  # an avx512 Xeon without bf16: oneDNN emulates it
+    ({"avx2": True}, False),
+    ({"avx512f": True, "avx512_bf16": True}, True),
+    ({"avx512f": True, "amx_tile": True, "amx_bf16": True}, True),
+])
+def test_a_cpu_multiplies_bf16_natively_only_with_avx512_bf16_or_amx(monkeypatch, flags, native):
+    """oneDNN reports bf16 as supported on every avx512 CPU, where it is emulated (4x slower than float32 on such a
+    Xeon); the check reads the CPU's flags instead."""
+    import torch
+
+    import hsconv.precision as precision
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: flags)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    assert precision.bf16_is_native("cpu") is native
+    assert precision.resolve_precision("auto", "cpu") == ("bfloat16" if native else "float32")
+
+
 def test_the_default_config_leaves_the_precision_to_the_machine():
     import yaml
 
