@@ -18,7 +18,7 @@ def bf16_is_native(device: str = "cpu") -> bool:
     if device.startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     capabilities = torch.cpu.get_capabilities()  # cpuinfo's flags, the same on every OS
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16") or capabilities.get("amx_tile"))
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
 def resolve_precision(precision: str, device: str = "cpu") -> str:
