@@ -4,8 +4,9 @@
         --tokens results/data/tokens/smollm2-135m.parquet [--config config.yaml] [--steps 6] [--precision float32] \
         [--before]
 
-``--before`` profiles, first and in the same process, the step as the trainer took it before its optimizer was fused
-and ZeRO's stage chosen by ``zero_stage: auto`` (ZeRO-2, AdamW's per-tensor loop), and prints the two side by side.
+``--before`` profiles, first and in the same process, the step as the trainer took it before its optimizer was fused,
+ZeRO's stage chosen by ``zero_stage: auto`` and the loss's vocabulary-sized arithmetic compiled (ZeRO-2, AdamW's
+per-tensor loop, eager kernels), and prints the two side by side.
 
 The step is the trainer's own (``hsconv.distill.train``: the DeepSpeed engine, the config's loss, exits, frozen parts
 and precision); each phase is timed by wrapping the function that does it, in one process, after one warm-up step:
@@ -13,7 +14,8 @@ and precision); each phase is timed by wrapping the function that does it, in on
 - teacher forward: the frozen model's decoder (no gradient);
 - student forward: the student's decoder, all L+1 states kept for backward;
 - exit heads: ``FusedLogitLensKL``, which forms each sampled exit's logits chunk by chunk, the teacher's logits for
-  the chunk, the KL and the gradient with respect to the exit's state (the head products and their backward);
+  the chunk, the KL and the gradient with respect to the exit's state (the head products and their backward; one
+  d × V product each for the logits, the state's gradient and, where the head trains, the weight's);
 - loss, rest: the forward's remainder (final norm, ζ2, exit draw, DeepSpeed's forward wrapper);
 - decoder backward: ``engine.backward`` (autograd through the student);
 - optimizer: ``engine.step`` (ZeRO's gradient reduction and partition copies, AdamW, the bf16 copies of the masters);
@@ -133,9 +135,10 @@ def instrument(engine, clock: PhaseClock, inner: dict):
 def phase_flops(shape: dict, seq: int, tokens: int, exits: int, head_trains: bool) -> dict:
     """Floating-point operations of each phase in one step of ``tokens`` tokens."""
     decoder, head = decoder_flops(shape, seq), head_flops(shape)
-    # per exit: its logits, and the gradient to its state (and to the head's weight when the head trains);
-    # once per chunk: the teacher's logits
-    heads = head + exits * (head + 2 * head + (2 * head if head_trains else 0))
+    # per exit: its logits, the gradient to its state, and the head weight's gradient when the head trains, one
+    # d × V product each; once: the teacher's logits. (Before 2026-12-08 this counted the state's gradient twice and
+    # the weight's twice, which overstated the exit heads' rate by 3/2 with a frozen head.)
+    heads = head + exits * (2 * head + (head if head_trains else 0))
     return {"teacher forward": decoder * tokens, "student forward": decoder * tokens, "exit heads": heads * tokens,
             "decoder backward": 2 * decoder * tokens}
 
@@ -157,6 +160,20 @@ def unfused_adamw():
         yield
     finally:
         torch.optim.AdamW.__init__ = init
+
+
+@contextmanager
+def eager_loss_kernels():
+    """The fused loss's vocabulary-sized arithmetic in eager mode, as before it was compiled: the rest of
+    ``--before``'s baseline."""
+    import hsconv.distill.loss as loss
+
+    threshold = loss.COMPILE_MIN_ELEMENTS
+    loss.COMPILE_MIN_ELEMENTS = 1 << 62
+    try:
+        yield
+    finally:
+        loss.COMPILE_MIN_ELEMENTS = threshold
 
 
 def profile(model_dir: str, tokens_path: str, distill_section: dict, steps: int) -> dict:
@@ -254,7 +271,7 @@ def measure(model_dir: str, tokens: str, section: dict, steps: int, precisions=(
         settings = {**section, **({"precision": precision} if precision else {})}
         name = precision or settings.get("precision", "auto")
         if before:
-            with unfused_adamw():
+            with unfused_adamw(), eager_loss_kernels():
                 results[f"{name}/before"] = profile(model_dir, tokens, {**settings, "zero_stage": 2}, steps)
         results[f"{name}/now"] = profile(model_dir, tokens, settings, steps)
     return results
@@ -274,7 +291,8 @@ def report(results: dict) -> str:
     parts = []
     for key, result in results.items():
         name, when = key.split("/")
-        label = "before: ZeRO-2, AdamW per tensor" if when == "before" else "now: the trainer as it is"
+        label = ("before: ZeRO-2, AdamW per tensor, the loss's kernels eager" if when == "before"
+                 else "now: the trainer as it is")
         parts += [f"**precision {name} (ran in {result['precision']}), {label}**", "",
                   markdown(result, limits[result["precision"]]), ""]
         if when == "now" and f"{name}/before" in results:
@@ -296,7 +314,8 @@ def main() -> None:
                         help="override distill.precision (several: one profile each)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML", help="override distill settings")
     parser.add_argument("--before", action="store_true",
-                        help="first profile the step as it was (ZeRO-2, AdamW per tensor), in the same process")
+                        help="first profile the step as it was (ZeRO-2, AdamW per tensor, eager loss kernels), "
+                             "in the same process")
     parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args()
     section = default_section(args.config)

@@ -457,3 +457,56 @@ def test_output_kl_weight_with_sampled_exits_always_computes_the_output_exit_and
     assert every.tolist() == list(range(6))
     torch.testing.assert_close(every_coefficients, torch.cat([weights[:-1], weights[-1:] + 0.75]))
     assert with_output_anchor(*sample_exits(weights, None), 5, 0.0)[1].equal(weights)
+
+
+@pytest.fixture
+def compiled_kernels(monkeypatch):
+    """Every chunk through the compiled kernels (a test model's are below the size that compiles); yields the count
+    of their calls, so that a test can tell they ran."""
+    import hsconv.distill.loss as loss
+
+    calls = {"count": 0}
+    compiled = dict(loss._COMPILED)
+
+    def counted(kernel):
+        def call(*args):
+            calls["count"] += 1
+            return compiled[kernel](*args)
+        return call
+
+    monkeypatch.setattr(loss, "COMPILE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(loss, "_COMPILED", {kernel: counted(kernel) for kernel in compiled})
+    yield calls
+    assert not loss._compile_failed, "torch.compile failed: the eager kernels ran instead"
+
+
+@pytest.mark.parametrize("direction", ["student_target", "target_student"])
+def test_compiled_kernels_equal_the_float64_reference(direction, compiled_kernels):
+    student, target = make_pair(tied=False)
+    settings = dict(alpha=0.7, k=0.25, direction=direction, movement_convention="pre_norm")
+    expected, expected_grads = loss_and_grads(reference_loss, student, target, **settings)
+    fused, fused_grads = loss_and_grads(self_distillation_loss, student, target, chunk_tokens=4, **settings)
+    assert compiled_kernels["count"] == 5 * (1 + 4)  # 5 chunks: the teacher's, and each of the 4 exits'
+    for name in ("total", "zeta1", "kl"):
+        torch.testing.assert_close(getattr(fused, name), getattr(expected, name), rtol=1e-5, atol=1e-12, msg=name)
+    for name, gradient in expected_grads.items():
+        torch.testing.assert_close(fused_grads[name], gradient, rtol=1e-5, atol=1e-10, msg=name)
+
+
+def test_compiled_kernels_in_bf16_match_the_eager_ones_within_bf16_rounding(compiled_kernels):
+    """The trainer's case: a bf16 student; the kernels take bf16 logits and give bf16 gradients, computing in float32."""
+    student, target = make_pair(tied=True)
+    student, target = student.bfloat16(), target.bfloat16()
+    settings = dict(alpha=0.0, k=0.25, chunk_tokens=8)  # ζ1 alone: the gradients the kernels make
+    compiled, compiled_grads = loss_and_grads(self_distillation_loss, student, target, **settings)
+    assert compiled_kernels["count"] > 0
+    import hsconv.distill.loss as loss
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loss, "COMPILE_MIN_ELEMENTS", 1 << 62)
+        eager, eager_grads = loss_and_grads(self_distillation_loss, student, target, **settings)
+    # bf16 rounds to 2^-8 relative: the two kernels' results may differ by that much and no more
+    torch.testing.assert_close(compiled.total.detach(), eager.total.detach(), rtol=4e-3, atol=0)
+    for name, gradient in eager_grads.items():
+        error = (compiled_grads[name].float() - gradient.float()).norm() / gradient.float().norm().clamp_min(1e-30)
+        assert error <= 1e-2, name

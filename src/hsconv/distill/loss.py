@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -172,8 +173,10 @@ class RecomputedTarget:
     def chunk(self, start: int, stop: int, direction: str, compute: torch.dtype, softcap: float | None):
         """:meth:`TopKTarget.chunk` for the recomputed teacher: the chunk's log p (and p, Σ p log p)."""
         bias = None if self.head.bias is None else self.head.bias.detach()
-        logits = F.linear(self.hidden[start:stop], self.head.weight.detach(), bias).to(compute)
-        return _target_chunk(cap_logits(logits, softcap), direction), _kl_and_logit_grad
+        logits = F.linear(self.hidden[start:stop], self.head.weight.detach(), bias)
+        if softcap is None and _compiles(logits):
+            return _compiled_or_eager(_target_chunk, _target_chunk, logits, direction, compute), _kl_and_logit_grad
+        return _target_chunk(cap_logits(logits.to(compute), softcap), direction, compute), _kl_and_logit_grad
 
 
 # The teacher of ζ1: the frozen model recomputed each step, or its top-k read from a cache.
@@ -197,6 +200,57 @@ def dense_from_top_k(values: torch.Tensor, ids: torch.Tensor, rest: torch.Tensor
     other = rest - math.log(vocab - values.shape[-1])
     dense = other.unsqueeze(-1).expand(*values.shape[:-1], vocab).clone()
     return dense.scatter_(-1, ids, values)
+
+
+# The fused kernel's vocabulary-sized arithmetic outside the head products (log-softmax, KL, its gradient, the scale
+# and the cast) is five or six passes over a tokens × vocabulary buffer in eager mode; compiled, one or two: 15 ms
+# instead of 72 ms per exit and 256 tokens of SmolLM2 in bf16 (BENCHMARKS.md, the step's profile). Compiling costs
+# ~15 s once per process and shape, so only buffers at least this large use it (a test model's never do);
+# ``TORCHDYNAMO_DISABLE=1`` turns it off, and where compiling fails the eager kernels are used from then on.
+COMPILE_MIN_ELEMENTS = 1 << 22
+_compile_failed = False
+
+
+def _compiles(logits: torch.Tensor) -> bool:
+    return not _compile_failed and logits.numel() >= COMPILE_MIN_ELEMENTS
+
+
+def _exit_kl_and_scaled_grad(student_logits: torch.Tensor, target: dict, direction: str, scale: torch.Tensor,
+                             compute: torch.dtype, out_dtype: torch.dtype):
+    """:func:`_kl_and_logit_grad` followed by the exit's coefficient and the cast to the head's dtype, written as one
+    expression for ``torch.compile`` to fuse (the eager in-place version is the reference it is tested against)."""
+    logq = torch.log_softmax(student_logits.to(compute), dim=-1)
+    q = logq.exp()
+    if direction == "target_student":
+        kl = target["neg_entropy"] - (target["p"] * logq).sum(-1)
+        grad = q - target["p"]
+    else:
+        log_ratio = logq - target["logp"]
+        kl = (q * log_ratio).sum(-1)
+        grad = q * (log_ratio - kl.unsqueeze(-1))
+    return kl, (grad * scale).to(out_dtype)
+
+
+def _eager_exit_kl_and_scaled_grad(student_logits, target, direction, scale, compute, out_dtype):
+    kl, grad = _kl_and_logit_grad(student_logits.to(compute), target, direction)
+    return kl, grad.mul_(scale).to(out_dtype)
+
+
+
+
+
+def _compiled_or_eager(kernel, eager, *args):
+    """``kernel`` compiled, or where compiling fails (no C++ compiler, say) ``eager`` from then on."""
+    global _compile_failed
+    if _compile_failed:
+        return eager(*args)
+    try:
+        return _COMPILED[kernel](*args)
+    except Exception as error:  # noqa: BLE001 (torch.compile raises many kinds; any of them means: do not compile)
+        _compile_failed = True
+        warnings.warn(f"the fused loss runs eagerly: torch.compile failed ({type(error).__name__}: {error})",
+                      RuntimeWarning, stacklevel=2)
+        return eager(*args)
 
 
 def _kl_and_logit_grad(student_logits: torch.Tensor, target: dict, direction: str):
@@ -257,8 +311,8 @@ def _capped_logits(logits: torch.Tensor, softcap: float | None) -> tuple[torch.T
     return capped, 1.0 - (capped / softcap).square()
 
 
-def _target_chunk(logits: torch.Tensor, direction: str) -> dict:
-    logp = torch.log_softmax(logits, dim=-1)
+def _target_chunk(logits: torch.Tensor, direction: str, compute: torch.dtype) -> dict:
+    logp = torch.log_softmax(logits.to(compute), dim=-1)
     if direction == "target_student":
         p = logp.exp()
         return {"p": p, "neg_entropy": _rowwise_dot(p, logp)}
@@ -293,13 +347,19 @@ class FusedLogitLensKL(torch.autograd.Function):
             chunk, kl_and_grad = target.chunk(start, stop, direction, compute, softcap)
             for layer in range(layers):
                 x = normed[layer, start:stop]
-                logits, slope = _capped_logits(F.linear(x, head_weight, head_bias).to(compute), softcap)
-                kl, grad_logits = kl_and_grad(logits, chunk, direction)
+                logits = F.linear(x, head_weight, head_bias)
+                if softcap is None and kl_and_grad is _kl_and_logit_grad and _compiles(logits):
+                    kl, grad_logits = _compiled_or_eager(
+                        _exit_kl_and_scaled_grad, _eager_exit_kl_and_scaled_grad,
+                        logits, chunk, direction, scale[layer], compute, head_weight.dtype)
+                else:
+                    logits, slope = _capped_logits(logits.to(compute), softcap)
+                    kl, grad_logits = kl_and_grad(logits, chunk, direction)
+                    if slope is not None:  # through the cap: d/dz c·tanh(z/c) = 1 − tanh²
+                        grad_logits = grad_logits.mul_(slope)
+                    grad_logits = grad_logits.mul_(scale[layer]).to(head_weight.dtype)
                 del logits
-                if slope is not None:  # through the cap: d/dz c·tanh(z/c) = 1 − tanh²
-                    grad_logits = grad_logits.mul_(slope)
                 kl_sums[layer] += kl.sum().double()
-                grad_logits = grad_logits.mul_(scale[layer]).to(head_weight.dtype)
                 if grad_normed is not None:
                     grad_normed[layer, start:stop] = grad_logits @ head_weight
                 if grad_weight is not None:
@@ -433,3 +493,7 @@ def reference_loss(pre_norm_states: list[torch.Tensor], final_norm: torch.nn.Mod
     zeta2 = hidden_state_penalty(step.to(weights.dtype), weights, zeta2_penalty)
     return LossTerms(total=zeta1 + alpha * zeta2, zeta1=zeta1, zeta2=zeta2, kl=kl.detach(), step=step.detach(),
                      tokens=int(mask.sum()))
+
+
+# Compiled lazily, at a kernel's first call (torch.compile only wraps here).
+_COMPILED = {kernel: torch.compile(kernel, dynamic=None) for kernel in (_exit_kl_and_scaled_grad, _target_chunk)}
