@@ -5,8 +5,8 @@
         [--before]
 
 ``--before`` profiles, first and in the same process, the step as the trainer took it before its optimizer was fused,
-ZeRO's stage chosen by ``zero_stage: auto`` and the loss's vocabulary-sized arithmetic compiled (ZeRO-2, AdamW's
-per-tensor loop, eager kernels), and prints the two side by side.
+ZeRO's stage chosen by ``zero_stage: auto`` and its layers and the loss's vocabulary-sized arithmetic compiled
+(ZeRO-2, AdamW's per-tensor loop, ``compile: never``), and prints the two side by side.
 
 The step is the trainer's own (``hsconv.distill.train``: the DeepSpeed engine, the config's loss, exits, frozen parts
 and precision); each phase is timed by wrapping the function that does it, in one process, after one warm-up step:
@@ -162,20 +162,6 @@ def unfused_adamw():
         torch.optim.AdamW.__init__ = init
 
 
-@contextmanager
-def eager_loss_kernels():
-    """The fused loss's vocabulary-sized arithmetic in eager mode, as before it was compiled: the rest of
-    ``--before``'s baseline."""
-    import hsconv.distill.loss as loss
-
-    threshold = loss.COMPILE_MIN_ELEMENTS
-    loss.COMPILE_MIN_ELEMENTS = 1 << 62
-    try:
-        yield
-    finally:
-        loss.COMPILE_MIN_ELEMENTS = threshold
-
-
 def profile(model_dir: str, tokens_path: str, distill_section: dict, steps: int) -> dict:
     from hsconv.distill import train
     from hsconv.precision import resolve_precision
@@ -211,6 +197,7 @@ def profile(model_dir: str, tokens_path: str, distill_section: dict, steps: int)
     flops = phase_flops(shape, plan.ids.shape[1], timed[0]["tokens"], exits, head_trains)
     return {"rows": rows, "flops": flops, "precision": "bfloat16" if bf16 else "float32", "resolved": precision,
             "zero_stage": engine.zero_optimization_stage(), "optimizer": type(engine.optimizer).__name__,
+            "compiled": engine.module.compile_kernels,
             "limits": limits, "head_limits": head_limits, "shape": shape, "exits": exits,
             "batch": settings.train.batch_size, "micro_batch": settings.train.micro_batch_size,
             "sequence": int(plan.ids.shape[1]), "environment": environment(), "settings": settings.to_dict()}
@@ -244,13 +231,21 @@ def markdown(result: dict, limit: float | None = None) -> str:
     lines += ["", f"{len(timed)} timed steps after one warm-up; {tokens:,} tokens a step (batch {result['batch']} × "
                   f"{result['sequence']} tokens, micro-batch {result['micro_batch']}), "
                   f"{spread([tokens / s for s in step_seconds])} tokens/s; {result['exits']} exits a step; "
-                  f"precision {precision}, ZeRO stage {result['zero_stage']} ({result['optimizer']}). Matmul limits in this process (2048², best of 7): float32 "
+                  f"precision {precision}, ZeRO stage {result['zero_stage']} ({result['optimizer']})"
+                  f"{compiled_note(result)}. Matmul limits in this process (2048², best of 7): float32 "
                   f"{result['limits']['float32']['best_gflops']:.1f}, bfloat16 "
                   f"{result['limits']['bfloat16']['best_gflops']:.1f} GFLOP/s; the exit head's shape (256 × "
                   f"{result['shape']['d']} by {result['shape']['d']} × {result['shape']['vocab']:,}): float32 "
                   f"{result['head_limits']['float32']:.1f}, bfloat16 {result['head_limits']['bfloat16']:.1f} GFLOP/s. "
                   f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}."]
     return "\n".join(lines)
+
+
+def compiled_note(result: dict) -> str:
+    """How the run's layers and loss kernels ran (runs measured before the ``compile`` setting existed: unsaid)."""
+    if "compiled" not in result:
+        return ""
+    return ", layers and loss kernels compiled" if result["compiled"] else ", nothing compiled"
 
 
 def default_section(config: str | Path = ROOT / "config.yaml") -> dict:
@@ -271,8 +266,9 @@ def measure(model_dir: str, tokens: str, section: dict, steps: int, precisions=(
         settings = {**section, **({"precision": precision} if precision else {})}
         name = precision or settings.get("precision", "auto")
         if before:
-            with unfused_adamw(), eager_loss_kernels():
-                results[f"{name}/before"] = profile(model_dir, tokens, {**settings, "zero_stage": 2}, steps)
+            with unfused_adamw():
+                results[f"{name}/before"] = profile(model_dir, tokens, {**settings, "zero_stage": 2,
+                                                                        "compile": "never"}, steps)
         results[f"{name}/now"] = profile(model_dir, tokens, settings, steps)
     return results
 
@@ -291,7 +287,7 @@ def report(results: dict) -> str:
     parts = []
     for key, result in results.items():
         name, when = key.split("/")
-        label = ("before: ZeRO-2, AdamW per tensor, the loss's kernels eager" if when == "before"
+        label = ("before: ZeRO-2, AdamW per tensor, nothing compiled" if when == "before"
                  else "now: the trainer as it is")
         parts += [f"**precision {name} (ran in {result['precision']}), {label}**", "",
                   markdown(result, limits[result["precision"]]), ""]
@@ -314,7 +310,7 @@ def main() -> None:
                         help="override distill.precision (several: one profile each)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML", help="override distill settings")
     parser.add_argument("--before", action="store_true",
-                        help="first profile the step as it was (ZeRO-2, AdamW per tensor, eager loss kernels), "
+                        help="first profile the step as it was (ZeRO-2, AdamW per tensor, nothing compiled), "
                              "in the same process")
     parser.add_argument("--json", help="also write the measurements here")
     args = parser.parse_args()

@@ -32,6 +32,7 @@ Zeta2Penalty = Literal["step", "rise"]
 ExitSampling = Literal["uniform", "weighted", "uniform_keep_last", "stratified_keep_last"]
 LossImplementation = Literal["fused", "reference"]
 TrainingPrecision = Literal["auto", "float32", "bfloat16"]
+CompileMode = Literal["auto", "always", "never"]
 # Parts of the student that distillation can leave as they are: the token embeddings (in tied models also the LM
 # head) and the final norm's gain.
 FrozenPart = Literal["embeddings", "final_norm"]

@@ -24,6 +24,7 @@ from hsconv.names import (  # noqa: F401
     KLDirection,
     LossImplementation,
     Overflow,
+    CompileMode,
     TrainingPrecision,
     Zeta2Measure,
     Zeta2Penalty,
@@ -248,6 +249,7 @@ EXIT_SAMPLING = choices(ExitSampling)
 KEEP_LAST_SAMPLING = tuple(scheme for scheme in EXIT_SAMPLING if scheme.endswith("_keep_last"))
 LOSS_IMPLEMENTATIONS = choices(LossImplementation)
 PRECISIONS = choices(TrainingPrecision)
+COMPILE_MODES = choices(CompileMode)
 
 
 def check_settings(direction: str, movement_convention: str) -> None:
@@ -343,6 +345,9 @@ class TrainSettings:
     precision: TrainingPrecision = setting("auto", "auto: bfloat16 where the device multiplies it natively (a CUDA GPU "
                                                    "with bf16, a CPU with AMX or avx512_bf16), float32 elsewhere")
     gradient_checkpointing: bool = setting(False, "recompute the student's layers in backward")
+    compile: CompileMode = setting("auto", "torch.compile the decoder layers and the loss's vocabulary-sized kernels: "
+                                           "auto where a chunk of logits holds 4M elements or more (a real model, "
+                                           "not a test one) and the layers are not checkpointed; always; never")
     frozen: tuple[FrozenPart, ...] = setting((), "parts of the student left as they are: embeddings (with a tied LM "
                                                  "head), final_norm (its gain)")
     checkpoint_every: int = setting(50, "optimizer steps between checkpoints", minimum=1)
@@ -352,6 +357,8 @@ class TrainSettings:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise TrainingError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.compile not in COMPILE_MODES:
+            raise TrainingError(f"compile {self.compile!r} is not one of {', '.join(COMPILE_MODES)}")
         if self.zero_stage not in ("auto", 0, 1, 2, 3):
             raise TrainingError(f"zero_stage must be auto, 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:

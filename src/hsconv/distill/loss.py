@@ -153,7 +153,8 @@ class TopKTarget:
         mask = mask.to(self.values.device)
         return TopKTarget(self.values[mask], self.ids[mask], self.rest[mask])
 
-    def chunk(self, start: int, stop: int, direction: str, compute: torch.dtype, softcap: float | None):
+    def chunk(self, start: int, stop: int, direction: str, compute: torch.dtype, softcap: float | None,
+              compile_kernels: bool | None = None):
         """Tokens start..stop as the fused kernel reads them, and the KL (and logit gradient) against them."""
         return ({"ids": self.ids[start:stop], "logp_top": self.values[start:stop].to(compute),
                  "log_rest": self.rest[start:stop].to(compute)}, _folded_kl_and_logit_grad)
@@ -170,11 +171,12 @@ class RecomputedTarget:
     def select(self, mask: torch.Tensor) -> RecomputedTarget:
         return RecomputedTarget(self.hidden[mask].detach(), self.head)
 
-    def chunk(self, start: int, stop: int, direction: str, compute: torch.dtype, softcap: float | None):
+    def chunk(self, start: int, stop: int, direction: str, compute: torch.dtype, softcap: float | None,
+              compile_kernels: bool | None = None):
         """:meth:`TopKTarget.chunk` for the recomputed teacher: the chunk's log p (and p, Σ p log p)."""
         bias = None if self.head.bias is None else self.head.bias.detach()
         logits = F.linear(self.hidden[start:stop], self.head.weight.detach(), bias)
-        if softcap is None and _compiles(logits):
+        if softcap is None and _compiles(logits, compile_kernels):
             return _compiled_or_eager(_target_chunk, _target_chunk, logits, direction, compute), _kl_and_logit_grad
         return _target_chunk(cap_logits(logits.to(compute), softcap), direction, compute), _kl_and_logit_grad
 
@@ -211,8 +213,15 @@ COMPILE_MIN_ELEMENTS = 1 << 22
 _compile_failed = False
 
 
-def _compiles(logits: torch.Tensor) -> bool:
-    return not _compile_failed and logits.numel() >= COMPILE_MIN_ELEMENTS
+def use_compile(mode: str, chunk_tokens: int, vocab: int) -> bool:
+    """Whether distillation's ``compile`` setting (auto, always, never) compiles at this chunk and vocabulary size."""
+    return mode == "always" or (mode == "auto" and chunk_tokens * vocab >= COMPILE_MIN_ELEMENTS)
+
+
+def _compiles(logits: torch.Tensor, compile_kernels: bool | None) -> bool:
+    """``compile_kernels`` None: by the buffer's size."""
+    wanted = logits.numel() >= COMPILE_MIN_ELEMENTS if compile_kernels is None else compile_kernels
+    return wanted and not _compile_failed
 
 
 def _exit_kl_and_scaled_grad(student_logits: torch.Tensor, target: dict, direction: str, scale: torch.Tensor,
@@ -326,11 +335,13 @@ class FusedLogitLensKL(torch.autograd.Function):
     ``head_weight`` (V, d) and ``head_bias`` (V or None); ``target``: the N tokens' teacher, a
     :class:`RecomputedTarget` (q_target formed one chunk at a time) or a :class:`TopKTarget` (KL folded onto its k).
     ``softcap``: the family's output cap on both models' logits (Gemma 2/3), None for none.
+    ``compile_kernels``: the vocabulary-sized arithmetic compiled (True), eager (False), or by size (None).
     Returns ζ1 and the per-layer mean KL (not differentiable).
     """
 
     @staticmethod
-    def forward(ctx, normed, head_weight, head_bias, weights, target: Target, direction, chunk_tokens, softcap=None):
+    def forward(ctx, normed, head_weight, head_bias, weights, target: Target, direction, chunk_tokens, softcap=None,
+                compile_kernels=None):
         layers, tokens, _ = normed.shape
         # Logits and softmax in float32 at least (bf16 logits lose the small probabilities KL depends on).
         compute = torch.promote_types(normed.dtype, torch.float32)
@@ -344,11 +355,11 @@ class FusedLogitLensKL(torch.autograd.Function):
         scale = weights.to(compute) / tokens
         for start in range(0, tokens, chunk_tokens):
             stop = min(start + chunk_tokens, tokens)
-            chunk, kl_and_grad = target.chunk(start, stop, direction, compute, softcap)
+            chunk, kl_and_grad = target.chunk(start, stop, direction, compute, softcap, compile_kernels)
             for layer in range(layers):
                 x = normed[layer, start:stop]
                 logits = F.linear(x, head_weight, head_bias)
-                if softcap is None and kl_and_grad is _kl_and_logit_grad and _compiles(logits):
+                if softcap is None and kl_and_grad is _kl_and_logit_grad and _compiles(logits, compile_kernels):
                     kl, grad_logits = _compiled_or_eager(
                         _exit_kl_and_scaled_grad, _eager_exit_kl_and_scaled_grad,
                         logits, chunk, direction, scale[layer], compute, head_weight.dtype)
@@ -383,7 +394,7 @@ class FusedLogitLensKL(torch.autograd.Function):
         return (grad_normed * g.to(grad_normed.dtype) if has_normed else None,
                 (grad_weight * g).to(ctx.weight_dtype) if has_weight else None,
                 (grad_bias * g).to(ctx.weight_dtype) if has_bias else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def layer_steps(states: list[torch.Tensor], measure: str = "relative_step") -> torch.Tensor:
@@ -424,7 +435,7 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
                            chunk_tokens: int = 256, exit_samples: int | None = None, exit_sampling: str = "uniform",
                            generator: torch.Generator | None = None, softcap: float | None = None,
                            zeta2_measure: str = "relative_step", output_kl_weight: float = 0.0,
-                           zeta2_penalty: str = "step") -> LossTerms:
+                           zeta2_penalty: str = "step", compile_kernels: bool | None = None) -> LossTerms:
     """ζ for one batch.
 
     ``pre_norm_states``: h_0..h_L of the student, all before the final norm (B, T, d each); ``target``: the frozen
@@ -437,6 +448,8 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
     ``softcap``: the family's output-logit cap (:class:`hsconv.readout.Readout`), applied to both models.
     ``output_kl_weight`` β: ζ1 + β KL_L, the output exit computed in every step (sampled or not), its coefficient
     raised by β; the sampled exits' estimate stays unbiased for the full ζ1 + β KL_L.
+    ``compile_kernels``: see :class:`FusedLogitLensKL` (the trainer resolves its ``compile`` setting with
+    :func:`use_compile`).
     """
     check_settings(direction, movement_convention)
     num_layers = len(pre_norm_states) - 1
@@ -452,7 +465,8 @@ def self_distillation_loss(pre_norm_states: list[torch.Tensor], final_norm: torc
                                               num_layers, output_kl_weight)
     normed = torch.stack([final_norm(pre_norm_states[layer][mask]) for layer in chosen.tolist()])
     zeta1, chosen_kl = FusedLogitLensKL.apply(normed, head.weight, head.bias, coefficients.to(device),
-                                              target.select(mask), direction, chunk_tokens, softcap)
+                                              target.select(mask), direction, chunk_tokens, softcap,
+                                              compile_kernels)
     kl = torch.full((num_layers + 1,), float("nan"), dtype=chosen_kl.dtype, device=chosen_kl.device)
     kl[chosen.to(kl.device)] = chosen_kl
     if movement_convention == "hf":

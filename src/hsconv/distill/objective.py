@@ -17,8 +17,10 @@ from hsconv.readout import decoder_states, lens_states, readout
 
 
 class SelfDistillation(torch.nn.Module):
-    def __init__(self, student: torch.nn.Module, target: torch.nn.Module | None, settings: LossSettings):
+    def __init__(self, student: torch.nn.Module, target: torch.nn.Module | None, settings: LossSettings,
+                 compile_kernels: bool | None = None):
         super().__init__()
+        self.compile_kernels = compile_kernels
         self.student = student
         if (target is None) != (settings.teacher_top_k is not None):
             raise ValueError("a target model is needed exactly when the teacher is not read from a cache")
@@ -71,4 +73,5 @@ class SelfDistillation(torch.nn.Module):
             generator = torch.Generator().manual_seed(exit_seed)
         return self_distillation_loss(pre_norm, self.final_norm, self.head, target,
                                       chunk_tokens=settings.chunk_tokens, exit_samples=settings.exit_samples,
-                                      exit_sampling=settings.exit_sampling, generator=generator, **common)
+                                      exit_sampling=settings.exit_sampling, generator=generator,
+                                      compile_kernels=self.compile_kernels, **common)
