@@ -47,6 +47,15 @@ def job_times(results: Path) -> list[dict]:
     return rows
 
 
+def how_distilled(results: Path) -> dict:
+    """Per distilled model, how its training ran (from its manifest): precision, ZeRO stage, compiled or not."""
+    runs = {}
+    for manifest in sorted(results.glob("models/*/distilled/hsconv_model.json")):
+        training = json.loads(manifest.read_text()).get("training", {})
+        runs[manifest.parent.parent.name] = {key: training.get(key) for key in ("precision", "zero_stage", "compiled")}
+    return runs
+
+
 def measure(keep: str | None = None) -> dict:
     """Clone, run the default target, time it; raise with the log's tail if the run fails."""
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], check=True, capture_output=True,
@@ -74,7 +83,8 @@ def measure(keep: str | None = None) -> dict:
     jobs = job_times(clone / "results")
     text = log.read_text()
     measured = {"commit": commit, "command": "HF_HUB_OFFLINE=1 " + " ".join(COMMAND), "seconds": seconds,
-                "jobs": jobs, "profile_used": "Using workflow specific profile" in text}
+                "jobs": jobs, "profile_used": "Using workflow specific profile" in text,
+                "distill": how_distilled(clone / "results")}
     if not keep:
         shutil.rmtree(holder, ignore_errors=True)
     return measured
@@ -95,6 +105,10 @@ def markdown(result: dict) -> str:
     for rule, entry in sorted(rules.items(), key=lambda item: -item[1]["seconds"]):
         lines.append(f"| {rule} | {entry['jobs']} | {entry['seconds']:,.0f} | "
                      f"{entry['seconds'] / result['seconds']:.0%} | {entry['max_rss_mb']:,.0f} |")
+    for model, run in result.get("distill", {}).items():
+        compiled = {True: ", layers and loss kernels compiled", False: ", nothing compiled"}.get(run["compiled"], "")
+        lines += ["", f"distill/{model} trained in {run['precision']}, ZeRO stage {run['zero_stage']}{compiled} "
+                      f"(its `hsconv_model.json`)."]
     lines += ["", "Each job, in seconds: " + ", ".join(
         f"{job['rule']}{'/' + job['job'] if job['job'] != job['rule'] else ''} {job['seconds']:,.0f}"
         for job in sorted(result["jobs"], key=lambda job: -job["seconds"])) + "."]
