@@ -206,9 +206,11 @@ def dense_from_top_k(values: torch.Tensor, ids: torch.Tensor, rest: torch.Tensor
 
 # The fused kernel's vocabulary-sized arithmetic outside the head products (log-softmax, KL, its gradient, the scale
 # and the cast) is five or six passes over a tokens × vocabulary buffer in eager mode; compiled, one or two: 15 ms
-# instead of 72 ms per exit and 256 tokens of SmolLM2 in bf16 (BENCHMARKS.md, the step's profile). Compiling costs
-# ~15 s once per process and shape, so only buffers at least this large use it (a test model's never do);
-# ``TORCHDYNAMO_DISABLE=1`` turns it off, and where compiling fails the eager kernels are used from then on.
+# instead of 72 ms per exit and 256 tokens of SmolLM2 in bf16 on a 2-core AMX Xeon (2026-12-08; the step's profile in
+# BENCHMARKS.md shows what it did to the exit heads' phase). Compiling costs ~15 s once per process and shape, so
+# by default (``compile_kernels`` None, distill's ``compile: auto``) only buffers at least this large use it (a test
+# model's never do); ``TORCHDYNAMO_DISABLE=1`` turns it off, and where compiling fails the eager kernels are used from
+# then on. A cached (top-k) teacher's folded kernel stays eager.
 COMPILE_MIN_ELEMENTS = 1 << 22
 _compile_failed = False
 
@@ -243,9 +245,6 @@ def _exit_kl_and_scaled_grad(student_logits: torch.Tensor, target: dict, directi
 def _eager_exit_kl_and_scaled_grad(student_logits, target, direction, scale, compute, out_dtype):
     kl, grad = _kl_and_logit_grad(student_logits.to(compute), target, direction)
     return kl, grad.mul_(scale).to(out_dtype)
-
-
-
 
 
 def _compiled_or_eager(kernel, eager, *args):
