@@ -347,7 +347,8 @@ class TrainSettings:
     gradient_checkpointing: bool = setting(False, "recompute the student's layers in backward")
     compile: CompileMode = setting("auto", "torch.compile the decoder layers and the loss's vocabulary-sized kernels: "
                                            "auto where a chunk of logits holds 4M elements or more (a real model, "
-                                           "not a test one) and the layers are not checkpointed; always; never")
+                                           "not a test one), the layers only where they are not checkpointed and "
+                                           "ZeRO's stage is below 3; always; never")
     frozen: tuple[FrozenPart, ...] = setting((), "parts of the student left as they are: embeddings (with a tied LM "
                                                  "head), final_norm (its gain)")
     checkpoint_every: int = setting(50, "optimizer steps between checkpoints", minimum=1)

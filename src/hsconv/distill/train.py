@@ -276,6 +276,7 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
         engine, scheduler, bf16, frozen = _engine(plan, model_dir, settings, device_type, local_rank)
         settings_record = {"distill": settings.to_dict(), "precision": "bfloat16" if bf16 else "float32",
                            "zero_stage": engine.zero_optimization_stage(), "compiled": engine.module.compile_kernels,
+                           "compiled_layers": engine.module.compiled_layers,
                            "world_size": world,
                            "tokens": str(tokens_path), "sequences": int(len(plan.ids)),
                            "sequence_length": int(plan.ids.shape[1])}
@@ -287,7 +288,8 @@ def distill(model_dir: str | os.PathLike, tokens_path: str | os.PathLike, out_di
                  "× %d ranks), %s, ZeRO stage %d, %s", plan.name, len(plan.ids), plan.ids.shape[1], plan.last_step,
                  settings.train.batch_size, settings.train.micro_batch_size, plan.accumulation, world,
                  "bf16" if bf16 else "float32", settings_record["zero_stage"],
-                 "compiled" if settings_record["compiled"] else "eager")
+                 ("compiled layers and loss kernels" if settings_record["compiled_layers"] else
+                  "compiled loss kernels" if settings_record["compiled"] else "eager"))
         step_rows, layer_rows = _train(engine, scheduler, plan, settings, checkpoints, settings_record, rank, world)
         state = _master_weights(engine, frozen)  # every rank: assembling ZeRO's partitions is a collective
         if rank == 0:
@@ -366,16 +368,22 @@ def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str,
     target = None
     if plan.cache is None:
         target = load_model(model_dir, dtype="bfloat16" if bf16 else "float32", device=str(torch_device)).model
+    zero_stage = resolve_zero_stage(train.zero_stage, torch.distributed.get_world_size(), bf16, plan.accumulation,
+                                    train.offload_optimizer)
     compiled = use_compile(train.compile, settings.loss.chunk_tokens, student.config.vocab_size)
-    if compiled and not train.gradient_checkpointing:
+    # auto leaves ZeRO-3's layers alone: their weights are gathered by hooks around each module's call, which a
+    # compiled layer would trace through (always still compiles them)
+    compile_layers = compiled and not train.gradient_checkpointing and (train.compile == "always" or zero_stage < 3)
+    if compile_layers:
         # Fuses each layer's elementwise work (norms, rotary, SiLU) in forward and backward: the default's bf16 step
-        # ~11% faster on an AMX CPU (BENCHMARKS.md); compiled in place, so parameter names and checkpoints are as
-        # before. Identical layers share one compiled graph.
+        # took 1.69 s against 1.9-2.0 s with only the loss kernels compiled (separate runs on a 2-core AMX CPU,
+        # 2026-12-08); compiled in place, so parameter names and checkpoints are as before.
         for model in (student, target):
             if model is not None:
                 for layer in getattr(model.get_decoder(), "layers", ()):
                     layer.compile()
     module = SelfDistillation(student, target, settings.loss, compile_kernels=compiled)
+    module.compiled_layers = compile_layers
     optimizer = None
     if not train.offload_optimizer:
         # fused: one kernel over all parameters instead of a dozen passes over memory (bench.distill_profile:
@@ -389,8 +397,6 @@ def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str,
         return torch.optim.lr_scheduler.LambdaLR(
             wrapped_optimizer, lambda index: lr_factor(index, train.warmup_steps, plan.total_steps, train.min_lr_ratio))
 
-    zero_stage = resolve_zero_stage(train.zero_stage, torch.distributed.get_world_size(), bf16, plan.accumulation,
-                                    train.offload_optimizer)
     engine, _, _, scheduler = deepspeed.initialize(model=module, optimizer=optimizer,
                                                    config=_deepspeed_config(train, plan.accumulation, bf16,
                                                                             zero_stage),
