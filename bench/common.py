@@ -65,6 +65,17 @@ def head_flops(shape: dict) -> float:
     return 2 * shape["d"] * shape["vocab"]
 
 
+def compiled_note(run: dict) -> str:
+    """How a distillation's layers and loss kernels ran, from its record (``compiled``, ``compiled_layers``); nothing
+    for a record older than the ``compile`` setting. ``compiled_layers`` missing with ``compiled`` true: the runs of
+    2026-12-08 that recorded one flag for both."""
+    if run.get("compiled") is None:
+        return ""
+    if not run["compiled"]:
+        return ", nothing compiled"
+    return ", layers and loss kernels compiled" if run.get("compiled_layers", True) else ", loss kernels compiled"
+
+
 def spread(values, fmt: str = "{:,.1f}") -> str:
     """``min / median / max`` (one value alone when there is one)."""
     values = list(values)

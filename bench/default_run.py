@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import ROOT, environment
+from bench.common import ROOT, compiled_note, environment
 
 COMMAND = ["snakemake", "--cores", "all"]  # the README's first command, after its install steps
 STORE = ROOT / "bench" / "measurements" / "default_run.json"
@@ -52,7 +52,8 @@ def how_distilled(results: Path) -> dict:
     runs = {}
     for manifest in sorted(results.glob("models/*/distilled/hsconv_model.json")):
         training = json.loads(manifest.read_text()).get("training", {})
-        runs[manifest.parent.parent.name] = {key: training.get(key) for key in ("precision", "zero_stage", "compiled")}
+        runs[manifest.parent.parent.name] = {key: training.get(key)
+                                             for key in ("precision", "zero_stage", "compiled", "compiled_layers")}
     return runs
 
 
@@ -106,7 +107,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {rule} | {entry['jobs']} | {entry['seconds']:,.0f} | "
                      f"{entry['seconds'] / result['seconds']:.0%} | {entry['max_rss_mb']:,.0f} |")
     for model, run in result.get("distill", {}).items():
-        compiled = {True: ", layers and loss kernels compiled", False: ", nothing compiled"}.get(run["compiled"], "")
+        compiled = compiled_note(run)
         lines += ["", f"distill/{model} trained in {run['precision']}, ZeRO stage {run['zero_stage']}{compiled} "
                       f"(its `hsconv_model.json`)."]
     lines += ["", "Each job, in seconds: " + ", ".join(

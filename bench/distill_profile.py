@@ -38,7 +38,8 @@ from pathlib import Path
 
 import yaml
 
-from bench.common import ROOT, decoder_flops, environment, head_flops, matmul_limit, model_shape, spread
+from bench.common import (ROOT, compiled_note, decoder_flops, environment, head_flops, matmul_limit, model_shape,
+                          spread)
 
 PHASES = ("teacher forward", "student forward", "exit heads", "loss, rest", "decoder backward", "optimizer",
           "data and the rest")
@@ -198,6 +199,7 @@ def profile(model_dir: str, tokens_path: str, distill_section: dict, steps: int)
     return {"rows": rows, "flops": flops, "precision": "bfloat16" if bf16 else "float32", "resolved": precision,
             "zero_stage": engine.zero_optimization_stage(), "optimizer": type(engine.optimizer).__name__,
             "compiled": engine.module.compile_kernels,
+            "compiled_layers": engine.module.compiled_layers,
             "limits": limits, "head_limits": head_limits, "shape": shape, "exits": exits,
             "batch": settings.train.batch_size, "micro_batch": settings.train.micro_batch_size,
             "sequence": int(plan.ids.shape[1]), "environment": environment(), "settings": settings.to_dict()}
@@ -239,13 +241,6 @@ def markdown(result: dict, limit: float | None = None) -> str:
                   f"{result['head_limits']['float32']:.1f}, bfloat16 {result['head_limits']['bfloat16']:.1f} GFLOP/s. "
                   f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}."]
     return "\n".join(lines)
-
-
-def compiled_note(result: dict) -> str:
-    """How the run's layers and loss kernels ran (runs measured before the ``compile`` setting existed: unsaid)."""
-    if "compiled" not in result:
-        return ""
-    return ", layers and loss kernels compiled" if result["compiled"] else ", nothing compiled"
 
 
 def default_section(config: str | Path = ROOT / "config.yaml") -> dict:
