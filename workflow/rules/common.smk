@@ -55,7 +55,9 @@ def study_pieces(pattern, study):
     """The pattern for every model of a choosing study (ablations, recipes), the pretrained model and every setting's
     variant in the order declared, on the study's data set."""
     section, holders = (ABLATIONS, TRAINING.ablations) if study == "ablations" else (RECIPES, TRAINING.recipes)
-    return expand(pattern, model=section["models"], variant=["base", *holders.values()], dataset=section["dataset"])
+    # each model once: a recipe whose settings are the main run's is the main run, as is the reference
+    variants = list(dict.fromkeys(["base", *holders.values()]))
+    return expand(pattern, model=section["models"], variant=variants, dataset=section["dataset"])
 
 
 # Models whose base is also read through a tuned lens (the baseline beside self-distillation in Figs. 5 and 6).
