@@ -342,6 +342,24 @@ def _plan(model_dir, tokens_path, settings: DistillSettings, device: str, name: 
                  min(total_steps, train.max_steps or total_steps), cache)
 
 
+def _compile(settings: DistillSettings, student, target, zero_stage: int) -> tuple[bool, bool]:
+    """Whether the loss's kernels and the decoder layers are compiled (``distill.compile``); compiles the layers."""
+    train = settings.train
+    compiled = use_compile(train.compile, settings.loss.chunk_tokens, student.config.vocab_size)
+    # auto leaves ZeRO-3's layers alone: their weights are gathered by hooks around each module's call, which a
+    # compiled layer would trace through (always still compiles them)
+    compile_layers = compiled and not train.gradient_checkpointing and (train.compile == "always" or zero_stage < 3)
+    if compile_layers:
+        # Fuses each layer's elementwise work (norms, rotary, SiLU) in forward and backward: the default's bf16 step
+        # took 1.69 s against 1.9-2.0 s with only the loss kernels compiled (separate runs on a 2-core AMX CPU,
+        # 2026-12-08); compiled in place, so parameter names and checkpoints are as before.
+        for model in (student, target):
+            if model is not None:
+                for layer in getattr(model.get_decoder(), "layers", ()):
+                    layer.compile()
+    return compiled, compile_layers
+
+
 def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str, local_rank: int):
     """The DeepSpeed engine around student + frozen target, its learning-rate schedule, whether it runs bf16, and the
     frozen parameters' pretrained float32 values (a bf16 engine rounds the module's copies, and frozen parameters
@@ -370,18 +388,7 @@ def _engine(plan: _Plan, model_dir, settings: DistillSettings, device_type: str,
         target = load_model(model_dir, dtype="bfloat16" if bf16 else "float32", device=str(torch_device)).model
     zero_stage = resolve_zero_stage(train.zero_stage, torch.distributed.get_world_size(), bf16, plan.accumulation,
                                     train.offload_optimizer)
-    compiled = use_compile(train.compile, settings.loss.chunk_tokens, student.config.vocab_size)
-    # auto leaves ZeRO-3's layers alone: their weights are gathered by hooks around each module's call, which a
-    # compiled layer would trace through (always still compiles them)
-    compile_layers = compiled and not train.gradient_checkpointing and (train.compile == "always" or zero_stage < 3)
-    if compile_layers:
-        # Fuses each layer's elementwise work (norms, rotary, SiLU) in forward and backward: the default's bf16 step
-        # took 1.69 s against 1.9-2.0 s with only the loss kernels compiled (separate runs on a 2-core AMX CPU,
-        # 2026-12-08); compiled in place, so parameter names and checkpoints are as before.
-        for model in (student, target):
-            if model is not None:
-                for layer in getattr(model.get_decoder(), "layers", ()):
-                    layer.compile()
+    compiled, compile_layers = _compile(settings, student, target, zero_stage)
     module = SelfDistillation(student, target, settings.loss, compile_kernels=compiled)
     module.compiled_layers = compile_layers
     optimizer = None
