@@ -272,6 +272,19 @@ def test_recipes_are_trained_beside_the_main_run_and_drawn_as_a_frontier(finishe
     assert (results / "figures/recipes.pdf").read_bytes().startswith(b"%PDF")
 
 
+def test_a_recipe_with_the_main_runs_settings_is_the_main_run_and_tabulated_once(tmp_path):
+    """A recipe that changes nothing is the main run (as is the recipes' reference): the table reads its files once,
+    not twice (twice, its documents looked like another model's to the paired comparison)."""
+    write_config(tmp_path, lambda c: c["recipes"]["variants"].update(unchanged={}))
+    result = snakemake(tmp_path, "-n", "results/tables/recipes.csv")
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = (result.stdout + result.stderr).split("rule tabulate_recipes:")[1]
+    inputs = job.split("input:")[1].splitlines()[0]
+    assert inputs.count("metrics/tiny-llama/distilled/lambada_validation/convergence.parquet") == 1
+    assert inputs.count("stock/tiny-llama/distilled/lambada_validation/per_document.parquet") == 1
+    assert inputs.count("per_document.parquet") == 3  # base, the main run, the recipe beta1
+
+
 @pytest.mark.slow
 def test_the_reproduction_summary_lists_the_choosing_studies_on_validation_text(finished_run):
     """studies.reproduction --studies: a row per ablation setting and recipe, on the study's validation set, with the
