@@ -242,8 +242,14 @@ def _exit_kl_and_scaled_grad(student_logits: torch.Tensor, target: dict, directi
     return kl, (grad * scale).to(out_dtype)
 
 
-def _eager_exit_kl_and_scaled_grad(student_logits, target, direction, scale, compute, out_dtype):
-    kl, grad = _kl_and_logit_grad(student_logits.to(compute), target, direction)
+def _eager_exit_kl_and_scaled_grad(student_logits, target, direction, scale, compute, out_dtype, kl_and_grad=None,
+                                   softcap=None):
+    """The same in eager mode, in place, for any target's kernel (``kl_and_grad``, default the dense one) and
+    through the family's softcap."""
+    logits, slope = _capped_logits(student_logits.to(compute), softcap)
+    kl, grad = (kl_and_grad or _kl_and_logit_grad)(logits, target, direction)
+    if slope is not None:  # through the cap: d/dz c·tanh(z/c) = 1 − tanh²
+        grad = grad.mul_(slope)
     return kl, grad.mul_(scale).to(out_dtype)
 
 
@@ -363,11 +369,8 @@ class FusedLogitLensKL(torch.autograd.Function):
                         _exit_kl_and_scaled_grad, _eager_exit_kl_and_scaled_grad,
                         logits, chunk, direction, scale[layer], compute, head_weight.dtype)
                 else:
-                    logits, slope = _capped_logits(logits.to(compute), softcap)
-                    kl, grad_logits = kl_and_grad(logits, chunk, direction)
-                    if slope is not None:  # through the cap: d/dz c·tanh(z/c) = 1 − tanh²
-                        grad_logits = grad_logits.mul_(slope)
-                    grad_logits = grad_logits.mul_(scale[layer]).to(head_weight.dtype)
+                    kl, grad_logits = _eager_exit_kl_and_scaled_grad(logits, chunk, direction, scale[layer], compute,
+                                                                     head_weight.dtype, kl_and_grad, softcap)
                 del logits
                 kl_sums[layer] += kl.sum().double()
                 if grad_normed is not None:
